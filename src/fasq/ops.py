@@ -1,0 +1,120 @@
+"""Reference ops on the storage format: the CPU path and the oracle for GPU kernels.
+
+Tensor layout (one quantized linear layer, W[out, in], M = in / d subspaces):
+    codes:     [out, M]     integer (uint8 for K <= 256, int16 for K <= 32768, else int32)
+    codebooks: [C, K, d]    C divides M; subspace m uses codebook m // (M // C)
+    scales:    [out, S]     optional; S divides in; scale group = in / S columns
+    offsets:   [out, S]     optional (needs scales); added after scaling
+    W[o, m*d:(m+1)*d] = codebooks[m // (M // C), codes[o, m]] * scales[o, g] + offsets[o, g]
+with g the scale group of those columns.
+
+`pq_linear` is a `torch.library` custom op (with a fake implementation, so
+`torch.compile` and CUDA graphs can trace it); its CPU implementation is
+dequantize-then-matmul. GPU kernels register their own implementation (see
+`fasq.kernels`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Bound the [tokens, out, M] gather of the LUT op to about this many elements.
+_LUT_CHUNK_ELEMS = 1 << 24
+
+
+def code_dtype(K: int) -> torch.dtype:
+    """The narrowest torch integer dtype that holds codes 0..K-1."""
+    if K <= 256:
+        return torch.uint8
+    if K <= 32768:
+        return torch.int16
+    return torch.int32
+
+
+def _subspace_codebook(M: int, C: int, device) -> Tensor:
+    """[M] index of the codebook each subspace uses."""
+    return torch.arange(M, device=device) // (M // C)
+
+
+def dequantize(codes: Tensor, codebooks: Tensor, scales: Tensor | None = None,
+               offsets: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """Rebuild W[out, in] (in `dtype`, default the codebooks' dtype)."""
+    out, M = codes.shape
+    C, K, d = codebooks.shape
+    dtype = dtype or codebooks.dtype
+    cb = codebooks.to(dtype)
+    # Flat index into [C*K, d]: codebook of the subspace * K + code.
+    flat = _subspace_codebook(M, C, codes.device) * K + codes.long()  # [out, M]
+    W = cb.reshape(C * K, d)[flat].reshape(out, M * d)  # [out, in]
+    return _apply_scales(W, scales, offsets)
+
+
+def _apply_scales(W: Tensor, scales: Tensor | None, offsets: Tensor | None) -> Tensor:
+    if scales is None:
+        return W
+    out, n = W.shape
+    S = scales.shape[1]
+    Wg = W.reshape(out, S, n // S) * scales.to(W.dtype)[:, :, None]
+    if offsets is not None:
+        Wg = Wg + offsets.to(W.dtype)[:, :, None]
+    return Wg.reshape(out, n)
+
+
+def pq_linear_dequant(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = None,
+                      offsets: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """y[..., out] = x[..., in] @ W.T + bias, by dequantize-then-matmul."""
+    W = dequantize(codes, codebooks, scales, offsets, dtype=x.dtype)
+    return torch.nn.functional.linear(x, W, None if bias is None else bias.to(x.dtype))
+
+
+def pq_linear_lut(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = None,
+                  offsets: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """Same function as `pq_linear_dequant`, by look-up tables.
+
+    For each token and subspace, LUT[t, m, k] = x[t, m] . codebook_m[k] (dot products with
+    all K centroids); then y[t, o] = sum over m of LUT[t, m, codes[o, m]], per scale group
+    times scales[o, g], plus offsets[o, g] * (sum of x over group g).
+    """
+    out, M = codes.shape
+    C, K, d = codebooks.shape
+    lead = x.shape[:-1]
+    xt = x.reshape(-1, M, d).float()  # [T, M, d]
+    T = xt.shape[0]
+    cb = codebooks.float()[_subspace_codebook(M, C, x.device)]  # [M, K, d]
+    lut = torch.einsum("tmd,mkd->tmk", xt, cb)  # [T, M, K]
+    S = 1 if scales is None else scales.shape[1]
+    Ms = M // S  # subspaces per scale group
+    idx = codes.long().t()  # [M, out]
+    y = torch.empty(T, out, dtype=torch.float32, device=x.device)
+    rows = max(1, _LUT_CHUNK_ELEMS // max(1, out * M))
+    for t0 in range(0, T, rows):
+        part = lut[t0:t0 + rows]  # [t, M, K]
+        g = torch.gather(part, 2, idx[None].expand(part.shape[0], M, out))  # [t, M, out]
+        per_group = g.reshape(-1, S, Ms, out).sum(2)  # [t, S, out]
+        if scales is not None:
+            per_group = per_group * scales.float().t()[None]
+        y[t0:t0 + rows] = per_group.sum(1)
+    if offsets is not None:
+        xsum = xt.reshape(T, S, Ms * d).sum(-1)  # [T, S]
+        y += xsum @ offsets.float().t()
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype).reshape(*lead, out)
+
+
+# --- the custom op -------------------------------------------------------------------
+
+@torch.library.custom_op("fasq::pq_linear", mutates_args=())
+def pq_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None,
+              offsets: Tensor | None, bias: Tensor | None) -> Tensor:
+    """y = x @ dequantize(codes, codebooks, scales, offsets).T + bias.
+
+    Devices without a registered kernel use dequantize-then-matmul.
+    """
+    return pq_linear_dequant(x, codes, codebooks, scales, offsets, bias)
+
+
+@pq_linear.register_fake
+def _(x, codes, codebooks, scales, offsets, bias):
+    return x.new_empty(*x.shape[:-1], codes.shape[0])
