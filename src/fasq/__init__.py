@@ -1,0 +1,20 @@
+"""fasq: calibration-free product quantization of LLMs (FASQ), with GPU kernels.
+
+`import fasq` needs no GPU, Triton or network. It registers the "fasq" quantization
+method with transformers (when installed), so that
+`AutoModelForCausalLM.from_pretrained(checkpoint_dir)` loads fasq checkpoints.
+"""
+
+from . import ops  # noqa: F401 - registers the fasq::pq_linear custom op
+from .config import ConfigError, PQConfig, QuantConfig, RTNConfig
+from .model import CheckpointError, load_quantized, quantize_model, save_quantized
+from .module import PQLinear
+
+try:  # transformers is a dependency, but keep the core usable without it
+    from . import hf as _hf  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
+__all__ = ["PQConfig", "RTNConfig", "QuantConfig", "ConfigError", "CheckpointError", "PQLinear",
+           "quantize_model", "save_quantized", "load_quantized"]
+__version__ = "0.1.0"

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .config import LayerConfig
+from .format import pack_codes, packed_row_bytes, unpack_codes
 
 
 class PQLinear(nn.Module):
@@ -40,6 +41,43 @@ class PQLinear(nn.Module):
     def num_scale_groups(config: LayerConfig, in_features: int) -> int:
         group = config.group_size if config.method == "rtn" else config.scale_group
         return in_features // group if group else 1
+
+    # --- codes are bit-packed in state dicts (the storage format), unpacked in memory ---
+
+    @property
+    def packed_codes_shape(self) -> tuple[int, int]:
+        return self.out_features, packed_row_bytes(self.in_features // self.config.d, self.config.code_bits)
+
+    def _unpack_if_packed(self, codes: Tensor) -> Tensor:
+        if codes.dtype == torch.uint8 and tuple(codes.shape) == self.packed_codes_shape:
+            return unpack_codes(codes, self.config.code_bits, self.in_features // self.config.d,
+                                ops.code_dtype(self.config.K))
+        return codes
+
+    def expect_packed_codes(self) -> None:
+        """Make `codes` an (empty) packed buffer, for loaders that assign tensors directly."""
+        self.codes = torch.empty(self.packed_codes_shape, dtype=torch.uint8, device=self.codes.device)
+
+    def unpack_codes_(self) -> None:
+        """After a direct load of packed codes, convert them to the in-memory layout."""
+        self.codes = self._unpack_if_packed(self.codes)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        codes = self.codes
+        if codes.device.type == "meta":
+            packed = torch.empty(self.packed_codes_shape, dtype=torch.uint8, device="meta")
+        elif codes.dtype == torch.uint8 and tuple(codes.shape) == self.packed_codes_shape:
+            packed = codes  # already packed (mid-load), or 8-bit codes whose packing is the identity
+        else:
+            packed = pack_codes(codes, self.config.code_bits)
+        destination[prefix + "codes"] = packed
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "codes"
+        if key in state_dict:
+            state_dict[key] = self._unpack_if_packed(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.fasq.pq_linear(x, self.codes, self.codebooks, self.scales, self.offsets, self.bias)

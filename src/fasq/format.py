@@ -1,0 +1,142 @@
+"""Storage format: bit-packed codes, exact size accounting.
+
+On disk each quantized layer `name` is four tensors (no kernel layout):
+    name.codes      uint8 [out, ceil(M * b / 8)]  codes packed at b = log2(K) bits,
+                    little-endian bit order, each row starting on a byte boundary
+    name.codebooks  fp16  [C, K, d]
+    name.scales     fp16  [out, S]   (when the config has scales)
+    name.offsets    fp16  [out, S]   (when the config has offsets)
+Every other fact (d, K, scope, ...) lives in the versioned `quantization_config`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+# Pack at most this many rows at once (bounds the [rows, M, b] bit tensor).
+_PACK_ROWS = 4096
+
+
+def packed_row_bytes(M: int, bits: int) -> int:
+    return (M * bits + 7) // 8
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """codes [out, M] (values < 2^bits) -> uint8 [out, ceil(M * bits / 8)]."""
+    out, M = codes.shape
+    nbytes = packed_row_bytes(M, bits)
+    res = torch.empty(out, nbytes, dtype=torch.uint8)
+    shifts = torch.arange(bits)
+    weights = (1 << torch.arange(8)).to(torch.int32)
+    for r0 in range(0, out, _PACK_ROWS):
+        c = codes[r0:r0 + _PACK_ROWS].cpu().to(torch.int32)
+        b = ((c[..., None] >> shifts) & 1).reshape(c.shape[0], M * bits)  # [rows, M*bits]
+        b = torch.nn.functional.pad(b, (0, nbytes * 8 - M * bits))
+        res[r0:r0 + _PACK_ROWS] = (b.view(-1, nbytes, 8) * weights).sum(-1).to(torch.uint8)
+    return res
+
+
+def unpack_codes(packed: Tensor, bits: int, M: int, dtype: torch.dtype) -> Tensor:
+    """Inverse of `pack_codes`: uint8 [out, nbytes] -> codes [out, M] of `dtype`."""
+    out, nbytes = packed.shape
+    if nbytes != packed_row_bytes(M, bits):
+        raise ValueError(f"packed codes have {nbytes} bytes per row, expected "
+                         f"{packed_row_bytes(M, bits)} for {M} codes of {bits} bits")
+    res = torch.empty(out, M, dtype=dtype, device=packed.device)
+    shifts8 = torch.arange(8, device=packed.device)
+    weights = (1 << torch.arange(bits, device=packed.device)).to(torch.int32)
+    for r0 in range(0, out, _PACK_ROWS):
+        p = packed[r0:r0 + _PACK_ROWS].to(torch.int32)
+        b = ((p[..., None] >> shifts8) & 1).reshape(p.shape[0], nbytes * 8)[:, :M * bits]
+        res[r0:r0 + _PACK_ROWS] = (b.view(-1, M, bits) * weights).sum(-1).to(dtype)
+    return res
+
+
+@dataclass
+class LayerSize:
+    """Bytes of one quantized layer as stored."""
+
+    weights: int  # number of quantized weights (out * in)
+    codes: int
+    codebooks: int
+    scales: int
+    bias: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.codes + self.codebooks + self.scales + self.bias
+
+    @property
+    def bits_per_weight(self) -> float:
+        """All overhead (codes, codebooks, scales, offsets) over the quantized weights."""
+        return 8 * (self.codes + self.codebooks + self.scales) / self.weights
+
+
+def layer_size(module) -> LayerSize:
+    """Exact stored size of a `PQLinear` (2 bytes per fp16 element)."""
+    cfg = module.config
+    M = module.in_features // cfg.d
+    el = lambda t: 0 if t is None else t.numel() * 2  # noqa: E731 - fp16 on disk
+    return LayerSize(
+        weights=module.out_features * module.in_features,
+        codes=module.out_features * packed_row_bytes(M, cfg.code_bits),
+        codebooks=el(module.codebooks),
+        scales=el(module.scales) + el(module.offsets),
+        bias=el(module.bias),
+    )
+
+
+def size_table(model) -> dict:
+    """Whole-model size accounting against the FP16 model (2 bytes per parameter).
+
+    Tied parameters are counted once. Unquantized parameters and buffers count at 2 bytes
+    per element, as they are saved in fp16.
+    """
+    from .module import PQLinear
+
+    q = {name: layer_size(m) for name, m in model.named_modules() if isinstance(m, PQLinear)}
+    qweights = sum(s.weights for s in q.values())
+    seen, other = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.rsplit(".", 1)[0] in q or t.data_ptr() in seen or not t.is_floating_point():
+            continue
+        seen.add(t.data_ptr())
+        other += t.numel()
+    quant_bytes = sum(s.total for s in q.values())
+    fp16_model = 2 * (qweights + other)
+    total = quant_bytes + 2 * other
+    return {
+        "quantized_layers": len(q),
+        "quantized_weights": qweights,
+        "codes_bytes": sum(s.codes for s in q.values()),
+        "codebook_bytes": sum(s.codebooks for s in q.values()),
+        "scale_bytes": sum(s.scales for s in q.values()),
+        "unquantized_params": other,
+        "unquantized_bytes": 2 * other + sum(s.bias for s in q.values()),
+        "total_bytes": total,
+        "fp16_bytes": fp16_model,
+        "bits_per_weight": (8 * sum(s.total - s.bias for s in q.values()) / qweights) if qweights else math.nan,
+        "size_fraction_of_fp16": total / fp16_model if fp16_model else math.nan,
+    }
+
+
+def format_size_table(t: dict) -> str:
+    mb = lambda b: f"{b / 1e6:9.2f} MB"  # noqa: E731
+    rows = [
+        ("quantized layers", f"{t['quantized_layers']:>12}"),
+        ("quantized weights", f"{t['quantized_weights']:>12,}"),
+        ("codes", mb(t["codes_bytes"])),
+        ("codebooks", mb(t["codebook_bytes"])),
+        ("scales/offsets", mb(t["scale_bytes"])),
+        ("unquantized (fp16)", mb(t["unquantized_bytes"])),
+        ("checkpoint total", mb(t["total_bytes"])),
+        ("FP16 model", mb(t["fp16_bytes"])),
+        ("bits per weight", f"{t['bits_per_weight']:12.3f}"),
+        ("size vs FP16", f"{100 * t['size_fraction_of_fp16']:11.1f}%"),
+    ]
+    return "\n".join(f"  {k:<20}{v}" for k, v in rows)

@@ -1,0 +1,114 @@
+"""Quantize one weight matrix: FASQ product quantization and RTN, into the storage format.
+
+Both return a dict of tensors in the layout of `ops.py`:
+    codes [out, M], codebooks [C, K, d], scales [out, S] | None, offsets [out, S] | None
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .config import LayerConfig, PQConfig, RTNConfig
+from .kmeans import assign, kmeans
+
+STORE_DTYPE = torch.float16  # codebooks, scales and offsets are stored as fp16
+
+
+def _store(t: Tensor) -> Tensor:
+    """Round to the stored precision (so codes are chosen against what is saved)."""
+    return t.to(STORE_DTYPE).float()
+
+
+def check_finite(W: Tensor, name: str) -> None:
+    if not torch.isfinite(W).all():
+        bad = (~torch.isfinite(W)).sum().item()
+        raise ValueError(f"{name}: weight has {bad} NaN/Inf values; cannot quantize it "
+                         "(check the source checkpoint, or leave this module unquantized with --skip)")
+
+
+def _normalise(W: Tensor, mode: str, group: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Per row(-group) normalisation: W [out, in] -> (Wn, scales [out, S], offsets [out, S])."""
+    if mode == "none":
+        return W, None, None
+    out, n = W.shape
+    G = group or n
+    Wg = W.view(out, n // G, G)
+    offsets = None
+    if mode == "absmax":
+        s = Wg.abs().amax(-1)
+    elif mode == "rms":
+        s = Wg.pow(2).mean(-1).sqrt()
+    else:  # minmax: map each group onto [0, 1]
+        lo, hi = Wg.amin(-1), Wg.amax(-1)
+        offsets, s = _store(lo), hi - lo
+    s = _store(torch.where(s > 0, s, torch.ones_like(s)))
+    Wn = Wg - offsets[..., None] if offsets is not None else Wg
+    return (Wn / s[..., None]).view(out, n), s, offsets
+
+
+def quantize_pq(W: Tensor, cfg: PQConfig, name: str = "weight", device=None) -> dict[str, Tensor | None]:
+    """FASQ: k-means codebooks on the (normalised) weights alone; codes = nearest centroid."""
+    out, n = W.shape
+    cfg.check_shape(out, n, name)
+    check_finite(W, name)
+    device = device or W.device
+    W = W.to(device=device, dtype=torch.float32)
+    Wn, scales, offsets = _normalise(W, cfg.scale, cfg.scale_group)
+    M, C = n // cfg.d, cfg.num_codebooks(n)
+    Mc = M // C  # subspaces per codebook
+    # Sub-vectors grouped by codebook: [C, out * Mc, d]
+    pts = Wn.view(out, C, Mc, cfg.d).transpose(0, 1).reshape(C, out * Mc, cfg.d)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    N = pts.shape[1]
+    fit = pts
+    if cfg.kmeans_sample and N > cfg.kmeans_sample:  # fit on a sample, assign all
+        fit = pts[:, torch.randperm(N, generator=gen)[:cfg.kmeans_sample].to(device)]
+    cents = _store(kmeans(fit, cfg.K, cfg.kmeans_iters, cfg.kmeans_init, gen))
+    codes = assign(pts, cents)  # [C, out * Mc]
+    codes = codes.view(C, out, Mc).transpose(0, 1).reshape(out, M)
+    return {
+        "codes": codes.to(ops.code_dtype(cfg.K)),
+        "codebooks": cents.to(STORE_DTYPE),
+        "scales": None if scales is None else scales.to(STORE_DTYPE),
+        "offsets": None if offsets is None else offsets.to(STORE_DTYPE),
+    }
+
+
+def quantize_rtn(W: Tensor, cfg: RTNConfig, name: str = "weight", device=None) -> dict[str, Tensor | None]:
+    """Asymmetric round-to-nearest: q = round((w - min) / scale), scale = (max - min) / (2^b - 1)."""
+    out, n = W.shape
+    cfg.check_shape(out, n, name)
+    check_finite(W, name)
+    W = W.to(device=device or W.device, dtype=torch.float32)
+    G = cfg.group_size or n
+    Wg = W.view(out, n // G, G)
+    lo, hi = Wg.amin(-1), Wg.amax(-1)
+    qmax = cfg.K - 1
+    scale = _store(torch.where(hi > lo, (hi - lo) / qmax, torch.ones_like(hi)))
+    lo = _store(lo)
+    q = torch.round((Wg - lo[..., None]) / scale[..., None]).clamp_(0, qmax)
+    grid = torch.arange(cfg.K, dtype=torch.float32, device=W.device).view(1, cfg.K, 1)
+    return {
+        "codes": q.view(out, n).to(ops.code_dtype(cfg.K)),
+        "codebooks": grid.to(STORE_DTYPE),
+        "scales": scale.to(STORE_DTYPE),
+        "offsets": lo.to(STORE_DTYPE),
+    }
+
+
+def quantize_weight(W: Tensor, cfg: LayerConfig, name: str = "weight", device=None) -> dict[str, Tensor | None]:
+    fn = quantize_rtn if cfg.method == "rtn" else quantize_pq
+    return fn(W, cfg, name=name, device=device)
+
+
+def error_report(W: Tensor, W_hat: Tensor) -> dict[str, float]:
+    """Relative Frobenius error and SQNR (dB) of a reconstruction."""
+    W, W_hat = W.double(), W_hat.double()
+    num, den = (W - W_hat).norm().item(), W.norm().item()
+    rel = num / den if den > 0 else 0.0
+    sqnr = math.inf if num == 0 else 20 * math.log10(den / num)
+    return {"rel_error": rel, "sqnr_db": sqnr}
