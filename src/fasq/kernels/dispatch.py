@@ -12,6 +12,8 @@ KERNELS = ("gemv", "lut_gemm", "dequant_gemm", "reference")
 # Decode: up to this many tokens the direct-compute GEMV (codes read once for all
 # tokens, CUDA cores) is used. The GEMV itself accepts up to gemv.MAX_TOKENS (16).
 GEMV_MAX_TOKENS = 8
+# The most tokens the GEMV kernel accepts at all (it keeps BLOCK_T tokens in registers).
+GEMV_TOKEN_LIMIT = 16
 # The LUT GEMM (CUDA cores) is only considered for small codebooks, where building a
 # tables of K entries per token and subspace is cheap, and few tokens; beyond that the
 # tensor-core dequant GEMM is expected to win (crossover to be measured).

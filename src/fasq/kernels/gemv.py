@@ -29,8 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, Problem, launch, next_pow2, num_sms, split_range, store_output
-
-MAX_TOKENS = 16  # BLOCK_T (tokens held in registers) above this is pointless: use a GEMM
+from .dispatch import GEMV_TOKEN_LIMIT as MAX_TOKENS  # tokens held in registers at once
 
 
 def _configs():
