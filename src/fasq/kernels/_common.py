@@ -89,7 +89,11 @@ class Problem:
 
     def flags(self) -> dict:
         """Compile-time flags shared by all kernels."""
-        return dict(D=self.D, MS=self.MS, ONE_GROUP=self.S == 1, HAS_SCALES=self.has_scales,
+        # MS (subspaces per scale group) is a runtime int, so layers of different widths
+        # share compiled kernels; only its alignment (largest power of two dividing it,
+        # capped) is compile-time: a BLOCK_M dividing it means no block straddles groups.
+        align = 1024 if self.S == 1 else min(1024, self.MS & -self.MS)
+        return dict(D=self.D, MS=self.MS, MS_ALIGN=align, ONE_GROUP=self.S == 1, HAS_SCALES=self.has_scales,
                     HAS_OFFSETS=self.has_offsets, HAS_BIAS=self.has_bias)
 
     def output(self) -> torch.Tensor:

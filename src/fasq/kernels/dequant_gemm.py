@@ -38,7 +38,7 @@ def _configs():
         for bn in (64, 128, 256):
             for bm in (16, 32, 64):
                 for sk in (1, 2, 4):
-                    for nw, ns in ((4, 3), (8, 3), (8, 4), (4, 4)):
+                    for nw, ns in ((4, 3), (8, 3)):
                         out.append(triton.Config(dict(BLOCK_T=bt, BLOCK_N=bn, BLOCK_M=bm, SPLIT_K=sk),
                                                  num_warps=nw, num_stages=ns))
     return out
@@ -65,7 +65,7 @@ def _prune(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
-@triton.autotune(configs=_configs(), key=["T_BUCKET", "N", "M", "K", "C", "D", "MS"],
+@triton.autotune(configs=_configs(), key=["T_BUCKET", "N", "M", "K", "C", "D", "MS_ALIGN"],
                  prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["ws_ptr"])
 @triton.jit
 def dequant_gemm_kernel(
@@ -78,8 +78,8 @@ def dequant_gemm_kernel(
     y_ptr,  # [T, N] output, activation dtype
     ws_ptr,  # [T*N + tiles] fp32 zeros (split-K accumulator)
     lock_ptr,  # [tiles] int32 zeros (split-K arrival counters)
-    T, N, M, K, C, MPC, S, T_BUCKET,
-    D: tl.constexpr, MS: tl.constexpr, ONE_GROUP: tl.constexpr,
+    T, N, M, K, C, MPC, S, MS, T_BUCKET,
+    D: tl.constexpr, MS_ALIGN: tl.constexpr, ONE_GROUP: tl.constexpr,
     HAS_SCALES: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_BIAS: tl.constexpr,
     WPC: tl.constexpr, EPW: tl.constexpr, ESIZE: tl.constexpr, CB_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
     DOT_FP32: tl.constexpr,

@@ -36,11 +36,11 @@ def _configs():
     if INTERPRET:  # small tiles that do not divide the test shapes, split-K on
         return [triton.Config(dict(BLOCK_N=16, BLOCK_M=8, SPLIT_K=2, CB_SMEM=0), num_warps=4)]
     out = []
-    for bn in (16, 32, 64, 128):
-        for bm in (32, 64, 128, 256):
-            for sk in (1, 2, 4, 8, 16):
+    for bn in (16, 32, 64):
+        for bm in (64, 128, 256):
+            for sk in (1, 2, 4, 8):
                 for smem in (0, 1):
-                    for nw in (4, 8):
+                    for nw in ((4, 8) if bn * bm >= 64 * 128 else (4,)):
                         out.append(triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, SPLIT_K=sk, CB_SMEM=smem),
                                                  num_warps=nw, num_stages=2))
     return out
@@ -57,7 +57,7 @@ def _prune(configs, named_args, **kwargs):
         k = c.kwargs
         if k["BLOCK_N"] * k["BLOCK_M"] * BT > 64 * 32 * c.num_warps:  # ~64 fp32 regs/thread
             continue
-        if k["BLOCK_M"] > max(32, next_pow2(M)) or k["BLOCK_N"] > max(16, next_pow2(N)):
+        if k["BLOCK_M"] > max(64, next_pow2(M)) or k["BLOCK_N"] > max(16, next_pow2(N)):
             continue
         if k["CB_SMEM"] and not (C == 1 and a["WPC"] * K <= 2048):
             continue
@@ -68,7 +68,7 @@ def _prune(configs, named_args, **kwargs):
             continue
         keep.append(c)
     # Tiny problems: nothing reaches 2 programs per SM; keep the smallest tiles.
-    return keep or [c for c in configs if c.kwargs["BLOCK_N"] == 16 and c.kwargs["BLOCK_M"] == 32
+    return keep or [c for c in configs if c.kwargs["BLOCK_N"] == 16 and c.kwargs["BLOCK_M"] == 64
                     and not c.kwargs["CB_SMEM"]][:4]
 
 
@@ -82,7 +82,7 @@ def _centroid_part(word, e: tl.constexpr, EPW: tl.constexpr, ESIZE: tl.constexpr
     return bits.to(CB_DTYPE, bitcast=True).to(tl.float32)
 
 
-@triton.autotune(configs=_configs(), key=["N", "M", "K", "C", "BLOCK_T", "D", "MS"],
+@triton.autotune(configs=_configs(), key=["N", "M", "K", "C", "BLOCK_T", "D", "MS_ALIGN"],
                  prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["ws_ptr"])
 @triton.jit
 def gemv_kernel(
@@ -95,8 +95,8 @@ def gemv_kernel(
     y_ptr,  # [T, N] output, activation dtype
     ws_ptr,  # [T*N + tiles] fp32 zeros (split-K accumulator)
     lock_ptr,  # [tiles] int32 zeros (split-K arrival counters)
-    T, N, M, K, C, MPC, S,
-    D: tl.constexpr, MS: tl.constexpr, ONE_GROUP: tl.constexpr,
+    T, N, M, K, C, MPC, S, MS,
+    D: tl.constexpr, MS_ALIGN: tl.constexpr, ONE_GROUP: tl.constexpr,
     HAS_SCALES: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_BIAS: tl.constexpr,
     WPC: tl.constexpr, EPW: tl.constexpr, ESIZE: tl.constexpr, CB_DTYPE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -110,7 +110,7 @@ def gemv_kernel(
     tmask = t < T
     m_lo, m_hi = split_range(M, pid_k, SPLIT_K, BLOCK_M)
     # Scales apply to whole blocks when no block straddles two scale groups; else per weight.
-    PER_BLOCK: tl.constexpr = HAS_SCALES and (ONE_GROUP or MS % BLOCK_M == 0)
+    PER_BLOCK: tl.constexpr = HAS_SCALES and (ONE_GROUP or MS_ALIGN % BLOCK_M == 0)
     ELEMWISE: tl.constexpr = HAS_SCALES and not PER_BLOCK
     if CB_SMEM:  # the one codebook, [K*WPC] words (padded to CB_WORDS), on chip for the whole program
         cw = tl.arange(0, CB_WORDS)

@@ -35,7 +35,7 @@ def _configs():
     out = []
     for bt in (16, 32, 64):
         for bn in (64, 128, 256):
-            for bm in (1, 2, 4, 8):
+            for bm in (1, 2, 4):
                 for sk in (1, 2, 4):
                     for nw in (4, 8):
                         out.append(triton.Config(dict(BLOCK_T=bt, BLOCK_N=bn, BLOCK_M=bm, SPLIT_K=sk),
@@ -62,7 +62,7 @@ def _prune(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
-@triton.autotune(configs=_configs(), key=["T_BUCKET", "N", "M", "K", "C", "D", "MS"],
+@triton.autotune(configs=_configs(), key=["T_BUCKET", "N", "M", "K", "C", "D", "MS_ALIGN"],
                  prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["ws_ptr"])
 @triton.jit
 def lut_gemm_kernel(
@@ -75,8 +75,8 @@ def lut_gemm_kernel(
     y_ptr,  # [T, N] output, activation dtype
     ws_ptr,  # [T*N + tiles] fp32 zeros (split-K accumulator)
     lock_ptr,  # [tiles] int32 zeros (split-K arrival counters)
-    T, N, M, K, C, MPC, S, T_BUCKET,
-    D: tl.constexpr, MS: tl.constexpr, ONE_GROUP: tl.constexpr,
+    T, N, M, K, C, MPC, S, MS, T_BUCKET,
+    D: tl.constexpr, MS_ALIGN: tl.constexpr, ONE_GROUP: tl.constexpr,
     HAS_SCALES: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -89,7 +89,7 @@ def lut_gemm_kernel(
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT] tokens
     tmask = t < T
     m_lo, m_hi = split_range(M, pid_k, SPLIT_K, BLOCK_M)
-    PER_BLOCK: tl.constexpr = HAS_SCALES and (ONE_GROUP or MS % BLOCK_M == 0)
+    PER_BLOCK: tl.constexpr = HAS_SCALES and (ONE_GROUP or MS_ALIGN % BLOCK_M == 0)
     ELEMWISE: tl.constexpr = HAS_SCALES and not PER_BLOCK
     mi = tl.arange(0, BLOCK_M)  # [BM] subspace within the block
     kk0 = tl.arange(0, BLOCK_K)  # [BK] centroid within the chunk

@@ -1,0 +1,196 @@
+"""The `fasq` command line: quantize, eval, info, generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def _add_model_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ... (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (default float32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import PQConfig
+
+    dflt = PQConfig()
+    ap = argparse.ArgumentParser(prog="fasq", description="Calibration-free product quantization of LLMs.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save a checkpoint")
+    q.add_argument("model", help="'default', a HF folder, a .gguf file or a Hub id")
+    q.add_argument("--out", required=True, help="output checkpoint folder")
+    q.add_argument("--method", choices=["fasq", "rtn"], default="fasq")
+    q.add_argument("--subvector-dim", "-d", type=int, default=dflt.d, help=f"FASQ sub-vector length d (default {dflt.d})")
+    q.add_argument("--codebook-size", "-K", type=int, default=dflt.K, help=f"FASQ centroids per codebook K (default {dflt.K})")
+    q.add_argument("--scope", choices=["matrix", "group", "subspace"], default=dflt.codebook_scope,
+                   help="codebook scope (default %(default)s)")
+    q.add_argument("--codebook-group", type=int, default=0, help="subspaces per codebook with --scope group")
+    q.add_argument("--scale", choices=["none", "absmax", "rms", "minmax"], default=dflt.scale,
+                   help="per-row(-group) normalisation (default %(default)s)")
+    q.add_argument("--scale-group", type=int, default=dflt.scale_group,
+                   help="input columns per scale, 0 = one per row (default %(default)s)")
+    q.add_argument("--kmeans-iters", type=int, default=dflt.kmeans_iters)
+    q.add_argument("--kmeans-init", choices=["kmeans++", "random"], default=dflt.kmeans_init)
+    q.add_argument("--kmeans-sample", type=int, default=dflt.kmeans_sample,
+                   help="sub-vectors per codebook used to fit k-means, 0 = all (default %(default)s)")
+    q.add_argument("--seed", type=int, default=dflt.seed)
+    q.add_argument("--bits", type=int, default=4, help="RTN bits (with --method rtn)")
+    q.add_argument("--group-size", type=int, default=64, help="RTN group size, 0 = per row (with --method rtn)")
+    q.add_argument("--skip", nargs="*", default=None, help="module name patterns left unquantized "
+                   "(default: embed_tokens lm_head)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
+    q.add_argument("--json", action="store_true", help="print one JSON object (report) instead of tables")
+    _add_model_opts(q)
+
+    e = sub.add_parser("eval", help="evaluate a model or checkpoint")
+    e.add_argument("model")
+    e.add_argument("--ppl", action="store_true", help="WikiText-2 perplexity (default when nothing else is asked)")
+    e.add_argument("--windows", type=int, default=10, help="number of windows, 0 = all (default 10)")
+    e.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
+    e.add_argument("--data-dir", default=None, help="evaluation data folder (default $FASQ_DATA_DIR or ../shared/data)")
+    e.add_argument("--compare", default=None, help="also evaluate this reference model and print both")
+    e.add_argument("--json", action="store_true")
+    _add_model_opts(e)
+
+    i = sub.add_parser("info", help="config, size table and per-layer errors of a checkpoint")
+    i.add_argument("checkpoint")
+    i.add_argument("--json", action="store_true")
+
+    g = sub.add_parser("generate", help="greedy generation from a prompt")
+    g.add_argument("model")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    _add_model_opts(g)
+    return ap
+
+
+def _layer_config(a):
+    from .config import PQConfig, RTNConfig
+
+    if a.method == "rtn":
+        return RTNConfig(bits=a.bits, group_size=a.group_size)
+    return PQConfig(d=a.subvector_dim, K=a.codebook_size, codebook_scope=a.scope,
+                    codebook_group=a.codebook_group if a.scope == "group" else 0, scale=a.scale,
+                    scale_group=a.scale_group, kmeans_iters=a.kmeans_iters, kmeans_init=a.kmeans_init,
+                    kmeans_sample=a.kmeans_sample, seed=a.seed)
+
+
+def cmd_quantize(a) -> int:
+    from .config import DEFAULT_SKIP, QuantConfig
+    from .format import format_size_table
+    from .model import is_checkpoint, quantize_model, save_quantized
+    from .sources import load_model
+
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()) and not a.overwrite:  # fail before the slow part
+        what = "a checkpoint" if is_checkpoint(out) else "files"
+        raise FileExistsError(f"{out} already holds {what}; pass --overwrite to replace it")
+    qcfg = QuantConfig(layer=_layer_config(a), skip=tuple(a.skip) if a.skip is not None else DEFAULT_SKIP)
+    t0 = time.perf_counter()
+    model, tok = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
+    report = quantize_model(model, qcfg, device=a.device, progress=not a.json)
+    report["source"] = a.model
+    save_quantized(model, out, tokenizer=tok, report=report, overwrite=a.overwrite)
+    report["total_seconds"] = time.perf_counter() - t0
+    if a.json:
+        print(json.dumps({"out": str(out), **_summary(report)}))
+    else:
+        print(f"saved {out}  (quantization {report['seconds']:.1f}s, total {report['total_seconds']:.1f}s)")
+        print(format_size_table(report["size"]))
+    return 0
+
+
+def _summary(report: dict) -> dict:
+    layers = report["layers"]
+    return {**report["size"], "seconds": report["seconds"],
+            "mean_rel_error": sum(r["rel_error"] for r in layers) / len(layers),
+            "mean_sqnr_db": sum(r["sqnr_db"] for r in layers if math.isfinite(r["sqnr_db"])) / len(layers)}
+
+
+def _ppl(model_arg: str, a) -> dict:
+    from .data import wikitext2_test
+    from .perplexity import perplexity, tokenize_text
+    from .sources import load_model
+
+    model, tok = load_model(model_arg, dtype=_dtype(a.dtype), device=a.device)
+    ids = tokenize_text(tok, wikitext2_test(a.data_dir))
+    return perplexity(model, ids, seqlen=a.seqlen, windows=a.windows or None, progress=not a.json)
+
+
+def cmd_eval(a) -> int:
+    res = {"model": a.model, **_ppl(a.model, a)}
+    if a.compare:
+        ref = _ppl(a.compare, a)
+        res["reference"] = {"model": a.compare, **ref}
+        res["ratio_to_reference"] = res["perplexity"] / ref["perplexity"]
+    if a.json:
+        print(json.dumps(res))
+        return 0
+    print(f"WikiText-2 perplexity of {a.model}: {res['perplexity']:.3f} "
+          f"({res['windows']} windows x {res['seqlen']} tokens)")
+    if a.compare:
+        print(f"reference {a.compare}: {res['reference']['perplexity']:.3f}  "
+              f"(ratio {res['ratio_to_reference']:.3f})")
+    return 0
+
+
+def cmd_info(a) -> int:
+    from .format import format_size_table
+    from .model import REPORT_NAME, verify_checkpoint
+
+    qdict = verify_checkpoint(a.checkpoint)
+    report = json.loads((Path(a.checkpoint) / REPORT_NAME).read_text())
+    if a.json:
+        print(json.dumps({"quantization_config": qdict, **_summary(report), "layers": report["layers"]}))
+        return 0
+    print(f"checkpoint {a.checkpoint} (format version {qdict['format_version']}, source {report.get('source')})")
+    print("layer config: " + ", ".join(f"{k}={v}" for k, v in qdict["layer"].items()))
+    print(f"skipped: {', '.join(qdict['skip'])}; overrides: {len(qdict['overrides'])}")
+    print(format_size_table(report["size"]))
+    print(f"\n  {'layer':<44}{'out x in':>12}{'bits/w':>8}{'rel err':>9}{'SQNR dB':>9}")
+    for r in report["layers"]:
+        print(f"  {r['name']:<44}{r['out']:>6}x{r['in']:<5}{r['bits_per_weight']:>8.3f}"
+              f"{r['rel_error']:>9.4f}{r['sqnr_db']:>9.2f}")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from .sources import load_model
+
+    model, tok = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
+    ids = tok(a.prompt, return_tensors="pt").input_ids.to(a.device)
+    out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=False)
+    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .model import CheckpointError
+    from .sources import ModelSourceError
+
+    try:
+        return {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate}[a.cmd](a)
+    except (ConfigError, CheckpointError, ModelSourceError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"fasq {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
