@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import QuantConfig
+from .config import FORMAT_VERSION, QuantConfig
 from .format import layer_size, size_table
 from .module import PQLinear
 from .quantize import error_report, quantize_weight
@@ -141,7 +141,7 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
         if report is not None:
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1))
         w = tmp / WEIGHTS_NAME
-        manifest = {"format_version": model.config.quantization_config["format_version"],
+        manifest = {"format_version": FORMAT_VERSION,
                     "files": {WEIGHTS_NAME: {"bytes": w.stat().st_size, "sha256": _sha256(w)}}}
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
         _replace_dir(tmp, out)
@@ -180,8 +180,8 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{p} is not a fasq checkpoint (no fasq quantization_config)")
     QuantConfig.from_dict(qdict)  # raises on unknown/newer format versions
     mpath = p / MANIFEST_NAME
-    if not mpath.is_file():
-        raise CheckpointError(f"{p} has no {MANIFEST_NAME}: the checkpoint was not completely written")
+    if not mpath.is_file():  # e.g. written by transformers' save_pretrained: nothing to check against
+        return qdict
     manifest = json.loads(mpath.read_text())
     for fname, meta in manifest["files"].items():
         f = p / fname
