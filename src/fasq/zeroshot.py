@@ -193,16 +193,6 @@ def load_local_docs(task: str | LocalTask, data_dir: str | os.PathLike) -> list[
     return docs
 
 
-def default_data_dir() -> str | None:
-    """$FASQ_DATA_DIR, else ../shared/data (relative to the working directory) if it
-    exists, else None (= lm-eval downloads from the Hub)."""
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        return env
-    shared = Path("..") / "shared" / "data"
-    return str(shared) if shared.is_dir() else None
-
-
 # --------------------------------------------------------------------------- lm-eval
 
 
