@@ -37,8 +37,8 @@ def _configs():
         return [triton.Config(dict(BLOCK_N=16, BLOCK_M=8, SPLIT_K=2, CB_SMEM=0), num_warps=4)]
     out = []
     for bn in (16, 32, 64):
-        for bm in (64, 128, 256):
-            for sk in (1, 2, 4, 8):
+        for bm in (32, 64, 128, 256):
+            for sk in (1, 2, 4, 8, 16):
                 for smem in (0, 1):
                     for nw in ((4, 8) if bn * bm >= 64 * 128 else (4,)):
                         out.append(triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, SPLIT_K=sk, CB_SMEM=smem),
@@ -48,14 +48,14 @@ def _configs():
 
 def _prune(configs, named_args, **kwargs):
     """Keep configs that fit in registers, do not overshoot the problem, give every SM
-    work at least a couple of times over and do not split K into slivers."""
+    at least one program (at most 8) and do not split K into slivers."""
     a = {**named_args, **kwargs}
     N, M, BT, K, C = a["N"], a["M"], a["BLOCK_T"], a["K"], a["C"]
     sms = num_sms(a["y_ptr"].device)
     keep = []
     for c in configs:
         k = c.kwargs
-        if k["BLOCK_N"] * k["BLOCK_M"] * BT > 64 * 32 * c.num_warps:  # ~64 fp32 regs/thread
+        if k["BLOCK_N"] * k["BLOCK_M"] * BT > 128 * 32 * c.num_warps:  # [BT, BN, BM] products: <= 128 regs/thread
             continue
         if k["BLOCK_M"] > max(64, next_pow2(M)) or k["BLOCK_N"] > max(16, next_pow2(N)):
             continue
@@ -64,10 +64,10 @@ def _prune(configs, named_args, **kwargs):
         if k["SPLIT_K"] > 1 and M // k["SPLIT_K"] < 2 * k["BLOCK_M"]:
             continue
         progs = triton.cdiv(N, k["BLOCK_N"]) * k["SPLIT_K"]
-        if not (2 * sms <= progs <= 32 * sms):
+        if not (sms <= progs <= 8 * sms):
             continue
         keep.append(c)
-    # Tiny problems: nothing reaches 2 programs per SM; keep the smallest tiles.
+    # Tiny problems: nothing reaches one program per SM; keep the smallest tiles.
     return keep or [c for c in configs if c.kwargs["BLOCK_N"] == 16 and c.kwargs["BLOCK_M"] == 64
                     and not c.kwargs["CB_SMEM"]][:4]
 
