@@ -114,8 +114,13 @@ def _state_for_saving(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    return (p / "config.json").is_file() and ((p / WEIGHTS_NAME).is_file() or (p / MANIFEST_NAME).is_file())
+    """True for a folder whose config.json declares a fasq quantization_config."""
+    f = Path(path) / "config.json"
+    try:
+        qdict = json.loads(f.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(qdict, dict) and qdict.get("quant_method") == "fasq"
 
 
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, report: dict | None = None,

@@ -1,0 +1,88 @@
+"""The CLI end to end on a tiny random Llama that uses the default model's tokenizer."""
+
+import json
+
+import pytest
+import torch
+
+from fasq.cli import main
+from fasq.sources import default_model_file
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    f = default_model_file()
+    tok = AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      max_position_embeddings=256)
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    (d / "wikitext-2-raw").mkdir()
+    lines = [" = Title = "] + [f" Sentence number {i} is about the history of a small town ." for i in range(60)]
+    (d / "wikitext-2-raw" / "wiki.test.raw").write_text("\r\n".join(lines) + "\r\n")
+    return d
+
+
+def _json(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_quantize_info_eval_generate(tiny_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_dir), "-d", "2", "-K", "16", "--out", str(out), "--json"]) == 0
+    q = _json(capsys)
+    assert q["quantized_layers"] == 14
+    assert main(["info", str(out), "--json"]) == 0
+    info = _json(capsys)
+    assert info["quantization_config"]["layer"]["K"] == 16
+    # 4 bits of codes per 2 weights = 2 bits, plus per-row scales and the codebook
+    assert 2.0 < info["bits_per_weight"] < 2.6
+    assert 0 < info["size_fraction_of_fp16"] < 1 and len(info["layers"]) == 14
+    assert main(["info", str(out)]) == 0
+    assert "model.layers.1.mlp.down_proj" in capsys.readouterr().out
+    args = ["eval", str(out), "--ppl", "--windows", "2", "--seqlen", "64", "--data-dir", str(data_dir), "--json"]
+    assert main(args + ["--compare", str(tiny_dir)]) == 0
+    ev = _json(capsys)
+    assert ev["windows"] == 2 and ev["tokens"] == 128 and ev["perplexity"] > 1
+    assert ev["reference"]["perplexity"] > 1 and ev["ratio_to_reference"] > 0
+    assert main(["generate", str(out), "Hello", "--max-new-tokens", "4"]) == 0
+
+
+def test_rtn_through_the_same_pipeline(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "rtn"
+    assert main(["quantize", str(tiny_dir), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                 "--out", str(out), "--json"]) == 0
+    q = _json(capsys)
+    # 4 bits + 32 bits of (scale, minimum) per 32 weights, plus the stored 16-level grid
+    # (256 bits per matrix, 0.06 bits per weight on these tiny 64-wide matrices)
+    assert 5.0 < q["bits_per_weight"] < 5.07
+
+
+def test_cli_errors_are_clear_and_keep_existing_output(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_dir), "-d", "2", "-K", "16", "--out", str(out), "--json"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(["quantize", str(tiny_dir), "-d", "2", "-K", "16", "--out", str(out)]) == 2
+    assert "already holds a checkpoint; pass --overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main(["quantize", str(tiny_dir), "-K", "100", "--out", str(tmp_path / "x")]) == 2
+    assert "power of two" in capsys.readouterr().err
+    assert main(["quantize", str(tiny_dir), "-d", "5", "--out", str(tmp_path / "x")]) == 2
+    assert "not divisible by d=5" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main(["eval", str(tmp_path / "missing"), "--ppl"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["info", str(tiny_dir)]) == 2
+    assert "not a fasq checkpoint" in capsys.readouterr().err
