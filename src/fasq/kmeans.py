@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 # Largest [B, chunk, K] distance block materialised at once (float32 elements).
-DIST_BLOCK_ELEMS = 1 << 24
+DIST_BLOCK_ELEMS = 1 << 18  # ~1 MB blocks stay in cache; measured faster than 1 << 24 on CPU
 
 
 def _chunk_rows(B: int, K: int) -> int:
@@ -38,19 +38,29 @@ def assign(points: Tensor, centroids: Tensor, return_dist: bool = False):
     return (codes, dist) if return_dist else codes
 
 
+# k-means++ seeding is K sequential steps over the points; seeding on a random subset of
+# SEED_POINTS_PER_CENTROID * K points keeps it cheap (Lloyd's iterations then use all).
+SEED_POINTS_PER_CENTROID = 8
+
+
 def init_kmeanspp(points: Tensor, K: int, gen: torch.Generator) -> Tensor:
     """k-means++ seeding (D^2 sampling), batched: [B, N, d] -> [B, K, d]."""
+    if points.shape[1] > SEED_POINTS_PER_CENTROID * K:
+        keep = torch.randperm(points.shape[1], generator=gen)[:SEED_POINTS_PER_CENTROID * K]
+        points = points[:, keep.to(points.device)]
     B, N, d = points.shape
     ar = torch.arange(B, device=points.device)
-    first = torch.randint(N, (B,), generator=gen, device=gen.device).to(points.device)
+    first = torch.randint(N, (B,), generator=gen).to(points.device)
     cents = torch.empty(B, K, d, dtype=points.dtype, device=points.device)
     cents[:, 0] = points[ar, first]
     mind = ((points - cents[:, :1]) ** 2).sum(-1)  # [B, N]
     for k in range(1, K):
         # Sample proportional to squared distance; all-zero rows (duplicates) fall back to uniform.
         w = mind + (mind.sum(-1, keepdim=True) == 0).to(mind.dtype)
-        pick = torch.multinomial(w.cpu() if gen.device.type == "cpu" else w, 1, generator=gen)[:, 0]
-        cents[:, k] = points[ar, pick.to(points.device)]
+        cdf = w.cumsum(-1)
+        u = torch.rand(B, 1, generator=gen).to(points.device) * cdf[:, -1:]
+        pick = torch.searchsorted(cdf, u)[:, 0].clamp_(max=N - 1)
+        cents[:, k] = points[ar, pick]
         torch.minimum(mind, ((points - cents[:, k:k + 1]) ** 2).sum(-1), out=mind)
     return cents
 
