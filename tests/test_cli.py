@@ -86,3 +86,20 @@ def test_cli_errors_are_clear_and_keep_existing_output(tiny_dir, tmp_path, capsy
     assert "not found" in capsys.readouterr().err
     assert main(["info", str(tiny_dir)]) == 2
     assert "not a fasq checkpoint" in capsys.readouterr().err
+
+
+def test_eval_zero_shot_tasks_from_local_files(tiny_dir, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    (tmp_path / "arc").mkdir()
+    rows = [{"id": f"q{i}", "answerKey": "B",
+             "question": {"stem": f"Question {i}?", "choices": [{"text": "red", "label": "A"},
+                                                                {"text": "blue", "label": "B"}]}}
+            for i in range(5)]
+    (tmp_path / "arc" / "ARC-Easy-test.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["eval", str(tiny_dir), "--tasks", "arc_easy", "--limit", "3", "--data-dir", str(tmp_path),
+                 "--json"]) == 0
+    res = _json(capsys)
+    assert "perplexity" not in res  # only what was asked
+    assert res["tasks"]["arc_easy"]["n"] == 3 and 0 <= res["tasks"]["arc_easy"]["acc"] <= 1
+    assert main(["eval", str(tiny_dir), "--tasks", "piqa", "--data-dir", str(tmp_path)]) == 2
+    assert "piqa" in capsys.readouterr().err

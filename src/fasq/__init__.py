@@ -6,6 +6,7 @@ method with transformers (when installed), so that
 """
 
 from . import ops  # noqa: F401 - registers the fasq::pq_linear custom op
+from . import kernels  # noqa: F401 - its CUDA implementation (triton imported only when called)
 from .config import ConfigError, PQConfig, QuantConfig, RTNConfig
 from .model import CheckpointError, load_quantized, quantize_model, save_quantized
 from .module import PQLinear

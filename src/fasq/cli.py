@@ -59,10 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model or checkpoint")
     e.add_argument("model")
-    e.add_argument("--ppl", action="store_true", help="WikiText-2 perplexity (default when nothing else is asked)")
+    e.add_argument("--ppl", action="store_true", help="WikiText-2 perplexity (the default without --tasks)")
     e.add_argument("--windows", type=int, default=10, help="number of windows, 0 = all (default 10)")
     e.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
     e.add_argument("--data-dir", default=None, help="evaluation data folder (default $FASQ_DATA_DIR or ../shared/data)")
+    e.add_argument("--tasks", default=None, help="comma list of lm-eval zero-shot tasks, "
+                   "e.g. arc_easy,arc_challenge,piqa (local files: see docs/tasks.md)")
+    e.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples per task")
+    e.add_argument("--batch-size", type=int, default=8, help="zero-shot batch size (default 8)")
     e.add_argument("--compare", default=None, help="also evaluate this reference model and print both")
     e.add_argument("--json", action="store_true")
     _add_model_opts(e)
@@ -122,30 +126,50 @@ def _summary(report: dict) -> dict:
             "mean_sqnr_db": sum(r["sqnr_db"] for r in layers if math.isfinite(r["sqnr_db"])) / len(layers)}
 
 
-def _ppl(model_arg: str, a) -> dict:
-    from .data import wikitext2_test
+def _evaluate(model_arg: str, a) -> dict:
+    """Perplexity (when asked, or when no tasks are) and zero-shot tasks of one model."""
+    from .data import default_data_dir, wikitext2_test
     from .perplexity import perplexity, tokenize_text
     from .sources import load_model
 
     model, tok = load_model(model_arg, dtype=_dtype(a.dtype), device=a.device)
-    ids = tokenize_text(tok, wikitext2_test(a.data_dir))
-    return perplexity(model, ids, seqlen=a.seqlen, windows=a.windows or None, progress=not a.json)
+    res = {"model": model_arg}
+    if a.ppl or not a.tasks:
+        ids = tokenize_text(tok, wikitext2_test(a.data_dir))
+        res.update(perplexity(model, ids, seqlen=a.seqlen, windows=a.windows or None, progress=not a.json))
+    if a.tasks:
+        from .zeroshot import evaluate_tasks
+
+        res["tasks"] = evaluate_tasks(model, tok, [t for t in a.tasks.split(",") if t],
+                                      data_dir=a.data_dir or default_data_dir(), limit=a.limit,
+                                      batch_size=a.batch_size)
+    return res
+
+
+def _print_eval(res: dict) -> None:
+    if "perplexity" in res:
+        print(f"{res['model']}: WikiText-2 perplexity {res['perplexity']:.3f} "
+              f"({res['windows']} windows x {res['seqlen']} tokens)")
+    for task, r in res.get("tasks", {}).items():
+        norm = "" if r.get("acc_norm") is None else f"  acc_norm {r['acc_norm']:.4f}"
+        print(f"{res['model']}: {task:<16} acc {r['acc']:.4f}{norm}  (n={r['n']})")
 
 
 def cmd_eval(a) -> int:
-    res = {"model": a.model, **_ppl(a.model, a)}
+    res = _evaluate(a.model, a)
     if a.compare:
-        ref = _ppl(a.compare, a)
-        res["reference"] = {"model": a.compare, **ref}
-        res["ratio_to_reference"] = res["perplexity"] / ref["perplexity"]
+        ref = _evaluate(a.compare, a)
+        res["reference"] = ref
+        if "perplexity" in res:
+            res["ratio_to_reference"] = res["perplexity"] / ref["perplexity"]
     if a.json:
         print(json.dumps(res))
         return 0
-    print(f"WikiText-2 perplexity of {a.model}: {res['perplexity']:.3f} "
-          f"({res['windows']} windows x {res['seqlen']} tokens)")
+    _print_eval(res)
     if a.compare:
-        print(f"reference {a.compare}: {res['reference']['perplexity']:.3f}  "
-              f"(ratio {res['ratio_to_reference']:.3f})")
+        _print_eval(res["reference"])
+        if "ratio_to_reference" in res:
+            print(f"perplexity ratio to reference: {res['ratio_to_reference']:.3f}")
     return 0
 
 
@@ -188,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate}[a.cmd](a)
     except (ConfigError, CheckpointError, ModelSourceError, FileExistsError, FileNotFoundError, ValueError) as e:
+        # TaskDataError (missing zero-shot files) is a FileNotFoundError
         print(f"fasq {a.cmd}: error: {e}", file=sys.stderr)
         return 2
 
