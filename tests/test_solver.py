@@ -1,0 +1,169 @@
+import copy
+import itertools
+import random
+
+import pytest
+import torch
+
+from fasq.config import PQConfig, QuantConfig
+from fasq.format import layer_size, size_table
+from fasq.model import quantize_model
+from fasq.module import PQLinear
+from fasq.quantize import quantize_weight
+from fasq.solver import (BudgetError, achievable_range, candidate_size, knapsack, lp_bound, measure,
+                         proxy_error, solve)
+
+torch.set_num_threads(1)
+
+# Small, fast candidates that fit the tiny Llama (64/96-wide layers).
+CANDS = [PQConfig(d=4, K=16), PQConfig(d=2, K=16), PQConfig(d=2, K=64), PQConfig(d=2, K=256),
+         PQConfig(d=1, K=16), PQConfig(d=1, K=64)]
+
+
+_CACHE = {}
+
+
+@pytest.fixture
+def table(tiny_llama):
+    # tiny_llama is seeded, so one measurement serves every test (keeps the file fast)
+    if "t" not in _CACHE:
+        _CACHE["t"] = measure(tiny_llama, CANDS, progress=False)
+    return _CACHE["t"]
+
+
+def _brute(costs, errs, hi, lo):
+    best = None
+    for pick in itertools.product(*[range(len(c)) for c in costs]):
+        c = sum(costs[l][j] for l, j in enumerate(pick))
+        if lo <= c <= hi:
+            e = sum(errs[l][j] for l, j in enumerate(pick))
+            if best is None or e < best:
+                best = e
+    return best
+
+
+def test_candidate_size_matches_real_layer():
+    torch.manual_seed(0)
+    W = torch.randn(48, 96)
+    for cfg in [PQConfig(d=2, K=32), PQConfig(d=4, K=16, scale="minmax", scale_group=32),
+                PQConfig(d=2, K=8, codebook_scope="subspace", scale="none")]:
+        t = quantize_weight(W, cfg)
+        pq = PQLinear(96, 48, cfg, bias=True)
+        for k, v in t.items():
+            if v is not None:
+                getattr(pq, k).copy_(v)
+        assert candidate_size(48, 96, cfg, bias=True) == layer_size(pq)
+
+
+def test_knapsack_matches_brute_force():
+    rng = random.Random(0)
+    checked = 0
+    for trial in range(150):
+        L, n = rng.randint(2, 5), rng.randint(2, 5)
+        costs, errs = [], []
+        for _ in range(L):
+            c = sorted(rng.sample(range(10, 200), n))
+            e = sorted((rng.random() * 10 for _ in range(n)), reverse=True)
+            if rng.random() < 0.3:  # some non-convex / dominated options
+                e = [rng.random() * 10 for _ in range(n)]
+            costs.append(c), errs.append(e)
+        cmin, cmax = sum(map(min, costs)), sum(map(max, costs))
+        hi = rng.randint(cmin, cmax)
+        lo = int(hi * 0.9)
+        best = _brute(costs, errs, hi, lo)
+        if best is None:
+            with pytest.raises(BudgetError):
+                knapsack(costs, errs, hi, lo)
+            continue
+        pick = knapsack(costs, errs, hi, lo)
+        total = sum(costs[l][j] for l, j in enumerate(pick))
+        assert lo <= total <= hi
+        assert sum(errs[l][j] for l, j in enumerate(pick)) == pytest.approx(best, rel=1e-12, abs=1e-12)
+        assert lp_bound(costs, errs, hi) <= best + 1e-9
+        checked += 1
+    assert checked > 100
+
+
+def test_knapsack_without_lower_bound_is_lagrangian_exact_on_convex():
+    # Convex, evenly spaced options: the Lagrangian prefix alone is optimal.
+    costs = [[10, 20, 30, 40]] * 3
+    errs = [[8.0, 4.0, 2.0, 1.0], [16.0, 8.0, 4.0, 2.0], [4.0, 2.0, 1.0, 0.5]]
+    pick = knapsack(costs, errs, 80)
+    assert sum(costs[l][j] for l, j in enumerate(pick)) <= 80
+    assert sum(errs[l][j] for l, j in enumerate(pick)) == _brute(costs, errs, 80, 0)
+
+
+@pytest.mark.parametrize("kw", [dict(target_bits=3.0), dict(target_bits=4.5), dict(target_bits=6.0),
+                                dict(target_size=0.36), dict(target_size=0.42), dict(target_size=0.5)])
+def test_budget_hit_with_real_quantization(tiny_llama, table, kw):
+    qcfg, rep = solve(tiny_llama, table=table, **kw)
+    model = copy.deepcopy(tiny_llama)
+    st = quantize_model(model, qcfg, progress=False)["size"]
+    assert st == size_table(model)
+    assert st["total_bytes"] == rep.predicted["total_bytes"]
+    assert st["fp16_bytes"] == rep.predicted["fp16_bytes"]
+    assert st["bits_per_weight"] == pytest.approx(rep.predicted["bits_per_weight"], rel=1e-12)
+    key, target = (("bits_per_weight", kw["target_bits"]) if "target_bits" in kw
+                   else ("size_fraction_of_fp16", kw["target_size"]))
+    assert 0.99 * target <= st[key] <= target
+    # every quantized module has its own override, and they round-trip through the config dict
+    assert set(qcfg.overrides) == set(qcfg.modules)
+    assert QuantConfig.from_dict(qcfg.to_dict()).overrides == qcfg.overrides
+
+
+def test_monotone_in_budget(tiny_llama, table):
+    prev = None
+    for b in [2.8, 3.0, 3.3, 3.6, 4.0, 4.5, 5.0, 5.5, 6.0]:
+        _, rep = solve(tiny_llama, table=table, target_bits=b)
+        if prev is not None:
+            assert rep.proxy_total <= prev + 1e-12
+        prev = rep.proxy_total
+
+
+def test_impossible_budgets(tiny_llama, table):
+    rng = achievable_range(table)
+    lo_bits, hi_bits = rng["bits_per_weight"]
+    with pytest.raises(BudgetError, match="below the smallest.*achievable range"):
+        solve(tiny_llama, table=table, target_bits=lo_bits * 0.9)
+    with pytest.raises(BudgetError, match="above the largest.*achievable range"):
+        solve(tiny_llama, table=table, target_bits=hi_bits * 1.2)
+    with pytest.raises(BudgetError, match="achievable range"):
+        solve(tiny_llama, table=table, target_size=0.05)
+    with pytest.raises(BudgetError):
+        solve(tiny_llama, table=table, target_size=2.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        solve(tiny_llama, table=table, target_bits=3.0, target_size=0.4)
+    with pytest.raises(ValueError, match="exactly one"):
+        solve(tiny_llama, table=table)
+    # the upper end of the range is reachable (it is within 1 % of itself)
+    qcfg, rep = solve(tiny_llama, table=table, target_bits=hi_bits)
+    assert 0.99 * hi_bits <= rep.predicted["bits_per_weight"] <= hi_bits
+
+
+def test_deterministic(tiny_llama, table):
+    t2 = measure(tiny_llama, CANDS, progress=False)
+    assert [l.sq_error for l in t2.layers] == [l.sq_error for l in table.layers]
+    a, ra = solve(tiny_llama, table=table, target_bits=3.7)
+    b, rb = solve(tiny_llama, table=t2, target_bits=3.7)
+    assert a.to_dict() == b.to_dict() and ra.layers == rb.layers
+
+
+def test_solve_measures_and_skips(tiny_llama):
+    qcfg, rep = solve(tiny_llama, target_bits=4.0, candidates=CANDS[1:4], skip=("embed_tokens", "lm_head",
+                                                                              "down_proj"), progress=False)
+    assert not any("down_proj" in n for n in qcfg.overrides)
+    assert len(rep.layers) == 2 * 6 and "bits/weight" in rep.format()
+    qr, rr = solve(tiny_llama, target_bits=4.0, candidates=CANDS[1:4], importance="rel", progress=False)
+    assert rr.importance == "rel" and rr.predicted["bits_per_weight"] <= 4.0
+
+
+def test_proxy_error_tracks_real_error():
+    torch.manual_seed(1)
+    W = torch.randn(256, 64)
+    cfg = PQConfig(d=2, K=64)
+    t = quantize_weight(W, cfg)
+    from fasq.ops import dequantize
+    real = (W - dequantize(t["codes"], t["codebooks"], t["scales"], t["offsets"], dtype=torch.float32)).pow(2).sum()
+    assert proxy_error(W, cfg, sample_rows=None, proxy_iters=None) == pytest.approx(real.item(), rel=1e-5)
+    est = proxy_error(W, cfg, sample_rows=128, proxy_iters=6)
+    assert est == pytest.approx(real.item(), rel=0.2)
