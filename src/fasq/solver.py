@@ -18,25 +18,32 @@ Steps
    `quantize_model` + `size_table` report, byte for byte.
 2. Proxy. Per layer l and candidate j: err[l, j] = importance_l * ||W_l - Q_j(W_l)||_F^2,
    measured by really quantizing with candidate j (`quantize.quantize_weight`) a
-   deterministic sample of at most `sample_rows` rows, with k-means shortened to
-   `proxy_iters` iterations, scaled to the full row count.
+   deterministic, evenly spaced sample of at most `sample_rows` (256) rows, with k-means
+   cut to `proxy_iters` (4) iterations fitted on at most 32 * K sub-vectors, scaled to
+   the full row count. On SmolLM2-135M (210 layers x 11 candidates) this takes ~4 min on
+   one CPU thread; the estimated relative errors are within ~1-3 % of the full
+   quantization's for K <= 512 and within ~5 % for d=4 K=1024 (3 layers checked).
    Default importance: 1 ("sq", plain squared Frobenius error). Reasoning: with inputs of
-   equal variance and no correlation (all we can assume without data), the expected
-   squared output error of a linear layer is ||dW||_F^2 * var(x), and these errors add
-   up across layers in the same units, which is what a knapsack over layers needs.
-   "rel" (importance 1/||W||_F^2, i.e. equal weight to every layer's relative error) is
-   available as `importance="rel"`; it over-spends bits on small-norm layers. The
-   measured comparison is in `benchmarks/solver_demo.py` / the commit message.
+   equal variance and no correlation (all one can assume without data), the expected
+   squared output error of a linear layer is ||dW||_F^2 * var(x); these errors add up
+   across layers in the same units, which is what a knapsack over layers needs, and the
+   measured relative error of a candidate is nearly the same on every layer (e.g. d=2
+   K=256: 0.089-0.093 on k/gate/down/o projections), so "sq" moves bits towards
+   large-norm layers. `importance="rel"` (1/||W||_F^2: every layer's relative error
+   counts the same) is the alternative; it was not compared on perplexity here.
 3. Optimisation: multiple-choice knapsack (one candidate per layer, minimise the total
    proxy, bytes <= budget). Lagrangian relaxation: per layer, the lower convex hull of
    (bytes, err); for a multiplier lambda each layer takes argmin err + lambda * bytes,
-   and the optimal lambda is found by searching the hull slopes (the breakpoints of
-   the piecewise-constant cost(lambda)) in decreasing order - an exact bisection, no
-   tolerance. Then a deterministic local search (best single-layer change or best
-   pair of changes, one layer up and one down, that lowers the proxy and still fits)
-   spends the remaining slack, and a repair step lands the total in
-   [0.99 * budget, budget] if it is not there yet. Ties break on layer order and
-   candidate order, so results are deterministic.
+   and the optimal lambda is found by scanning the hull slopes (the breakpoints of the
+   piecewise-constant cost(lambda)) in decreasing order - an exact search, no
+   tolerance. Then a deterministic local search (best single-layer change, or best pair
+   of changes, one layer up and one down, that lowers the proxy and still fits) spends
+   the remaining slack, a repair step moves the total into [0.99 * budget, budget], and
+   a depth-first branch and bound with LP bounds (node limit 20000) proves the result
+   optimal or improves it; exact on small instances (tested against brute force). The
+   report carries the LP lower bound: on SmolLM2, at 30-50 % of FP16 and 2.5-4 bits,
+   the result's proxy is within 0.07 % of it.
+   Ties break on layer and candidate order, so results are deterministic.
 """
 
 from __future__ import annotations
