@@ -104,9 +104,17 @@ def test_bad_shapes_and_values_are_clear_errors():
     (dict(codebook_scope="row"), "codebook_scope"),
     (dict(codebook_scope="group"), "codebook_group >= 1"),
     (dict(scale="max"), "scale must be one of"),
-    (dict(d=4, scale_group=6), "multiple of d"),
+    (dict(scale_group=-1), "scale_group must be"),
     (dict(kmeans_init="pp"), "kmeans_init"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         PQConfig(**kwargs)
+
+
+def test_scale_group_fits_every_width():
+    cfg = PQConfig(d=2, K=256, scale_group=96)
+    sizes = {n: cfg.scale_group_size(n) for n in (576, 1536, 4096, 14336, 30, 96)}
+    assert sizes == {576: 96, 1536: 96, 4096: 128, 14336: 112, 30: 30, 96: 96}
+    assert PQConfig(d=4, scale_group=6).scale_group_size(48) == 8  # a multiple of d
+    assert PQConfig(scale_group=0).scale_group_size(576) == 576

@@ -47,10 +47,11 @@ class PQConfig:
     # `codebook_group` consecutive subspaces; "subspace": one per subspace (classic PQ)
     codebook_group: int = 0  # subspaces per codebook when scope == "group"
     scale: str = "absmax"  # per-row(-group) normalisation before clustering
-    scale_group: int = 0  # input columns per scale; 0 = one scale per output row
-    kmeans_iters: int = 12
+    scale_group: int = 96  # input columns per scale, at least (see `scale_group_size`); 0 = per row
+    refine_scales: bool = True  # after assignment, least-squares fit of each scale (and offset)
+    kmeans_iters: int = 10
     kmeans_init: str = "kmeans++"
-    kmeans_sample: int = 65536  # sub-vectors per codebook used for fitting (0 = all)
+    kmeans_sample: int = 32768  # sub-vectors per codebook used for fitting (0 = all)
     seed: int = 0
     method: str = field(default="pq", init=False)
 
@@ -70,11 +71,9 @@ class PQConfig:
             raise ConfigError("codebook_group is only meaningful with codebook_scope='group'")
         if self.scale not in SCALES:
             raise ConfigError(f"scale must be one of {SCALES}, got {self.scale!r}")
-        if self.scale_group < 0 or (self.scale_group and self.scale_group % self.d):
-            raise ConfigError(f"scale_group ({self.scale_group}) must be 0 (per row) or a positive "
-                              f"multiple of d ({self.d})")
-        if self.scale == "none" and self.scale_group:
-            raise ConfigError("scale_group needs a scale mode other than 'none'")
+        if not isinstance(self.scale_group, int) or self.scale_group < 0:
+            raise ConfigError(f"scale_group must be 0 (one scale per row) or a positive number of "
+                              f"columns, got {self.scale_group!r}")
         if self.kmeans_iters < 0:
             raise ConfigError(f"kmeans_iters must be >= 0, got {self.kmeans_iters}")
         if self.kmeans_init not in INITS:
@@ -90,6 +89,17 @@ class PQConfig:
         M = in_features // self.d
         return {"matrix": 1, "group": M // max(self.codebook_group, 1), "subspace": M}[self.codebook_scope]
 
+    def scale_group_size(self, in_features: int) -> int:
+        """Columns per scale for a layer: the smallest multiple of d that divides `in` and
+        is >= scale_group (so one setting fits every width: 96 for 576 and 1536, 128 for
+        4096, 112 for 14336); `in` (one scale per row) for scale_group 0."""
+        if not self.scale_group:
+            return in_features
+        for g in range(self.scale_group + (-self.scale_group) % self.d, in_features, self.d):
+            if in_features % g == 0:
+                return g
+        return in_features
+
     def check_shape(self, out_features: int, in_features: int, name: str = "weight") -> None:
         """Raise ConfigError if a [out, in] weight cannot be stored with this config."""
         if in_features % self.d:
@@ -100,9 +110,6 @@ class PQConfig:
         if self.codebook_scope == "group" and M % self.codebook_group:
             raise ConfigError(f"{name}: {M} subspaces are not divisible by codebook_group="
                               f"{self.codebook_group}")
-        if self.scale_group and in_features % self.scale_group:
-            raise ConfigError(f"{name}: in_features={in_features} is not divisible by "
-                              f"scale_group={self.scale_group}")
         per_codebook = out_features * M // self.num_codebooks(in_features)
         if self.K > per_codebook:
             raise ConfigError(
@@ -141,6 +148,9 @@ class RTNConfig:
 
     def num_codebooks(self, in_features: int) -> int:
         return 1
+
+    def scale_group_size(self, in_features: int) -> int:
+        return self.group_size or in_features
 
     def check_shape(self, out_features: int, in_features: int, name: str = "weight") -> None:
         if self.group_size and in_features % self.group_size:

@@ -39,8 +39,7 @@ class PQLinear(nn.Module):
 
     @staticmethod
     def num_scale_groups(config: LayerConfig, in_features: int) -> int:
-        group = config.group_size if config.method == "rtn" else config.scale_group
-        return in_features // group if group else 1
+        return in_features // config.scale_group_size(in_features)
 
     # --- codes are bit-packed in state dicts (the storage format), unpacked in memory ---
 

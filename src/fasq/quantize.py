@@ -30,12 +30,11 @@ def check_finite(W: Tensor, name: str) -> None:
                          "(check the source checkpoint, or leave this module unquantized with --skip)")
 
 
-def _normalise(W: Tensor, mode: str, group: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Per row(-group) normalisation: W [out, in] -> (Wn, scales [out, S], offsets [out, S])."""
+def _normalise(W: Tensor, mode: str, G: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Per row-group normalisation (G columns): W [out, in] -> (Wn, scales [out, S], offsets [out, S])."""
     if mode == "none":
         return W, None, None
     out, n = W.shape
-    G = group or n
     Wg = W.view(out, n // G, G)
     offsets = None
     if mode == "absmax":
@@ -50,6 +49,40 @@ def _normalise(W: Tensor, mode: str, group: int) -> tuple[Tensor, Tensor | None,
     return (Wn / s[..., None]).view(out, n), s, offsets
 
 
+def _refit_scales(W: Tensor, Wc: Tensor, scales: Tensor, offsets: Tensor | None,
+                  G: int) -> tuple[Tensor, Tensor | None]:
+    """Least-squares scale (and offset) per row group, given the chosen centroids.
+
+    The normalising scale (absmax, rms, max - min) is a good starting point for k-means
+    but not the best multiplier for the centroids that were picked: minimising
+    ||w - s * c - o||^2 over (s, o) per group is closed form and never worse.
+    """
+    out, n = W.shape
+    w, c = W.view(out, n // G, G), Wc.view(out, n // G, G)
+    if offsets is None:
+        cc = (c * c).sum(-1)
+        s = torch.where(cc > 0, (w * c).sum(-1) / cc.clamp_min(1e-30), scales)
+        return _keep_better(w, c, (scales, None), (_store(s), None))
+    cm, wm = c.mean(-1, keepdim=True), w.mean(-1, keepdim=True)
+    var = ((c - cm) ** 2).sum(-1)
+    s = torch.where(var > 0, ((c - cm) * (w - wm)).sum(-1) / var.clamp_min(1e-30), scales)
+    s = _store(s)
+    o = _store(wm[..., 0] - s * cm[..., 0])
+    return _keep_better(w, c, (scales, offsets), (s, o))
+
+
+def _keep_better(w: Tensor, c: Tensor, old, new):
+    """Per group, the (scale, offset) pair with the smaller error (fp16 rounding can undo a fit)."""
+    def err(s, o):
+        r = c * s[..., None] + (0 if o is None else o[..., None]) - w
+        return (r * r).sum(-1)
+
+    better = err(*new) <= err(*old)
+    s = torch.where(better, new[0], old[0])
+    o = None if old[1] is None else torch.where(better, new[1], old[1])
+    return s, o
+
+
 def quantize_pq(W: Tensor, cfg: PQConfig, name: str = "weight", device=None) -> dict[str, Tensor | None]:
     """FASQ: k-means codebooks on the (normalised) weights alone; codes = nearest centroid."""
     out, n = W.shape
@@ -57,7 +90,8 @@ def quantize_pq(W: Tensor, cfg: PQConfig, name: str = "weight", device=None) -> 
     check_finite(W, name)
     device = device or W.device
     W = W.to(device=device, dtype=torch.float32)
-    Wn, scales, offsets = _normalise(W, cfg.scale, cfg.scale_group)
+    G = cfg.scale_group_size(n)
+    Wn, scales, offsets = _normalise(W, cfg.scale, G)
     M, C = n // cfg.d, cfg.num_codebooks(n)
     Mc = M // C  # subspaces per codebook
     # Sub-vectors grouped by codebook: [C, out * Mc, d]
@@ -70,6 +104,9 @@ def quantize_pq(W: Tensor, cfg: PQConfig, name: str = "weight", device=None) -> 
     cents = _store(kmeans(fit, cfg.K, cfg.kmeans_iters, cfg.kmeans_init, gen))
     codes = assign(pts, cents)  # [C, out * Mc]
     codes = codes.view(C, out, Mc).transpose(0, 1).reshape(out, M)
+    if cfg.refine_scales and scales is not None:
+        Wc = ops.dequantize(codes, cents)  # [out, n] normalised reconstruction
+        scales, offsets = _refit_scales(W, Wc, scales, offsets, G)
     return {
         "codes": codes.to(ops.code_dtype(cfg.K)),
         "codebooks": cents.to(STORE_DTYPE),
