@@ -112,7 +112,7 @@ def cmd_quantize(a) -> int:
     save_quantized(model, out, tokenizer=tok, report=report, overwrite=a.overwrite)
     report["total_seconds"] = time.perf_counter() - t0
     if a.json:
-        print(json.dumps({"out": str(out), **_summary(report)}))
+        print(json.dumps({"out": str(out), "total_seconds": report["total_seconds"], **_summary(report)}))
     else:
         print(f"saved {out}  (quantization {report['seconds']:.1f}s, total {report['total_seconds']:.1f}s)")
         print(format_size_table(report["size"]))
