@@ -103,3 +103,12 @@ def test_eval_zero_shot_tasks_from_local_files(tiny_dir, tmp_path, capsys):
     assert res["tasks"]["arc_easy"]["n"] == 3 and 0 <= res["tasks"]["arc_easy"]["acc"] <= 1
     assert main(["eval", str(tiny_dir), "--tasks", "piqa", "--data-dir", str(tmp_path)]) == 2
     assert "piqa" in capsys.readouterr().err
+
+
+def test_quantize_to_a_target_size(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "solved"
+    assert main(["quantize", str(tiny_dir), "--target-bits", "3.5", "--out", str(out), "--json"]) == 0
+    q = _json(capsys)
+    assert 0.99 * 3.5 <= q["bits_per_weight"] <= 3.5
+    assert main(["quantize", str(tiny_dir), "--target-bits", "3", "--method", "rtn", "--out", str(tmp_path / "x")]) == 2
+    assert "at most one of --target-bits" in capsys.readouterr().err

@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=dflt.seed)
     q.add_argument("--bits", type=int, default=4, help="RTN bits (with --method rtn)")
     q.add_argument("--group-size", type=int, default=64, help="RTN group size, 0 = per row (with --method rtn)")
+    q.add_argument("--target-bits", type=float, default=None, help="let the solver choose per-layer (d, K) "
+                   "to land within 1%% below this many bits per quantized weight (all overhead)")
+    q.add_argument("--target-size", type=float, default=None, help="let the solver choose per-layer (d, K) "
+                   "to land within 1%% below this fraction of the FP16 model (whole checkpoint)")
     q.add_argument("--skip", nargs="*", default=None, help="module name patterns left unquantized "
                    "(default: embed_tokens lm_head)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
@@ -104,10 +108,24 @@ def cmd_quantize(a) -> int:
     if out.exists() and any(out.iterdir()) and not a.overwrite:  # fail before the slow part
         what = "a checkpoint" if is_checkpoint(out) else "files"
         raise FileExistsError(f"{out} already holds {what}; pass --overwrite to replace it")
-    qcfg = QuantConfig(layer=_layer_config(a), skip=tuple(a.skip) if a.skip is not None else DEFAULT_SKIP)
+    skip = tuple(a.skip) if a.skip is not None else DEFAULT_SKIP
+    targets = (a.target_bits is not None) + (a.target_size is not None)
+    if targets > 1 or (targets and a.method == "rtn"):
+        raise ValueError("give at most one of --target-bits / --target-size, and not with --method rtn")
+    qcfg = QuantConfig(layer=_layer_config(a), skip=skip)
     t0 = time.perf_counter()
     model, tok = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
+    solved = None
+    if targets:
+        from .solver import solve
+
+        qcfg, solved = solve(model, target_bits=a.target_bits, target_size=a.target_size, skip=skip,
+                             progress=not a.json, device=a.device)
+        if not a.json:
+            print(solved.format())
     report = quantize_model(model, qcfg, device=a.device, progress=not a.json)
+    if solved is not None:
+        report["solver"] = solved.to_dict()
     report["source"] = a.model
     save_quantized(model, out, tokenizer=tok, report=report, overwrite=a.overwrite)
     report["total_seconds"] = time.perf_counter() - t0
