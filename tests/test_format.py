@@ -25,13 +25,13 @@ def test_pack_bit_order_is_little_endian():
 
 
 def test_size_accounting_pq_by_hand():
-    # W[576, 576], d=2, K=256, one codebook, fp16 scales per 96 columns (the default)
+    # W[576, 576], d=2, K=256, a codebook per 96 subspaces, fp16 scales per 96 columns (the default)
     m = PQLinear(576, 576, PQConfig(d=2, K=256), device="meta")
     s = layer_size(m)
     assert s.codes == 576 * 288  # 8 bits per code, 288 codes per row
-    assert s.codebooks == 256 * 2 * 2
+    assert s.codebooks == 3 * 256 * 2 * 2
     assert s.scales == 576 * 6 * 2
-    assert s.bits_per_weight == pytest.approx(8 * (576 * 288 + 1024 + 6912) / (576 * 576))
+    assert s.bits_per_weight == pytest.approx(8 * (576 * 288 + 3072 + 6912) / (576 * 576))
     assert PQLinear(576, 576, PQConfig(d=2, K=256, scale_group=0), device="meta").scales.shape == (576, 1)
 
 

@@ -102,7 +102,7 @@ def test_bad_shapes_and_values_are_clear_errors():
     (dict(K=131072), "power of two"),
     (dict(d=0), "d .sub-vector length."),
     (dict(codebook_scope="row"), "codebook_scope"),
-    (dict(codebook_scope="group"), "codebook_group >= 1"),
+    (dict(codebook_scope="group", codebook_group=0), "codebook_group >= 1"),
     (dict(scale="max"), "scale must be one of"),
     (dict(scale_group=-1), "scale_group must be"),
     (dict(kmeans_init="pp"), "kmeans_init"),
@@ -118,3 +118,12 @@ def test_scale_group_fits_every_width():
     assert sizes == {576: 96, 1536: 96, 4096: 128, 14336: 112, 30: 30, 96: 96}
     assert PQConfig(d=4, scale_group=6).scale_group_size(48) == 8  # a multiple of d
     assert PQConfig(scale_group=0).scale_group_size(576) == 576
+
+
+def test_codebook_group_fits_every_width():
+    cfg = PQConfig(d=2, K=256, codebook_scope="group", codebook_group=96)
+    spans = {n: cfg.codebook_span(n) for n in (576, 1536, 4096, 14336, 62)}
+    assert spans == {576: 96, 1536: 96, 4096: 128, 14336: 112, 62: 31}
+    assert cfg.num_codebooks(1536) == 8 and cfg.num_codebooks(62) == 1
+    assert PQConfig(codebook_scope="matrix").num_codebooks(576) == 1
+    assert PQConfig(codebook_scope="subspace").num_codebooks(576) == 288

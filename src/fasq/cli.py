@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--codebook-size", "-K", type=int, default=dflt.K, help=f"FASQ centroids per codebook K (default {dflt.K})")
     q.add_argument("--scope", choices=["matrix", "group", "subspace"], default=dflt.codebook_scope,
                    help="codebook scope (default %(default)s)")
-    q.add_argument("--codebook-group", type=int, default=0, help="subspaces per codebook with --scope group")
+    q.add_argument("--codebook-group", type=int, default=dflt.codebook_group,
+                   help="subspaces per codebook (at least) with --scope group (default %(default)s)")
     q.add_argument("--scale", choices=["none", "absmax", "rms", "minmax"], default=dflt.scale,
                    help="per-row(-group) normalisation (default %(default)s)")
     q.add_argument("--scale-group", type=int, default=dflt.scale_group,
@@ -93,7 +94,7 @@ def _layer_config(a):
     if a.method == "rtn":
         return RTNConfig(bits=a.bits, group_size=a.group_size)
     return PQConfig(d=a.subvector_dim, K=a.codebook_size, codebook_scope=a.scope,
-                    codebook_group=a.codebook_group if a.scope == "group" else 0, scale=a.scale,
+                    codebook_group=a.codebook_group, scale=a.scale,
                     scale_group=a.scale_group, kmeans_iters=a.kmeans_iters, kmeans_init=a.kmeans_init,
                     kmeans_sample=a.kmeans_sample, seed=a.seed)
 

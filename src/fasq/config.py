@@ -29,6 +29,16 @@ class ConfigError(ValueError):
     """A quantization setting is invalid; the message says which and what to use."""
 
 
+def _divisor_at_least(n: int, minimum: int, step: int) -> int:
+    """The smallest multiple of `step` that divides n and is >= minimum (n if none is).
+
+    Lets one group setting fit layers of every width instead of failing on some."""
+    for g in range(minimum + (-minimum) % step, n, step):
+        if n % g == 0:
+            return g
+    return n
+
+
 def _is_pow2(x: int) -> bool:
     return isinstance(x, int) and x > 0 and (x & (x - 1)) == 0
 
@@ -43,9 +53,9 @@ class PQConfig:
 
     d: int = 2  # sub-vector length
     K: int = 256  # centroids per codebook (power of two, 2..65536)
-    codebook_scope: str = "matrix"  # "matrix": one per matrix; "group": one per
-    # `codebook_group` consecutive subspaces; "subspace": one per subspace (classic PQ)
-    codebook_group: int = 0  # subspaces per codebook when scope == "group"
+    codebook_scope: str = "group"  # "matrix": one per matrix; "group": one per
+    # `codebook_group` (at least) consecutive subspaces; "subspace": one per subspace (classic PQ)
+    codebook_group: int = 96  # subspaces per codebook when scope == "group" (see `codebook_span`)
     scale: str = "absmax"  # per-row(-group) normalisation before clustering
     scale_group: int = 96  # input columns per scale, at least (see `scale_group_size`); 0 = per row
     refine_scales: bool = True  # after assignment, least-squares fit of each scale (and offset)
@@ -67,8 +77,6 @@ class PQConfig:
         if self.codebook_scope == "group" and (not isinstance(self.codebook_group, int) or self.codebook_group < 1):
             raise ConfigError("codebook_scope='group' needs codebook_group >= 1 "
                               "(the number of consecutive subspaces sharing a codebook)")
-        if self.codebook_scope != "group" and self.codebook_group not in (0, None):
-            raise ConfigError("codebook_group is only meaningful with codebook_scope='group'")
         if self.scale not in SCALES:
             raise ConfigError(f"scale must be one of {SCALES}, got {self.scale!r}")
         if not isinstance(self.scale_group, int) or self.scale_group < 0:
@@ -85,20 +93,21 @@ class PQConfig:
     def code_bits(self) -> int:
         return self.K.bit_length() - 1
 
-    def num_codebooks(self, in_features: int) -> int:
+    def codebook_span(self, in_features: int) -> int:
+        """Subspaces per codebook for a layer of width `in`."""
         M = in_features // self.d
-        return {"matrix": 1, "group": M // max(self.codebook_group, 1), "subspace": M}[self.codebook_scope]
+        if self.codebook_scope == "group":
+            return _divisor_at_least(M, self.codebook_group, 1)
+        return M if self.codebook_scope == "matrix" else 1
+
+    def num_codebooks(self, in_features: int) -> int:
+        return (in_features // self.d) // self.codebook_span(in_features)
 
     def scale_group_size(self, in_features: int) -> int:
         """Columns per scale for a layer: the smallest multiple of d that divides `in` and
         is >= scale_group (so one setting fits every width: 96 for 576 and 1536, 128 for
         4096, 112 for 14336); `in` (one scale per row) for scale_group 0."""
-        if not self.scale_group:
-            return in_features
-        for g in range(self.scale_group + (-self.scale_group) % self.d, in_features, self.d):
-            if in_features % g == 0:
-                return g
-        return in_features
+        return _divisor_at_least(in_features, self.scale_group, self.d) if self.scale_group else in_features
 
     def check_shape(self, out_features: int, in_features: int, name: str = "weight") -> None:
         """Raise ConfigError if a [out, in] weight cannot be stored with this config."""
@@ -107,9 +116,6 @@ class PQConfig:
                 f"{name}: in_features={in_features} is not divisible by d={self.d}; choose a d that "
                 f"divides it or leave the layer unquantized (--skip)")
         M = in_features // self.d
-        if self.codebook_scope == "group" and M % self.codebook_group:
-            raise ConfigError(f"{name}: {M} subspaces are not divisible by codebook_group="
-                              f"{self.codebook_group}")
         per_codebook = out_features * M // self.num_codebooks(in_features)
         if self.K > per_codebook:
             raise ConfigError(
