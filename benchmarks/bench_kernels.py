@@ -50,6 +50,7 @@ if args.dry_run:  # must be set before triton is imported
 import torch  # noqa: E402
 
 from fasq import ops  # noqa: E402
+from fasq.config import PQConfig  # noqa: E402
 from fasq.kernels import pq_linear_triton, select_kernel  # noqa: E402
 
 DEV = "cpu" if args.dry_run else "cuda"
@@ -107,12 +108,14 @@ def l2_bytes() -> int:
 # --- problem sets -----------------------------------------------------------------------
 
 def make_set(out, in_, d, K, tokens, seed):
-    """One random layer (matrix-scope codebook, per-row fp16 scales) and activations."""
+    """One random layer in the default scope (PQConfig's codebook groups and scale
+    groups for this width) and activations."""
+    cfg = PQConfig(d=d, K=K)
     g = torch.Generator(device=DEV).manual_seed(seed)
-    M = in_ // d
+    M, C, S = in_ // d, cfg.num_codebooks(in_), in_ // cfg.scale_group_size(in_)
     codes = torch.randint(0, K, (out, M), generator=g, device=DEV, dtype=torch.int32).to(ops.code_dtype(K))
-    cb = torch.randn(1, K, d, generator=g, device=DEV).half()
-    scales = (torch.rand(out, 1, generator=g, device=DEV) * 0.02 + 0.01).half()
+    cb = torch.randn(C, K, d, generator=g, device=DEV).half()
+    scales = (torch.rand(out, S, generator=g, device=DEV) * 0.02 + 0.01).half()
     x = torch.randn(tokens, in_, generator=g, device=DEV).half()
     return x, codes, cb, scales
 

@@ -16,22 +16,23 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ppl-smollm2.json"
+CK = "runs/ppl-table/ck"
 FASQ = [sys.executable, "-m", "fasq.cli"]
 
 # name -> quantize options (None: the unquantized reference)
 ROWS = {
     "reference (FP32 from Q4_1 GGUF)": None,
-    "FASQ default (d=2, K=256, scales/96 cols)": [],
-    "FASQ d=2, K=256, per-row scales": ["-d", "2", "-K", "256", "--scale-group", "0"],
-    "FASQ d=2, K=256, codebook per 96 subspaces": ["-d", "2", "-K", "256", "--scope", "group",
-                                                   "--codebook-group", "96"],
-    "FASQ d=2, K=512": ["-d", "2", "-K", "512"],
-    "FASQ d=2, K=64": ["-d", "2", "-K", "64"],
-    "FASQ d=2, K=32": ["-d", "2", "-K", "32"],
+    "FASQ d=2, K=256, codebook per 96 subspaces, scale per 96 cols (default)": [],
+    "FASQ d=2, K=256, one codebook, scale per 96 cols": ["-d", "2", "-K", "256", "--scope", "matrix"],
+    "FASQ d=2, K=256, one codebook, per-row scales": ["-d", "2", "-K", "256", "--scope", "matrix",
+                                                       "--scale-group", "0"],
+    "FASQ d=2, K=512, one codebook, scale per 96 cols": ["-d", "2", "-K", "512", "--scope", "matrix"],
+    "FASQ d=2, K=128, one codebook, scale per 96 cols": ["-d", "2", "-K", "128", "--scope", "matrix"],
+    "FASQ d=3, K=512, one codebook, scale per 96 cols": ["-d", "3", "-K", "512", "--scope", "matrix"],
+    "FASQ d=2, K=64, one codebook, scale per 96 cols": ["-d", "2", "-K", "64", "--scope", "matrix"],
     "RTN 4-bit g64": ["--method", "rtn", "--bits", "4", "--group-size", "64"],
     "RTN 4-bit g32 (lossless on Q4_1 origin)": ["--method", "rtn", "--bits", "4", "--group-size", "32"],
     "RTN 3-bit g64": ["--method", "rtn", "--bits", "3", "--group-size", "64"],
@@ -45,12 +46,11 @@ def run(args: list[str]) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def measure(name: str, opts: list[str] | None, windows: int, tmp: Path) -> dict:
+def measure(name: str, opts: list[str] | None, windows: int, ck: str) -> dict:
     ev = ["eval", "default", "--ppl", "--windows", str(windows)]
     if opts is None:
         return {"name": name, "commands": ["fasq " + shlex.join(ev)], "perplexity": run(ev)["perplexity"],
                 "bits_per_weight": 16.0, "size_fraction_of_fp16": 1.0}
-    ck = str(tmp / "ck")
     q = ["quantize", "default", *opts, "--out", ck, "--overwrite"]
     qres = run(q)
     info = run(["info", ck])
@@ -70,18 +70,18 @@ def main() -> None:
     a = ap.parse_args()
     rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
     done = {r["name"]: r for r in rows}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, opts in ROWS.items():
-            if a.only and not any(s in name for s in a.only):
-                continue
-            done[name] = measure(name, opts, a.windows, Path(tmp))
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            payload = {"model": "SmolLM2-135M-Instruct (default)", "protocol": f"WikiText-2 test, "
-                       f"first {a.windows} windows of 2048 tokens", "rows": [done[n] for n in ROWS if n in done]}
-            tmpf = RESULTS.with_suffix(".json.tmp")
-            tmpf.write_text(json.dumps(payload, indent=1))
-            os.replace(tmpf, RESULTS)
-            print(json.dumps(done[name]), flush=True)
+    # checkpoints go to runs/ppl-table/ck (git-ignored), replaced row after row
+    for name, opts in ROWS.items():
+        if a.only and not any(s in name for s in a.only):
+            continue
+        done[name] = measure(name, opts, a.windows, CK)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"model": "SmolLM2-135M-Instruct (default)", "protocol": f"WikiText-2 test, "
+                   f"first {a.windows} windows of 2048 tokens", "rows": [done[n] for n in ROWS if n in done]}
+        tmpf = RESULTS.with_suffix(".json.tmp")
+        tmpf.write_text(json.dumps(payload, indent=1))
+        os.replace(tmpf, RESULTS)
+        print(json.dumps(done[name]), flush=True)
     print("\n| config | bits/weight | size vs FP16 | perplexity |\n|---|---|---|---|")
     for n in ROWS:
         if n in done:
