@@ -64,7 +64,8 @@ def test_from_pretrained_round_trip(tiny_llama, tmp_path):
 def test_pqlinear_builds_on_meta():
     m = PQLinear(4096, 14336, PQConfig(d=2, K=256), device="meta")
     assert m.codes.shape == (14336, 2048) and m.codes.device.type == "meta"
-    assert m.codebooks.shape == (1, 256, 2)
+    assert m.codebooks.shape == (16, 256, 2)  # default: a codebook per 128 (>= 96) subspaces
+    assert m.scales.shape == (14336, 32)  # a scale per 128 (>= 96) columns
 
 
 def test_shape_errors_leave_the_model_untouched(tiny_llama):

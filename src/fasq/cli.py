@@ -102,13 +102,10 @@ def _layer_config(a):
 def cmd_quantize(a) -> int:
     from .config import DEFAULT_SKIP, QuantConfig
     from .format import format_size_table
-    from .model import is_checkpoint, quantize_model, save_quantized
+    from .model import check_output_dir, quantize_model, save_quantized
     from .sources import load_model
 
-    out = Path(a.out)
-    if out.exists() and any(out.iterdir()) and not a.overwrite:  # fail before the slow part
-        what = "a checkpoint" if is_checkpoint(out) else "files"
-        raise FileExistsError(f"{out} already holds {what}; pass --overwrite to replace it")
+    out = check_output_dir(a.out, a.overwrite)  # fail before the slow part
     skip = tuple(a.skip) if a.skip is not None else DEFAULT_SKIP
     targets = (a.target_bits is not None) + (a.target_size is not None)
     if targets > 1 or (targets and a.method == "rtn"):
@@ -194,10 +191,14 @@ def cmd_eval(a) -> int:
 
 def cmd_info(a) -> int:
     from .format import format_size_table
-    from .model import REPORT_NAME, verify_checkpoint
+    from .model import REPORT_NAME, CheckpointError, verify_checkpoint
 
     qdict = verify_checkpoint(a.checkpoint)
-    report = json.loads((Path(a.checkpoint) / REPORT_NAME).read_text())
+    rpath = Path(a.checkpoint) / REPORT_NAME
+    if not rpath.is_file():
+        raise CheckpointError(f"{a.checkpoint} has no {REPORT_NAME} (it is written by `fasq quantize`; "
+                              "a checkpoint saved by transformers' save_pretrained has none)")
+    report = json.loads(rpath.read_text())
     if a.json:
         print(json.dumps({"quantization_config": qdict, **_summary(report), "layers": report["layers"]}))
         return 0

@@ -38,9 +38,6 @@ class FasqHfConfig(QuantizationConfigMixin):
 class FasqHfQuantizer(HfQuantizer):
     requires_calibration = True  # loads pre-quantized checkpoints; quantize with `fasq quantize`
 
-    def __init__(self, quantization_config, **kwargs):
-        super().__init__(quantization_config, **kwargs)
-
     def validate_environment(self, *args, **kwargs):
         pass
 

@@ -123,9 +123,8 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return isinstance(qdict, dict) and qdict.get("quant_method") == "fasq"
 
 
-def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, report: dict | None = None,
-                   overwrite: bool = False, dtype: torch.dtype = torch.float16) -> Path:
-    """Write a checkpoint atomically: temporary sibling folder, then rename."""
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an output path that is a file, or a folder with files unless `overwrite`."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder; choose another --out")
@@ -133,6 +132,13 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
         what = "a checkpoint" if is_checkpoint(out) else "files"
         raise FileExistsError(f"{out} already holds {what}; pass --overwrite to replace it, "
                               "or choose another --out")
+    return out
+
+
+def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, report: dict | None = None,
+                   overwrite: bool = False, dtype: torch.dtype = torch.float16) -> Path:
+    """Write a checkpoint atomically: temporary sibling folder, then rename."""
+    out = check_output_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
