@@ -137,9 +137,11 @@ def cmd_quantize(a) -> int:
 
 def _summary(report: dict) -> dict:
     layers = report["layers"]
+    finite = [r["sqnr_db"] for r in layers if math.isfinite(r["sqnr_db"])]
     return {**report["size"], "seconds": report["seconds"],
             "mean_rel_error": sum(r["rel_error"] for r in layers) / len(layers),
-            "mean_sqnr_db": sum(r["sqnr_db"] for r in layers if math.isfinite(r["sqnr_db"])) / len(layers)}
+            # lossless layers have infinite SQNR: the mean is over the lossy ones (None if none)
+            "mean_sqnr_db": (sum(finite) / len(finite)) if finite else None}
 
 
 def _evaluate(model_arg: str, a) -> dict:
