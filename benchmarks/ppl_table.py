@@ -31,6 +31,7 @@ ROWS = {
                                                        "--scale-group", "0"],
     "FASQ solver, per-layer (d, K), --target-size 0.419 (the default's size)": ["--target-size", "0.419"],
     "FASQ d=2, K=512, one codebook, scale per 96 cols": ["-d", "2", "-K", "512", "--scope", "matrix"],
+    "FASQ solver, per-layer (d, K), --target-size 0.392 (d=2 K=128's size)": ["--target-size", "0.392"],
     "FASQ d=2, K=128, one codebook, scale per 96 cols": ["-d", "2", "-K", "128", "--scope", "matrix"],
     "FASQ d=3, K=512, one codebook, scale per 96 cols": ["-d", "3", "-K", "512", "--scope", "matrix"],
     "FASQ d=2, K=64, one codebook, scale per 96 cols": ["-d", "2", "-K", "64", "--scope", "matrix"],
