@@ -36,7 +36,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder is missing, incomplete, corrupted or of an unknown version."""
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -55,7 +55,7 @@ def replace_linears(model: nn.Module, qcfg: QuantConfig, names, device=None, dty
                       device=device if device is not None else lin.weight.device, dtype=dtype)
         if packed_codes:
             pq.expect_packed_codes()
-        _set_module(model, name, pq)
+        set_module(model, name, pq)
 
 
 @torch.no_grad()
@@ -85,7 +85,7 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig, device=None, progress: b
         err = error_report(W, pq.dequantize(torch.float32))
         report.append({"name": name, "out": lin.out_features, "in": lin.in_features,
                        "bits_per_weight": layer_size(pq).bits_per_weight, **err})
-        _set_module(model, name, pq)
+        set_module(model, name, pq)
     qcfg.modules = tuple(n for n, _ in layers)
     model.config.quantization_config = qcfg.to_dict()
     return {"seconds": time.perf_counter() - t0, "layers": report, "size": size_table(model)}

@@ -62,6 +62,7 @@ from .config import DEFAULT_SKIP, ConfigError, LayerConfig, PQConfig, QuantConfi
 from .format import layer_size, size_table
 from .module import PQLinear
 from .ops import dequantize
+from .model import quantizable_linears, set_module
 from .quantize import quantize_weight
 
 TOLERANCE = 0.01  # land within 1 % below the budget
@@ -105,14 +106,7 @@ def _fits(out_features: int, in_features: int, cfg: LayerConfig) -> bool:
 
 
 def _quantizable(model: nn.Module, skip) -> list[tuple[str, nn.Linear]]:
-    from .model import quantizable_linears
-
     return quantizable_linears(model, QuantConfig(skip=tuple(skip)))
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def model_bytes(model: nn.Module, layers: list[tuple[str, nn.Linear]], cfgs: list[LayerConfig]) -> dict:
@@ -123,12 +117,12 @@ def model_bytes(model: nn.Module, layers: list[tuple[str, nn.Linear]], cfgs: lis
     originals = [(name, model.get_submodule(name)) for name, _ in layers]
     try:
         for (name, lin), cfg in zip(layers, cfgs):
-            _set_module(model, name, PQLinear(lin.in_features, lin.out_features, cfg,
+            set_module(model, name, PQLinear(lin.in_features, lin.out_features, cfg,
                                               bias=lin.bias is not None, device="meta"))
         return size_table(model)
     finally:
         for name, lin in originals:
-            _set_module(model, name, lin)
+            set_module(model, name, lin)
 
 
 # --- 2. proxy ---------------------------------------------------------------------------
