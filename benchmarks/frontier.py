@@ -1,0 +1,267 @@
+"""The size-quality frontier on the default model: FASQ configs, the target-size solver, RTN,
+HQQ, GPTQ and AWQ, by WikiText-2 perplexity (issue-2 protocol: first 10 windows of 2048
+tokens) and, with --zeroshot, average zero-shot accuracy over ARC-Easy, ARC-Challenge, PIQA.
+
+    python benchmarks/frontier.py                       # measure missing rows, table + plot
+    python benchmarks/frontier.py --only GPTQ AWQ       # (re)measure rows whose name has GPTQ/AWQ
+    python benchmarks/frontier.py --zeroshot 100        # + zero-shot on the first 100 per task
+    python benchmarks/frontier.py --zeroshot 0 --only "reference" "(default)"   # full sets
+    python benchmarks/frontier.py --plot-only
+
+Every row is the `fasq` command lines it prints (`fasq quantize` for FASQ/RTN, `fasq baseline`
+for HQQ/GPTQ/AWQ, run with --baseline-python: the environment of `make baselines-env`, since
+llmcompressor pins its own transformers). Rows of benchmarks/ppl_table.py (same protocol) are
+read from its JSON, not re-measured. Results: benchmarks/results/frontier-smollm2.json and
+frontier-smollm2.png; checkpoints stay in runs/frontier/ (git-ignored) for later zero-shot runs.
+
+The default model's weights are Q4_1 (4-bit, groups of 32): 4-bit RTN with groups of 32 is
+lossless on it by construction, so baselines use groups of 192 (the usual 128 does not divide
+576; 192 divides 576 and 1536) and that RTN g32 row is drawn hollow, off the frontier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "frontier-smollm2.json"
+PLOT = HERE / "results" / "frontier-smollm2.png"
+PPL_TABLE = HERE / "results" / "ppl-smollm2.json"
+CKPTS = Path("runs/frontier")
+TASKS = "arc_easy,arc_challenge,piqa"
+OFF_FRONTIER = ("lossless",)  # names drawn hollow and kept off the frontier
+
+# name -> (family, command kind, options); kind "fasq" = `fasq quantize`, "baseline" = `fasq baseline`
+ROWS: dict[str, tuple[str, str, list[str]]] = {
+    "FASQ d=4, K=4096, one codebook, scale per 96 cols": ("FASQ", "fasq", ["-d", "4", "-K", "4096", "--scope", "matrix"]),
+    "FASQ d=4, K=256, one codebook, scale per 96 cols": ("FASQ", "fasq", ["-d", "4", "-K", "256", "--scope", "matrix"]),
+    "FASQ solver, --target-size 0.4425 (d=2 K=512's size)": ("FASQ solver", "fasq", ["--target-size", "0.4425"]),
+    "FASQ solver, --target-size 0.367 (d=2 K=64's size)": ("FASQ solver", "fasq", ["--target-size", "0.367"]),
+    "FASQ solver, --target-size 0.32": ("FASQ solver", "fasq", ["--target-size", "0.32"]),
+    "RTN 4-bit g192": ("RTN", "fasq", ["--method", "rtn", "--bits", "4", "--group-size", "192"]),
+    "RTN 3-bit g192": ("RTN", "fasq", ["--method", "rtn", "--bits", "3", "--group-size", "192"]),
+    "RTN 4-bit per-row": ("RTN", "fasq", ["--method", "rtn", "--bits", "4", "--group-size", "0"]),
+    **{f"{m.upper()} {b}-bit g192": (m.upper(), "baseline", [m, "--bits", str(b), "--group-size", "192"])
+       for m in ("hqq", "gptq", "awq") for b in (4, 3)},
+}
+
+
+def family_of(name: str) -> str:
+    if name in ROWS:
+        return ROWS[name][0]
+    for fam in ("FASQ solver", "FASQ", "RTN", "reference"):
+        if name.startswith(fam) or fam in name:
+            return fam
+    return "other"
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:80]
+
+
+def run(cmd: list[str], python: str = sys.executable) -> dict:
+    print("$ fasq " + shlex.join(cmd), flush=True)
+    out = subprocess.run([python, "-m", "fasq.cli", *cmd, "--json"], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def build(name: str, sp: tuple[str, list[str]], ck: Path, baseline_python: str) -> dict:
+    """Quantize one row into `ck`; returns commands and sizes."""
+    kind, opts = sp
+    if kind == "fasq":
+        q = ["quantize", "default", *opts, "--out", str(ck), "--overwrite"]
+        res = run(q)
+        info = run(["info", str(ck)])
+        extra = {"mean_sqnr_db": info["mean_sqnr_db"]}
+    else:
+        q = ["baseline", opts[0], "default", *opts[1:], "--out", str(ck), "--overwrite"]
+        info = res = run(q, baseline_python)
+        extra = {"library": res["library"], "calibration": res.get("calibration")}
+    return {"name": name, "family": family_of(name), "checkpoint": str(ck), "commands": ["fasq " + shlex.join(q)],
+            "bits_per_weight": info["bits_per_weight"], "size_fraction_of_fp16": info["size_fraction_of_fp16"],
+            "quantize_seconds": res["seconds"], **extra}
+
+
+def perplexity(row: dict, model: str, windows: int) -> None:
+    ev = ["eval", model, "--ppl", "--windows", str(windows)]
+    res = run(ev)
+    row.update(perplexity=res["perplexity"], windows=res["windows"], tokens=res["tokens"])
+    row["commands"].append("fasq " + shlex.join(ev))
+
+
+def zeroshot(row: dict, model: str, limit: int, batch_size: int) -> None:
+    """Adds row['zeroshot'][<'full' | 'first N'>] = {tasks, avg_acc, avg_acc_norm}."""
+    ev = ["eval", model, "--tasks", TASKS, "--batch-size", str(batch_size)] + (["--limit", str(limit)] if limit else [])
+    tasks = run(ev)["tasks"]
+    key = f"first {limit}" if limit else "full"
+    row.setdefault("zeroshot", {})[key] = {
+        "tasks": tasks, "command": "fasq " + shlex.join(ev),
+        "avg_acc": sum(t["acc"] for t in tasks.values()) / len(tasks),
+        "avg_acc_norm": sum(t["acc_norm"] for t in tasks.values()) / len(tasks)}
+
+
+def load_rows() -> dict[str, dict]:
+    rows = {}
+    if PPL_TABLE.exists():  # issue-2 rows, same protocol; their checkpoints are not kept
+        for r in json.loads(PPL_TABLE.read_text())["rows"]:
+            rows[r["name"]] = {**r, "family": family_of(r["name"]), "source": "benchmarks/ppl_table.py"}
+    if RESULTS.exists():
+        for r in json.loads(RESULTS.read_text())["rows"]:
+            rows[r["name"]] = {**rows.get(r["name"], {}), **r}
+    return rows
+
+
+def save_rows(rows: dict[str, dict], windows: int) -> None:
+    payload = {"model": "SmolLM2-135M-Instruct (default, Q4_1 origin)",
+               "protocol": f"WikiText-2 test, first {windows} windows of 2048 tokens; zero-shot: lm-eval "
+                           f"0.4.13 log-likelihood, acc, {TASKS}", "rows": list(rows.values())}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, RESULTS)
+
+
+def spec(name: str) -> tuple[str, list[str]] | None:
+    """(command kind, options) of a row, from this file or ppl_table.py; None: the reference."""
+    if name in ROWS:
+        return ROWS[name][1:]
+    sys.path.insert(0, str(HERE))
+    from ppl_table import ROWS as PPL_ROWS
+
+    opts = PPL_ROWS.get(name)
+    return None if opts is None else ("fasq", opts)
+
+
+def measure(name: str, rows: dict, a) -> None:
+    row = rows.get(name) or {"name": name, "family": family_of(name)}
+    sp = spec(name)
+    ck = row.get("checkpoint")
+    have_ck = sp is None or bool(ck and Path(ck).exists())
+    fresh = False
+    if sp is not None and (a.rebuild or "perplexity" not in row or (a.zeroshot is not None and not have_ck)):
+        keep = {} if a.rebuild else {k: row[k] for k in ("zeroshot", "perplexity", "windows", "tokens") if k in row}
+        row = {**build(name, sp, CKPTS / slug(name), a.baseline_python), **keep}
+        fresh = "perplexity" not in keep
+    model = "default" if sp is None else row["checkpoint"]
+    if "perplexity" not in row or fresh:
+        perplexity(row, model, a.windows)
+    if a.zeroshot is not None:
+        zeroshot(row, model, a.zeroshot, a.batch_size)
+    rows[name] = row
+
+
+def frontier(points: list[tuple[float, float, str]]) -> list[str]:
+    """Names on the lower-left Pareto frontier of (size, error): nothing smaller is as good."""
+    best, names = float("inf"), []
+    for x, y, name in sorted(points):
+        if y < best:
+            best, names = y, names + [name]
+    return names
+
+
+def zs_avg(row: dict, key: str | None) -> float | None:
+    z = row.get("zeroshot", {})
+    return z[key]["avg_acc"] if key in z else None
+
+
+def plot(rows: list[dict], out: Path, zs_key: str | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("perplexity", "WikiText-2 perplexity (log)", False)]
+    if zs_key and any(zs_avg(r, zs_key) is not None for r in rows):
+        metrics.append(("zeroshot", f"avg zero-shot acc (ARC-E, ARC-C, PIQA; {zs_key})", True))
+    axes_x = [("bits_per_weight", "bits per quantized weight (all overhead)"),
+              ("size_fraction_of_fp16", "model size, % of FP16")]
+    fig, axs = plt.subplots(len(metrics), 2, figsize=(13, 5 * len(metrics)), squeeze=False)
+    styles = {"FASQ": "o", "FASQ solver": "*", "RTN": "s", "HQQ": "^", "GPTQ": "D", "AWQ": "v"}
+    for i, (metric, ylabel, higher) in enumerate(metrics):
+        val = (lambda r: r.get("perplexity")) if metric == "perplexity" else (lambda r: zs_avg(r, zs_key))
+        ref = next((val(r) for r in rows if r["family"] == "reference"), None)
+        pts = [r for r in rows if r["family"] != "reference" and val(r) is not None]
+        for j, (xkey, xlabel) in enumerate(axes_x):
+            ax = axs[i][j]
+            scale = 100 if xkey == "size_fraction_of_fp16" else 1
+            for fam, mk in styles.items():
+                fr = [r for r in pts if r["family"] == fam]
+                for hollow in (False, True):
+                    sel = [r for r in fr if any(s in r["name"] for s in OFF_FRONTIER) == hollow]
+                    if sel:
+                        ax.scatter([scale * r[xkey] for r in sel], [val(r) for r in sel], marker=mk, s=60,
+                                   label=fam + (" (lossless on Q4_1 origin)" if hollow else ""),
+                                   facecolors="none" if hollow else None,
+                                   edgecolors="k" if hollow else None)
+            on = [r for r in pts if not any(s in r["name"] for s in OFF_FRONTIER)]
+            names = set(frontier([(r[xkey], -val(r) if higher else val(r), r["name"]) for r in on]))
+            fr = sorted((r for r in on if r["name"] in names), key=lambda r: r[xkey])
+            ax.step([scale * r[xkey] for r in fr], [val(r) for r in fr], where="post", color="k", lw=1,
+                    alpha=0.6, label="frontier")
+            if ref is not None:
+                ax.axhline(ref, ls="--", color="gray", label=f"reference ({ref:.3g})")
+            if metric == "perplexity":
+                ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+    axs[0][0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M-Instruct: size vs quality (baselines: groups of 192; see README)")
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, out)
+
+
+def table(rows: list[dict], zs_key: str | None) -> str:
+    on = [r for r in rows if r["family"] != "reference" and not any(s in r["name"] for s in OFF_FRONTIER)]
+    names = set(frontier([(r["bits_per_weight"], r["perplexity"], r["name"]) for r in on if "perplexity" in r]))
+    head = "| method | config | bits/weight | % of FP16 | WikiText-2 ppl |" + (f" avg acc ({zs_key}) |" if zs_key else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in sorted(rows, key=lambda r: -r["bits_per_weight"]):
+        z = zs_avg(r, zs_key) if zs_key else None
+        mark = " **(frontier)**" if r["name"] in names else ""
+        lines.append(f"| {r['family']} | {r['name']}{mark} | {r['bits_per_weight']:.3f} | "
+                     f"{100 * r['size_fraction_of_fp16']:.1f} | {r.get('perplexity', float('nan')):.2f} |"
+                     + ((f" {100 * z:.1f} |" if z is not None else " |") if zs_key else ""))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", help="row names (substrings) to measure")
+    ap.add_argument("--windows", type=int, default=10)
+    ap.add_argument("--zeroshot", type=int, default=None, metavar="LIMIT",
+                    help="also run zero-shot on the first LIMIT examples per task (0 = full sets)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--rebuild", action="store_true", help="re-quantize and re-measure the selected rows")
+    ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--plot-zeroshot", default=None, help="zero-shot key to plot, e.g. 'first 100' or 'full' "
+                    "(default: the one most rows have)")
+    ap.add_argument("--baseline-python", default=str(Path(".venv-baselines/bin/python")),
+                    help="python of the environment with hqq and llmcompressor (make baselines-env)")
+    a = ap.parse_args()
+    rows = load_rows()
+    if not a.plot_only:
+        names = list(dict.fromkeys([*rows, *ROWS]))
+        for name in names:
+            if (a.only and any(s in name for s in a.only)) or (not a.only and "perplexity" not in rows.get(name, {})):
+                measure(name, rows, a)
+                save_rows(rows, a.windows)
+                print(json.dumps({k: v for k, v in rows[name].items() if k != "commands"}), flush=True)
+    keys = [k for r in rows.values() for k in r.get("zeroshot", {})]
+    zs_key = a.plot_zeroshot or (max(set(keys), key=keys.count) if keys else None)
+    done = [r for r in rows.values() if "perplexity" in r]
+    plot(done, PLOT, zs_key)
+    print(table(done, zs_key))
+    print(f"\nwrote {RESULTS} and {PLOT}")
+
+
+if __name__ == "__main__":
+    main()
