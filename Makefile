@@ -46,7 +46,7 @@ run: $(STAMP)
 	$(BIN)/fasq info $(OUT)
 	$(BIN)/fasq eval $(OUT) --ppl --compare default
 
-test: $(STAMP)
+test: $(STAMP) $(BSTAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
 
 clean:

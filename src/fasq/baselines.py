@@ -22,6 +22,7 @@ separate environment (`make baselines-env`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -59,7 +60,7 @@ def group_quant_size(model: nn.Module, layers: list[tuple[str, nn.Linear]], bits
     """Stored size of `bits`-bit group quantization of `layers`, the rest of `model` in FP16.
 
     Per layer: out*in codes of `bits` bits, and per (row, group) a 16-bit scale and a zero
-    point of `zero_bits` bits (None: `bits`). Tied parameters are counted once.
+    point of `zero_bits` bits (None: `bits`); the rest as `fasq.format.size_table` counts it.
     """
     zb = bits if zero_bits is None else zero_bits
     qnames = {n for n, _ in layers}
@@ -73,8 +74,10 @@ def group_quant_size(model: nn.Module, layers: list[tuple[str, nn.Linear]], bits
         qweights += out_f * in_f
         quant_bits += out_f * in_f * bits + out_f * (in_f // g) * (16 + zb)
     seen, other = set(), 0
-    for name, t in model.named_parameters():
-        if name.rsplit(".", 1)[0] in qnames and name.endswith(".weight") or t.data_ptr() in seen:
+    # as fasq.format.size_table: float parameters and buffers at 2 bytes, tied ones once
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.rsplit(".", 1)[0] in qnames and name.endswith(".weight") or t.data_ptr() in seen \
+                or not t.is_floating_point():
             continue
         seen.add(t.data_ptr())
         other += t.numel()
@@ -168,10 +171,29 @@ def quantize_llmcompressor(model: nn.Module, tokenizer, calib: torch.Tensor, met
     from llmcompressor import oneshot
 
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
-    oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=_llmc_recipe(method, bits, group_size, skip),
-            num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
-            shuffle_calibration_samples=False)
+    with _no_pinning_without_accelerator():
+        oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=_llmc_recipe(method, bits, group_size, skip),
+                num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
+                shuffle_calibration_samples=False)
     return _fake_quantized_state(model)
+
+
+@contextlib.contextmanager
+def _no_pinning_without_accelerator():
+    """llmcompressor 0.14's AWQ pins its activation cache unconditionally, which raises
+    "Cannot access accelerator device" on a CPU-only torch; pinning only speeds up copies
+    to a GPU, so without one it is skipped (nothing else changes)."""
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.cuda.is_available():
+        yield
+        return
+    pin = IntermediatesCache.pin_memory
+    IntermediatesCache.pin_memory = lambda self, *a, **k: None
+    try:
+        yield
+    finally:
+        IntermediatesCache.pin_memory = pin
 
 
 def quantize_baseline(source: str, method: str, bits: int, group_size: int, data_dir: str | Path | None = None,

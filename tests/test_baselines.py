@@ -1,0 +1,134 @@
+"""Baselines (HQQ, GPTQ, AWQ through their libraries) and the frontier helpers.
+
+The libraries live in the environment of `make baselines-env` (llmcompressor pins its own
+transformers), so the end-to-end tests run `fasq baseline` there on a tiny Llama and check
+the saved model here: a grid of at most 2**bits levels per group, the size accounting, and
+outputs close to the original's.
+"""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fasq.baselines import (BaselineError, INFO_NAME, calibration_batches, calibration_texts,
+                            group_quant_size)
+from fasq.cli import main
+from fasq.config import DEFAULT_SKIP, QuantConfig, RTNConfig
+from fasq.model import quantizable_linears
+from fasq.solver import model_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE_PY = ROOT / ".venv-baselines" / "bin" / "python"
+
+
+def test_group_size_accounting_matches_rtn(tiny_llama):
+    layers = quantizable_linears(tiny_llama, QuantConfig(skip=DEFAULT_SKIP))
+    for bits, g in [(4, 32), (3, 16), (4, 0)]:
+        ours = group_quant_size(tiny_llama, layers, bits, g, zero_bits=16)
+        rtn = model_bytes(tiny_llama, layers, [RTNConfig(bits=bits, group_size=g)] * len(layers))
+        # fasq's RTN also stores a 2**bits-entry grid codebook per layer: the only difference
+        grid = len(layers) * (2 ** bits) * 2
+        assert rtn["total_bytes"] - ours["total_bytes"] == grid
+        assert ours["fp16_bytes"] == rtn["fp16_bytes"]
+    packed = group_quant_size(tiny_llama, layers, 4, 32, zero_bits=None)
+    assert packed["bits_per_weight"] == pytest.approx(4 + (16 + 4) / 32)
+
+
+def test_group_size_must_divide(tiny_llama):
+    layers = quantizable_linears(tiny_llama, QuantConfig(skip=DEFAULT_SKIP))
+    with pytest.raises(BaselineError, match="does not divide"):
+        group_quant_size(tiny_llama, layers, 4, 48, zero_bits=16)  # 64 % 48 != 0
+
+
+@pytest.fixture(scope="module")
+def calib_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    (d / "piqa").mkdir()
+    rows = [{"goal": f"How do I fix item {i}?", "sol1": "Use glue and wait an hour.",
+             "sol2": "Use water and wait a minute."} for i in range(200)]
+    (d / "piqa" / "tests.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return d
+
+
+def test_calibration_text_and_windows(calib_dir, tmp_path):
+    texts = calibration_texts(calib_dir)
+    assert len(texts) == 200 and texts[0] == "How do I fix item 0?\nUse glue and wait an hour.\nUse water and wait a minute."
+
+    class Tok:  # one token per character, EOS = 0
+        eos_token_id = 0
+
+        def __call__(self, t, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in t]}
+
+    ids = calibration_batches(Tok(), texts, samples=4, seqlen=50)
+    assert ids.shape == (4, 50)
+    assert ids[0, :20].tolist() == [ord(c) for c in texts[0][:20]]
+    assert ids.flatten()[len(texts[0])] == 0  # texts are joined by EOS
+    with pytest.raises(BaselineError, match="fewer than"):
+        calibration_batches(Tok(), texts[:2], samples=4, seqlen=50)
+    with pytest.raises(BaselineError, match="tests.jsonl"):
+        calibration_texts(tmp_path)
+
+
+def test_missing_library_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def no_llmc(name, *a, **k):
+        if name.startswith("llmcompressor"):
+            raise ImportError("No module named 'llmcompressor'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", no_llmc)
+    from fasq.baselines import _require
+
+    with pytest.raises(BaselineError, match=r"pip install 'fasq\[baselines\]'"):
+        _require("llmcompressor", "gptq")
+
+
+def test_baseline_refuses_existing_output(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("keep me")
+    assert main(["baseline", "hqq", "default", "--out", str(tmp_path / "out")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "out" / "x").read_text() == "keep me"
+
+
+def _levels_per_group(W: torch.Tensor, g: int) -> int:
+    groups = W.reshape(W.shape[0], -1, g)
+    return max(torch.unique(groups[r, j]).numel() for r in range(W.shape[0]) for j in range(groups.shape[1]))
+
+
+@pytest.mark.parametrize("method,bits", [("hqq", 4), ("gptq", 4), ("awq", 3)])
+def test_baseline_end_to_end(method, bits, tiny_dir, calib_dir, tmp_path):
+    if not BASELINE_PY.exists():
+        pytest.fail("the baselines environment is missing: run `make baselines-env`")
+    out = tmp_path / method
+    cmd = [str(BASELINE_PY), "-m", "fasq.cli", "baseline", method, str(tiny_dir), "--bits", str(bits),
+           "--group-size", "32", "--out", str(out), "--data-dir", str(calib_dir),
+           "--calib-samples", "8", "--calib-seqlen", "64", "--json"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads((out / INFO_NAME).read_text())
+    assert (info["method"], info["bits"], info["group_size"]) == (method, bits, 32)
+    assert not (out / "config.json").read_text().count("quantization_config")
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    q = AutoModelForCausalLM.from_pretrained(out).eval()
+    layers = quantizable_linears(q, QuantConfig(skip=DEFAULT_SKIP))
+    assert info["bits_per_weight"] == group_quant_size(q, layers, bits, 32, 16 if method == "hqq" else None)[
+        "bits_per_weight"]
+    changed = 0
+    for name, lin in layers:
+        assert _levels_per_group(lin.weight.data, 32) <= 2 ** bits, name
+        changed += not torch.equal(lin.weight, ref.get_submodule(name).weight)
+    assert changed == len(layers)
+    x = torch.randint(0, ref.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        a, b = ref(x).logits, q(x).logits
+    assert ((a - b).norm() / a.norm()).item() < 0.25
