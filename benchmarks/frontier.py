@@ -71,21 +71,23 @@ def run(cmd: list[str], python: str = sys.executable) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def build(name: str, sp: tuple[str, list[str]], ck: Path, baseline_python: str) -> dict:
-    """Quantize one row into `ck`; returns commands and sizes."""
+def build(name: str, sp: tuple[str, list[str]], ck: Path, baseline_python: str, rebuild: bool) -> dict:
+    """Quantize one row into `ck` (a complete earlier `ck` is reused unless `rebuild`)."""
     kind, opts = sp
     if kind == "fasq":
         q = ["quantize", "default", *opts, "--out", str(ck), "--overwrite"]
-        res = run(q)
+        if rebuild or not (ck / "fasq_report.json").is_file():
+            run(q)
         info = run(["info", str(ck)])
         extra = {"mean_sqnr_db": info["mean_sqnr_db"]}
     else:
         q = ["baseline", opts[0], "default", *opts[1:], "--out", str(ck), "--overwrite"]
-        info = res = run(q, baseline_python)
-        extra = {"library": res["library"], "calibration": res.get("calibration")}
+        done = ck / "fasq_baseline.json"
+        info = run(q, baseline_python) if rebuild or not done.is_file() else json.loads(done.read_text())
+        extra = {"library": info["library"], "calibration": info.get("calibration")}
     return {"name": name, "family": family_of(name), "checkpoint": str(ck), "commands": ["fasq " + shlex.join(q)],
             "bits_per_weight": info["bits_per_weight"], "size_fraction_of_fp16": info["size_fraction_of_fp16"],
-            "quantize_seconds": res["seconds"], **extra}
+            "quantize_seconds": info["seconds"], **extra}
 
 
 def perplexity(row: dict, model: str, windows: int) -> None:
@@ -146,7 +148,7 @@ def measure(name: str, rows: dict, a) -> None:
     fresh = False
     if sp is not None and (a.rebuild or "perplexity" not in row or (a.zeroshot is not None and not have_ck)):
         keep = {} if a.rebuild else {k: row[k] for k in ("zeroshot", "perplexity", "windows", "tokens") if k in row}
-        row = {**build(name, sp, CKPTS / slug(name), a.baseline_python), **keep}
+        row = {**build(name, sp, CKPTS / slug(name), a.baseline_python, a.rebuild), **keep}
         fresh = "perplexity" not in keep
     model = "default" if sp is None else row["checkpoint"]
     if "perplexity" not in row or fresh:
