@@ -129,7 +129,7 @@ def quantize_hqq(layers: list[tuple[str, nn.Linear]], bits: int, group_size: int
         lin.weight.data = hq.Quantizer.dequantize(Wq, meta).reshape(W.shape).to(lin.weight.dtype)
 
 
-def _llmc_recipe(method: str, bits: int, group_size: int, ignore: list[str]):
+def _llmc_recipe(method: str, bits: int, group_size: int, ignore: list[str], awq_mappings=None):
     _require("llmcompressor", method)
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
@@ -141,7 +141,8 @@ def _llmc_recipe(method: str, bits: int, group_size: int, ignore: list[str]):
         return [GPTQModifier(config_groups=groups, ignore=ignore)]
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
-    return [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=ignore)]
+    # mappings=None: llmcompressor's own per-architecture defaults (Llama, Qwen, ...)
+    return [AWQModifier(mappings=awq_mappings), QuantizationModifier(config_groups=groups, ignore=ignore)]
 
 
 @torch.no_grad()
@@ -165,14 +166,18 @@ def _fake_quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def quantize_llmcompressor(model: nn.Module, tokenizer, calib: torch.Tensor, method: str, bits: int,
-                           group_size: int, skip: list[str]) -> dict[str, torch.Tensor]:
-    """Run GPTQ or AWQ with llmcompressor; returns the dequantized weights by name."""
+                           group_size: int, skip: list[str], awq_mappings=None) -> dict[str, torch.Tensor]:
+    """Run GPTQ or AWQ with llmcompressor; returns the dequantized weights by name.
+
+    `model` is modified in place (AWQ leaves its smoothed, unrounded weights in it).
+    `awq_mappings`: llmcompressor AWQMapping list for architectures it has no defaults for.
+    """
     from datasets import Dataset
     from llmcompressor import oneshot
 
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     with _no_pinning_without_accelerator():
-        oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=_llmc_recipe(method, bits, group_size, skip),
+        oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=_llmc_recipe(method, bits, group_size, skip, awq_mappings),
                 num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
                 shuffle_calibration_samples=False)
     return _fake_quantized_state(model)
