@@ -279,18 +279,9 @@ def write_dense(model: nn.Module, tok, folder: str | Path) -> None:
 
 def save_baseline(model: nn.Module, tok, info: dict, out_dir: str | Path, overwrite: bool = False) -> Path:
     """write_dense + fasq_baseline.json, atomically (temporary sibling folder, then rename)."""
-    import shutil
+    from .model import atomic_output_dir
 
-    from .model import _replace_dir, check_output_dir
-
-    out = check_output_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_output_dir(out_dir, overwrite) as tmp:
         write_dense(model, tok, tmp)
         (tmp / INFO_NAME).write_text(json.dumps(info, indent=1))
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)

@@ -9,6 +9,7 @@ the end, so a failed or interrupted run never leaves a checkpoint that loads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -138,10 +139,7 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, report: dict | None = None,
                    overwrite: bool = False, dtype: torch.dtype = torch.float16) -> Path:
     """Write a checkpoint atomically: temporary sibling folder, then rename."""
-    out = check_output_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_output_dir(out_dir, overwrite) as tmp:
         save_file(_state_for_saving(model, dtype), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         model.config.dtype = dtype
         model.config.save_pretrained(tmp)
@@ -155,11 +153,22 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
         manifest = {"format_version": FORMAT_VERSION,
                     "files": {WEIGHTS_NAME: {"bytes": w.stat().st_size, "sha256": _sha256(w)}}}
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    return Path(out_dir)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool):
+    """Yield a temporary sibling folder to fill; on success it replaces `out_dir`, on any
+    error it is removed and `out_dir` is left as it was."""
+    out = check_output_dir(out_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _replace_dir(new: Path, out: Path) -> None:
