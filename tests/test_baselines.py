@@ -132,3 +132,14 @@ def test_baseline_end_to_end(method, bits, tiny_dir, calib_dir, tmp_path):
     with torch.no_grad():
         a, b = ref(x).logits, q(x).logits
     assert ((a - b).norm() / a.norm()).item() < 0.25
+
+
+def test_frontier_marks_pareto_points():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from frontier import frontier
+
+    pts = [(4.0, 30.0, "a"), (4.2, 25.0, "b"), (4.1, 31.0, "dominated"), (3.0, 80.0, "small"),
+           (5.0, 25.0, "same error, larger")]
+    assert frontier(pts) == ["small", "a", "b"]
