@@ -122,12 +122,15 @@ def load_rows() -> dict[str, dict]:
     return rows
 
 
-def save_rows(rows: dict[str, dict], windows: int) -> None:
+def save_row(row: dict, windows: int) -> None:
+    """Merge one row into the results file (re-read first: several sweeps may run at once)."""
+    rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
+    rows = [r for r in rows if r["name"] != row["name"]] + [row]
     payload = {"model": "SmolLM2-135M-Instruct (default, Q4_1 origin)",
                "protocol": f"WikiText-2 test, first {windows} windows of 2048 tokens; zero-shot: lm-eval "
-                           f"0.4.13 log-likelihood, acc, {TASKS}", "rows": list(rows.values())}
+                           f"0.4.13 log-likelihood, acc, {TASKS}", "rows": rows}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp = RESULTS.with_suffix(f".json.tmp{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, RESULTS)
 
@@ -258,8 +261,9 @@ def main() -> None:
         for name in names:
             if (a.only and any(s in name for s in a.only)) or (not a.only and "perplexity" not in rows.get(name, {})):
                 measure(name, rows, a)
-                save_rows(rows, a.windows)
+                save_row(rows[name], a.windows)
                 print(json.dumps({k: v for k, v in rows[name].items() if k != "commands"}), flush=True)
+    rows = load_rows()  # with rows other sweeps may have added meanwhile
     keys = [k for r in rows.values() for k in r.get("zeroshot", {})]
     zs_key = a.plot_zeroshot or (max(set(keys), key=keys.count) if keys else None)
     done = [r for r in rows.values() if "perplexity" in r]
