@@ -31,7 +31,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-METHODS = ("hqq", "gptq", "awq")
+from .format import unquantized_elements
+
+LIBRARY = {"hqq": "hqq", "gptq": "llmcompressor", "awq": "llmcompressor"}  # method -> package
+METHODS = tuple(LIBRARY)
 # bits of one stored zero point: HQQ keeps a float zero (fp16 by default), llmcompressor's
 # packed format stores integer zero points at the weight bit width.
 ZERO_BITS = {"hqq": 16, "gptq": None, "awq": None}
@@ -73,14 +76,8 @@ def group_quant_size(model: nn.Module, layers: list[tuple[str, nn.Linear]], bits
                                 "choose a divisor (e.g. 32, 64, 192 for 576 and 1536) or 0 for per row")
         qweights += out_f * in_f
         quant_bits += out_f * in_f * bits + out_f * (in_f // g) * (16 + zb)
-    seen, other = set(), 0
-    # as fasq.format.size_table: float parameters and buffers at 2 bytes, tied ones once
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.rsplit(".", 1)[0] in qnames and name.endswith(".weight") or t.data_ptr() in seen \
-                or not t.is_floating_point():
-            continue
-        seen.add(t.data_ptr())
-        other += t.numel()
+    # biases of the quantized layers stay fp16, as everything else does
+    other = unquantized_elements(model, lambda name: name.endswith(".weight") and name[:-7] in qnames)
     total = quant_bits / 8 + 2 * other
     return {"bits_per_weight": quant_bits / qweights, "quantized_weights": qweights,
             "total_bytes": total, "fp16_bytes": 2 * (qweights + other),
@@ -130,7 +127,6 @@ def quantize_hqq(layers: list[tuple[str, nn.Linear]], bits: int, group_size: int
 
 
 def _llmc_recipe(method: str, bits: int, group_size: int, ignore: list[str], awq_mappings=None):
-    _require("llmcompressor", method)
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
@@ -172,6 +168,7 @@ def quantize_llmcompressor(model: nn.Module, tokenizer, calib: torch.Tensor, met
     `model` is modified in place (AWQ leaves its smoothed, unrounded weights in it).
     `awq_mappings`: llmcompressor AWQMapping list for architectures it has no defaults for.
     """
+    _require("llmcompressor", method)
     from datasets import Dataset
     from llmcompressor import oneshot
 
@@ -211,6 +208,7 @@ def quantize_baseline(source: str, method: str, bits: int, group_size: int, data
     if method not in METHODS:
         raise BaselineError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)} "
                             "(RTN is `fasq quantize --method rtn`)")
+    _require(LIBRARY[method], method)  # fail before the slow part
     skip = tuple(skip) if skip is not None else DEFAULT_SKIP
     t0 = time.perf_counter()
     model, tok = load_model(source)
@@ -229,11 +227,12 @@ def quantize_baseline(source: str, method: str, bits: int, group_size: int, data
         with tempfile.TemporaryDirectory(prefix="fasq-dense-") as dense:
             # llmcompressor re-reads the config from model.name_or_path and refuses models
             # that were quantized on disk (the GGUF default): hand it a plain dense copy
+            # (write_dense also drops the GGUF quantization_config from `model`, which
+            # then receives the results: llmcompressor leaves its wrappers on its copy)
             write_dense(model, tok, dense)
-            del model
-            model, tok = load_model(dense)
-            state = quantize_llmcompressor(model, tok, calib, method, bits, group_size, ignore)
-            model = _with_weights(load_model(dense)[0], model, state)
+            qmodel, qtok = load_model(dense)
+            state = quantize_llmcompressor(qmodel, qtok, calib, method, bits, group_size, ignore)
+            model = _with_weights(model, qmodel, state)
         info["calibration"] = {"text": str(CALIB_FILE), "samples": calib_samples, "seqlen": calib_seqlen}
     info["library"] = _library_version(method)
     info["seconds"] = time.perf_counter() - t0
@@ -257,8 +256,7 @@ def _with_weights(model: nn.Module, qmodel: nn.Module, weights: dict[str, torch.
 def _library_version(method: str) -> str:
     from importlib.metadata import version
 
-    pkg = "hqq" if method == "hqq" else "llmcompressor"
-    return f"{pkg} {version(pkg)}"
+    return f"{LIBRARY[method]} {version(LIBRARY[method])}"
 
 
 def write_dense(model: nn.Module, tok, folder: str | Path) -> None:

@@ -91,6 +91,18 @@ def layer_size(module) -> LayerSize:
     )
 
 
+def unquantized_elements(model, is_quantized) -> int:
+    """Elements of the float parameters and buffers stored in fp16 beside the quantized
+    layers: those whose name `is_quantized` rejects, tied tensors counted once."""
+    seen, n = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if is_quantized(name) or t.data_ptr() in seen or not t.is_floating_point():
+            continue
+        seen.add(t.data_ptr())
+        n += t.numel()
+    return n
+
+
 def size_table(model) -> dict:
     """Whole-model size accounting against the FP16 model (2 bytes per parameter).
 
@@ -101,12 +113,7 @@ def size_table(model) -> dict:
 
     q = {name: layer_size(m) for name, m in model.named_modules() if isinstance(m, PQLinear)}
     qweights = sum(s.weights for s in q.values())
-    seen, other = set(), 0
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.rsplit(".", 1)[0] in q or t.data_ptr() in seen or not t.is_floating_point():
-            continue
-        seen.add(t.data_ptr())
-        other += t.numel()
+    other = unquantized_elements(model, lambda name: name.rsplit(".", 1)[0] in q)
     quant_bytes = sum(s.total for s in q.values())
     fp16_model = 2 * (qweights + other)
     total = quant_bytes + 2 * other
