@@ -25,11 +25,13 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from ppl_table import ROWS as PPL_ROWS, run  # noqa: E402  (the issue-2 rows and the `fasq` runner)
+
 RESULTS = HERE / "results" / "frontier-smollm2.json"
 PLOT = HERE / "results" / "frontier-smollm2.png"
 PPL_TABLE = HERE / "results" / "ppl-smollm2.json"
@@ -66,12 +68,6 @@ def family_of(name: str) -> str:
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:80]
-
-
-def run(cmd: list[str], python: str = sys.executable) -> dict:
-    print("$ fasq " + shlex.join(cmd), flush=True)
-    out = subprocess.run([python, "-m", "fasq.cli", *cmd, "--json"], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def build(name: str, sp: tuple[str, list[str]], ck: Path, baseline_python: str, rebuild: bool) -> dict:
@@ -139,9 +135,6 @@ def spec(name: str) -> tuple[str, list[str]] | None:
     """(command kind, options) of a row, from this file or ppl_table.py; None: the reference."""
     if name in ROWS:
         return ROWS[name][1:]
-    sys.path.insert(0, str(HERE))
-    from ppl_table import ROWS as PPL_ROWS
-
     opts = PPL_ROWS.get(name)
     return None if opts is None else ("fasq", opts)
 

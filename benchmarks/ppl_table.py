@@ -20,7 +20,6 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ppl-smollm2.json"
 CK = "runs/ppl-table/ck"
-FASQ = [sys.executable, "-m", "fasq.cli"]
 
 # name -> quantize options (None: the unquantized reference)
 ROWS = {
@@ -42,9 +41,11 @@ ROWS = {
 }
 
 
-def run(args: list[str]) -> dict:
+def run(args: list[str], python: str = sys.executable) -> dict:
+    """`fasq ARGS --json` with this (or another environment's) python; its last output line."""
     print("$ fasq " + shlex.join(args), flush=True)
-    out = subprocess.run(FASQ + args + ["--json"], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([python, "-m", "fasq.cli", *args, "--json"], check=True, capture_output=True,
+                         text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
