@@ -39,16 +39,26 @@ CKPTS = Path("runs/frontier")
 TASKS = "arc_easy,arc_challenge,piqa"
 OFF_FRONTIER = ("lossless",)  # names drawn hollow and kept off the frontier
 
+D3_CANDIDATES = "d4K64,d4K256,d4K1024,d3K256,d3K512,d3K1024,d2K32,d2K64,d2K128,d2K256,d2K512,d1K16,d1K32,d1K64"
+
 # name -> (family, command kind, options); kind "fasq" = `fasq quantize`, "baseline" = `fasq baseline`
 ROWS: dict[str, tuple[str, str, list[str]]] = {
     "RTN 4-bit g192": ("RTN", "fasq", ["--method", "rtn", "--bits", "4", "--group-size", "192"]),
     "RTN 3-bit g192": ("RTN", "fasq", ["--method", "rtn", "--bits", "3", "--group-size", "192"]),
     "RTN 4-bit per-row": ("RTN", "fasq", ["--method", "rtn", "--bits", "4", "--group-size", "0"]),
     **{f"{m.upper()} {b}-bit g192": (m.upper(), "baseline", [m, "--bits", str(b), "--group-size", "192"])
-       for m in ("hqq", "gptq", "awq") for b in (4, 3)},
+       for m in ("hqq", "gptq") for b in (4, 3)},
+    # AWQ's grid search runs the block forward 20 times per mapping over the whole calibration
+    # cache: with 128 windows it did not finish in 115 min on a 2-core CPU. AWQ is data
+    # efficient (its paper: 16 calibration sequences beat GPTQ's 192), so 32 windows of 512.
+    **{f"AWQ {b}-bit g192": ("AWQ", "baseline", ["awq", "--bits", str(b), "--group-size", "192",
+                                                 "--calib-samples", "32"]) for b in (4, 3)},
     # the solver at the baselines' sizes (GPTQ/AWQ g192 store b-bit zero points: 41.32 % / 36.36 %)
     "FASQ solver, --target-size 0.4132 (GPTQ/AWQ 4-bit g192's size)": ("FASQ solver", "fasq", ["--target-size", "0.4132"]),
     "FASQ solver, --target-size 0.3636 (GPTQ/AWQ 3-bit g192's size)": ("FASQ solver", "fasq", ["--target-size", "0.3636"]),
+    # the default candidates have no d=3, the best uniform config at ~3 bits (d=3 K=512)
+    "FASQ solver, --target-size 0.3636, default candidates + d=3 K=256/512/1024": (
+        "FASQ solver", "fasq", ["--target-size", "0.3636", "--candidates", D3_CANDIDATES]),
     "FASQ solver, --target-size 0.4425 (d=2 K=512's size)": ("FASQ solver", "fasq", ["--target-size", "0.4425"]),
     "FASQ d=4, K=256, one codebook, scale per 96 cols": ("FASQ", "fasq", ["-d", "4", "-K", "256", "--scope", "matrix"]),
     "FASQ solver, --target-size 0.32": ("FASQ solver", "fasq", ["--target-size", "0.32"]),
@@ -157,6 +167,11 @@ def measure(name: str, rows: dict, a) -> None:
     rows[name] = row
 
 
+def selected(name: str, patterns: list[str], names: list[str]) -> bool:
+    """--only: a pattern that is a whole row name picks that row alone, any other is a substring."""
+    return any(name == p if p in names else p in name for p in patterns)
+
+
 def frontier(points: list[tuple[float, float, str]]) -> list[str]:
     """Names on the lower-left Pareto frontier of (size, error): nothing smaller is as good."""
     best, names = float("inf"), []
@@ -236,7 +251,7 @@ def table(rows: list[dict], zs_key: str | None) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", help="row names (substrings) to measure")
+    ap.add_argument("--only", nargs="*", help="rows to measure: whole row names, or substrings of them")
     ap.add_argument("--windows", type=int, default=10)
     ap.add_argument("--zeroshot", type=int, default=None, metavar="LIMIT",
                     help="also run zero-shot on the first LIMIT examples per task (0 = full sets)")
@@ -252,7 +267,7 @@ def main() -> None:
     if not a.plot_only:
         names = list(dict.fromkeys([*rows, *ROWS]))
         for name in names:
-            if (a.only and any(s in name for s in a.only)) or (not a.only and "perplexity" not in rows.get(name, {})):
+            if (a.only and selected(name, a.only, names)) or (not a.only and "perplexity" not in rows.get(name, {})):
                 measure(name, rows, a)
                 save_row(rows[name], a.windows)
                 print(json.dumps({k: v for k, v in rows[name].items() if k != "commands"}), flush=True)

@@ -134,12 +134,24 @@ def test_baseline_end_to_end(method, bits, tiny_dir, calib_dir, tmp_path):
     assert ((a - b).norm() / a.norm()).item() < 0.25
 
 
-def test_frontier_marks_pareto_points():
+def _frontier_module():
     import sys
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from frontier import frontier
+    import frontier
 
+    return frontier
+
+
+def test_frontier_marks_pareto_points():
     pts = [(4.0, 30.0, "a"), (4.2, 25.0, "b"), (4.1, 31.0, "dominated"), (3.0, 80.0, "small"),
            (5.0, 25.0, "same error, larger")]
-    assert frontier(pts) == ["small", "a", "b"]
+    assert _frontier_module().frontier(pts) == ["small", "a", "b"]
+
+
+def test_frontier_only_selects_whole_names_exactly():
+    selected = _frontier_module().selected
+    names = ["AWQ 4-bit g192", "FASQ solver (AWQ 4-bit g192's size)", "GPTQ 4-bit g192"]
+    assert [n for n in names if selected(n, ["AWQ 4-bit g192"], names)] == ["AWQ 4-bit g192"]
+    assert [n for n in names if selected(n, ["4-bit"], names)] == names
+    assert [n for n in names if selected(n, ["GPTQ", "solver"], names)] == names[1:]

@@ -95,3 +95,15 @@ def test_quantize_to_a_target_size(tiny_dir, tmp_path, capsys):
     assert 0.99 * 3.5 <= q["bits_per_weight"] <= 3.5
     assert main(["quantize", str(tiny_dir), "--target-bits", "3", "--method", "rtn", "--out", str(tmp_path / "x")]) == 2
     assert "at most one of --target-bits" in capsys.readouterr().err
+    # the solver picks only among the candidates given
+    out2 = tmp_path / "solved2"
+    assert main(["quantize", str(tiny_dir), "--target-bits", "3.5", "--candidates", "d2K16,d2K64,d1K16",
+                 "--out", str(out2), "--json"]) == 0
+    _json(capsys)
+    layers = json.loads((out2 / "fasq_report.json").read_text())["solver"]["layers"]
+    assert {r["label"] for r in layers} <= {"d2K16", "d2K64", "d1K16"}
+    for bad, msg in ((["--target-bits", "3.5", "--candidates", "d2x16"], "d<D>K<K>"),
+                     (["--candidates", "d2K16"], "only applies with --target-bits")):
+        assert main(["quantize", str(tiny_dir), *bad, "--out", str(tmp_path / "y")]) == 2
+        assert msg in capsys.readouterr().err
+        assert not (tmp_path / "y").exists()

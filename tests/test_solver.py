@@ -10,8 +10,9 @@ from fasq.format import layer_size, size_table
 from fasq.model import quantize_model
 from fasq.module import PQLinear
 from fasq.quantize import quantize_weight
+from fasq.config import ConfigError
 from fasq.solver import (BudgetError, achievable_range, candidate_size, knapsack, lp_bound, measure,
-                         proxy_error, solve)
+                         parse_candidates, proxy_error, solve)
 
 torch.set_num_threads(1)
 
@@ -167,3 +168,14 @@ def test_proxy_error_tracks_real_error():
     assert proxy_error(W, cfg, sample_rows=None, proxy_iters=None) == pytest.approx(real.item(), rel=1e-5)
     est = proxy_error(W, cfg, sample_rows=128, proxy_iters=6)
     assert est == pytest.approx(real.item(), rel=0.2)
+
+
+def test_parse_candidates():
+    c = parse_candidates("d2K256, d3K512,d4K16")
+    assert [(x.d, x.K, x.codebook_scope, x.scale) for x in c] == [(2, 256, "matrix", "absmax"),
+                                                                  (3, 512, "matrix", "absmax"),
+                                                                  (4, 16, "matrix", "absmax")]
+    for bad, msg in (("d2k256", "d<D>K<K>"), ("d2K256,,d3K8", "d<D>K<K>"), ("d2K256,d2K256", "repeats"),
+                     ("d0K16", "d")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_candidates(bad)

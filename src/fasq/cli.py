@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "to land within 1%% below this many bits per quantized weight (all overhead)")
     q.add_argument("--target-size", type=float, default=None, help="let the solver choose per-layer (d, K) "
                    "to land within 1%% below this fraction of the FP16 model (whole checkpoint)")
+    q.add_argument("--candidates", default=None, metavar="d2K256,d3K512,...",
+                   help="the solver's per-layer choices (matrix codebooks, absmax scales); "
+                        "default: fasq.solver.DEFAULT_CANDIDATES")
     q.add_argument("--skip", nargs="*", default=None, help="module name patterns left unquantized "
                    "(default: embed_tokens lm_head)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
@@ -118,6 +121,7 @@ def cmd_quantize(a) -> int:
     from .config import DEFAULT_SKIP, QuantConfig
     from .format import format_size_table
     from .model import check_output_dir, quantize_model, save_quantized
+    from .solver import parse_candidates
     from .sources import load_model
 
     out = check_output_dir(a.out, a.overwrite)  # fail before the slow part
@@ -125,6 +129,9 @@ def cmd_quantize(a) -> int:
     targets = (a.target_bits is not None) + (a.target_size is not None)
     if targets > 1 or (targets and a.method == "rtn"):
         raise ValueError("give at most one of --target-bits / --target-size, and not with --method rtn")
+    if a.candidates is not None and not targets:
+        raise ValueError("--candidates only applies with --target-bits or --target-size")
+    cands = None if a.candidates is None else parse_candidates(a.candidates)  # fail before the slow part
     qcfg = QuantConfig(layer=_layer_config(a), skip=skip)
     t0 = time.perf_counter()
     model, tok = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
@@ -133,7 +140,7 @@ def cmd_quantize(a) -> int:
         from .solver import solve
 
         qcfg, solved = solve(model, target_bits=a.target_bits, target_size=a.target_size, skip=skip,
-                             progress=not a.json, device=a.device)
+                             candidates=cands, progress=not a.json, device=a.device)
         if not a.json:
             print(solved.format())
     report = quantize_model(model, qcfg, device=a.device, progress=not a.json)

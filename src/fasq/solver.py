@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -84,6 +85,22 @@ DEFAULT_CANDIDATES: tuple[LayerConfig, ...] = (
 )
 
 IMPORTANCE = ("sq", "rel")
+_LABEL = re.compile(r"d(\d+)K(\d+)")
+
+
+def parse_candidates(spec: str) -> list[LayerConfig]:
+    """'d2K256,d3K512,...' -> matrix-scope PQ candidates (absmax scales, default scale group)."""
+    out = []
+    for item in (x.strip() for x in spec.split(",")):
+        m = _LABEL.fullmatch(item)
+        if not m:
+            raise ConfigError(f"candidate {item!r} is not of the form d<D>K<K> (e.g. d2K256); "
+                              "give a comma-separated list such as d2K256,d3K512,d4K1024")
+        out.append(_pq(int(m[1]), int(m[2])))  # PQConfig validates d and K
+    labels = [_label(c) for c in out]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"candidate list {spec!r} repeats a candidate")
+    return out
 
 
 class BudgetError(ValueError):
