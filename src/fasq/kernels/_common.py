@@ -28,6 +28,13 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def tune_bench(kernel_call, quantiles):
+    """The autotuner's timer: median of ~25 ms of runs per config (Triton's default spends
+    125 ms per config; with ~10-20 configs per (shape, token bucket) key that dominated
+    the first call of every new layer shape)."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 

@@ -26,22 +26,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, Problem, launch, may_split, next_pow2, num_sms, split_range, store_output
+from ._common import INTERPRET, Problem, launch, may_split, next_pow2, num_sms, split_range, store_output, tune_bench
 from .gemv import _TL_DTYPE, _centroid_part, packed_codebooks
 
 
 def _configs():
     if INTERPRET:  # tl.dot needs >= 16 along every dimension
         return [triton.Config(dict(BLOCK_T=16, BLOCK_N=16, BLOCK_M=16, SPLIT_K=2), num_warps=4)]
-    out = []
-    for bt in (16, 32, 64, 128):
-        for bn in (64, 128, 256):
-            for bm in (16, 32, 64):
-                for sk in (1, 2, 4):
-                    for nw, ns in ((4, 3), (8, 3)):
-                        out.append(triton.Config(dict(BLOCK_T=bt, BLOCK_N=bn, BLOCK_M=bm, SPLIT_K=sk),
-                                                 num_warps=nw, num_stages=ns))
-    return out
+    # (BLOCK_T, BLOCK_N, BLOCK_M, warps): a hand-picked list in the style of gemlite's,
+    # from skinny decode-like tiles to square prefill tiles; kept short because each
+    # config is compiled per (d, flags) and timed per layer shape and token bucket.
+    tiles = [(16, 64, 32, 4), (16, 128, 32, 4), (32, 128, 32, 4), (64, 64, 32, 4), (64, 128, 32, 4),
+             (64, 128, 64, 4), (128, 128, 32, 8), (128, 256, 32, 8), (64, 256, 32, 8), (128, 128, 64, 8)]
+    return [triton.Config(dict(BLOCK_T=bt, BLOCK_N=bn, BLOCK_M=bm, SPLIT_K=sk), num_warps=nw, num_stages=3)
+            for bt, bn, bm, nw in tiles for sk in (1, 2, 4)]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -66,7 +64,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_configs(), key=["T_BUCKET", "N", "M", "K", "C", "D", "MS_ALIGN"],
-                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["ws_ptr"])
+                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["ws_ptr"], do_bench=tune_bench)
 @triton.jit
 def dequant_gemm_kernel(
     x_ptr,  # [T, M*D] activations, row-major (fp16/bf16; fp32 runs the MMA in ieee fp32)

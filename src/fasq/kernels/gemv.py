@@ -28,21 +28,24 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, Problem, launch, next_pow2, num_sms, split_range, store_output
+from ._common import INTERPRET, Problem, launch, next_pow2, num_sms, split_range, store_output, tune_bench
 from .dispatch import GEMV_TOKEN_LIMIT as MAX_TOKENS  # tokens held in registers at once
 
 
 def _configs():
     if INTERPRET:  # small tiles that do not divide the test shapes, split-K on
         return [triton.Config(dict(BLOCK_N=16, BLOCK_M=8, SPLIT_K=2, CB_SMEM=0), num_warps=4)]
+    # Kept small on purpose: every config is compiled once per (d, token block, flags)
+    # and timed once per layer shape. Wide BLOCK_M = long contiguous code loads per row;
+    # the split is chosen by the pruner so that every SM gets work.
     out = []
     for bn in (16, 32, 64):
-        for bm in (32, 64, 128, 256):
+        for bm in (128, 256):
             for sk in (1, 2, 4, 8, 16):
-                for smem in (0, 1):
-                    for nw in ((4, 8) if bn * bm >= 64 * 128 else (4,)):
-                        out.append(triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, SPLIT_K=sk, CB_SMEM=smem),
-                                                 num_warps=nw, num_stages=2))
+                out.append(triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, SPLIT_K=sk, CB_SMEM=0),
+                                         num_warps=4, num_stages=2))
+    for sk in (1, 2, 4, 8):  # the on-chip codebook variant (one codebook, small K)
+        out.append(triton.Config(dict(BLOCK_N=32, BLOCK_M=128, SPLIT_K=sk, CB_SMEM=1), num_warps=4, num_stages=2))
     return out
 
 
@@ -57,7 +60,7 @@ def _prune(configs, named_args, **kwargs):
         k = c.kwargs
         if k["BLOCK_N"] * k["BLOCK_M"] * BT > 128 * 32 * c.num_warps:  # [BT, BN, BM] products: <= 128 regs/thread
             continue
-        if k["BLOCK_M"] > max(64, next_pow2(M)) or k["BLOCK_N"] > max(16, next_pow2(N)):
+        if k["BLOCK_M"] > max(128, next_pow2(M)) or k["BLOCK_N"] > max(16, next_pow2(N)):
             continue
         if k["CB_SMEM"] and not (C == 1 and a["WPC"] * K <= 2048):
             continue
@@ -68,7 +71,7 @@ def _prune(configs, named_args, **kwargs):
             continue
         keep.append(c)
     # Tiny problems: nothing reaches one program per SM; keep the smallest tiles.
-    return keep or [c for c in configs if c.kwargs["BLOCK_N"] == 16 and c.kwargs["BLOCK_M"] == 64
+    return keep or [c for c in configs if c.kwargs["BLOCK_N"] == 16 and c.kwargs["BLOCK_M"] == 128
                     and not c.kwargs["CB_SMEM"]][:4]
 
 
@@ -83,7 +86,7 @@ def _centroid_part(word, e: tl.constexpr, EPW: tl.constexpr, ESIZE: tl.constexpr
 
 
 @triton.autotune(configs=_configs(), key=["N", "M", "K", "C", "BLOCK_T", "D", "MS_ALIGN"],
-                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["ws_ptr"])
+                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["ws_ptr"], do_bench=tune_bench)
 @triton.jit
 def gemv_kernel(
     x_ptr,  # [T, M*D] activations, row-major (fp16/bf16/fp32)
