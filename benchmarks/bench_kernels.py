@@ -58,28 +58,41 @@ DEV = "cpu" if args.dry_run else "cuda"
 
 # --- timing -------------------------------------------------------------------------------
 
-def time_batch(fns, reps: int) -> float:
-    """Median seconds per call; each repetition runs every fn of `fns` once (the rotation)."""
+def time_batch(fns, reps: int, graph: bool = True) -> tuple[float, str]:
+    """(median seconds per call, timing mode). Each repetition runs every fn of `fns` once
+    (the rotation). On CUDA the rotation is captured once in a CUDA graph and replayed:
+    decode runs under CUDA graphs (torch.compile "reduce-overhead", vLLM), and eager
+    timing of a ~10 us kernel measures Python launch overhead instead (eager_us keeps it)."""
     for f in fns:  # warm-up (also triggers compilation and autotuning)
         f()
+    run, mode = (lambda: [f() for f in fns]), "eager"
     if DEV == "cuda":
+        torch.cuda.synchronize()
+        if graph:
+            try:
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for f in fns:
+                        f()
+                run, mode = g.replay, "cuda_graph"
+                run()
+            except Exception as e:  # noqa: BLE001 - report and fall back to eager timing
+                print(f"  (graph capture failed: {type(e).__name__}: {e}; timing eagerly)", flush=True)
         torch.cuda.synchronize()
     samples = []
     for _ in range(reps):
         if DEV == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for f in fns:
-                f()
+            run()
             end.record()
             end.synchronize()
             samples.append(start.elapsed_time(end) * 1e-3 / len(fns))
         else:
             t0 = time.perf_counter()
-            for f in fns:
-                f()
+            run()
             samples.append((time.perf_counter() - t0) / len(fns))
-    return statistics.median(samples)
+    return statistics.median(samples), mode
 
 
 def copy_bandwidth(reps: int) -> float:
@@ -87,7 +100,7 @@ def copy_bandwidth(reps: int) -> float:
     n = (1 << 30) // 2 if DEV == "cuda" else 1 << 22  # 1 GiB of fp16 on the GPU
     a = torch.empty(n, dtype=torch.float16, device=DEV)
     b = torch.empty_like(a)
-    t = time_batch([lambda: b.copy_(a)], reps)
+    t, _ = time_batch([lambda: b.copy_(a)], reps, graph=False)
     return 2 * a.numel() * a.element_size() / t / 1e9
 
 
@@ -95,7 +108,7 @@ def matmul_tflops(reps: int) -> float:
     """Achieved dense fp16 cuBLAS throughput (8192^3), for the FLOP floor."""
     n = 8192 if DEV == "cuda" else 256
     a = torch.randn(n, n, dtype=torch.float16 if DEV == "cuda" else torch.float32, device=DEV)
-    t = time_batch([lambda: a @ a], max(3, reps // 4))
+    t, _ = time_batch([lambda: a @ a], max(3, reps // 4), graph=False)
     return 2 * n ** 3 / t / 1e12
 
 
@@ -128,10 +141,11 @@ def layer_bytes(x, codes, cb, scales, out) -> int:
 
 def candidates(tokens, d, K):
     names = ["gemv"] if tokens <= 16 else []
-    if K <= 256 or tokens <= 16:  # LUT with a 4096-entry codebook at prefill: 16 table passes, skip
+    # The LUT path builds K-entry tables per token and subspace: with K = 4096, or past a
+    # hundred tokens, it is far off the others (85 ms at 2048 tokens in a first run).
+    if K <= 256 and tokens <= 128:
         names.append("lut_gemm")
-    names.append("dequant_gemm")
-    return names
+    return names + ["dequant_gemm", "dequant_cublas"]
 
 
 def check(sets, tokens, d, K):
@@ -159,20 +173,23 @@ def bench_case(out, in_, d, K, tokens, copy_bw, tflops, reps, do_check):
             sys.exit("CHECK FAILED:\n" + "\n".join(bad))
     nbytes = layer_bytes(*sets[0], out)
     flops = 2 * tokens * out * in_
-    rows, times = [], {}
+    rows, times, eager = [], {}, {}
     w16 = [ops.dequantize(c, cb, s, dtype=torch.float16) for _, c, cb, s in sets]
     n16 = max(1, min(n_sets, math.ceil(2 * l2_bytes() / (w16[0].numel() * 2))))
-    times["cublas_fp16"] = time_batch([lambda x=s[0], w=w: torch.nn.functional.linear(x, w)
-                                       for s, w in zip(sets[:n16], w16[:n16])], reps)
-    del w16
-    times["dequant_matmul"] = time_batch([lambda s=s: ops.pq_linear_dequant(*s) for s in sets], reps)
+    fns = {"cublas_fp16": [lambda x=s[0], w=w: torch.nn.functional.linear(x, w) for s, w in zip(sets[:n16], w16[:n16])],
+           "dequant_matmul": [lambda s=s: ops.pq_linear_dequant(*s) for s in sets]}
     for name in candidates(tokens, d, K):
-        times[name] = time_batch([lambda s=s, k=name: pq_linear_triton(*s, kernel=k) for s in sets], reps)
+        fns[name] = [lambda s=s, k=name: pq_linear_triton(*s, kernel=k) for s in sets]
+    for name, f in fns.items():
+        times[name], mode = time_batch(f, reps)
+        eager[name] = time_batch(f, max(3, reps // 4), graph=False)[0] if DEV == "cuda" else times[name]
+    del w16, fns
     auto = select_kernel("cuda", tokens, d, K)
     fp16_bytes = out * in_ * 2 + tokens * (in_ + out) * 2
     for name, t in times.items():
         b = fp16_bytes if name == "cublas_fp16" else nbytes
         rows.append(dict(kernel=name, out=out, **{"in": in_}, tokens=tokens, d=d, K=K, time_us=t * 1e6,
+                         eager_us=eager[name] * 1e6, timing=mode,
                          bytes=b, gbps=b / t / 1e9, pct_copy_bw=100 * b / t / 1e9 / copy_bw,
                          speedup_vs_fp16=times["cublas_fp16"] / t,
                          speedup_vs_dequant_matmul=times["dequant_matmul"] / t,
@@ -182,12 +199,12 @@ def bench_case(out, in_, d, K, tokens, copy_bw, tflops, reps, do_check):
 
 
 def print_rows(rows):
-    head = f"{'kernel':>15} {'out':>6} {'in':>6} {'T':>5} {'d':>2} {'K':>5} {'us':>9} {'GB/s':>7} {'%copy':>6} {'xfp16':>6} {'xdeq':>6} {'floorB':>7} {'floorF':>7}"
+    head = f"{'kernel':>15} {'out':>6} {'in':>6} {'T':>5} {'d':>2} {'K':>5} {'us':>9} {'eager':>8} {'GB/s':>7} {'%copy':>6} {'xfp16':>6} {'xdeq':>6} {'floorB':>7} {'floorF':>7}"
     print(head)
     for r in rows:
         mark = "*" if r["dispatched"] else " "
         print(f"{r['kernel']:>14}{mark} {r['out']:>6} {r['in']:>6} {r['tokens']:>5} {r['d']:>2} {r['K']:>5} "
-              f"{r['time_us']:>9.2f} {r['gbps']:>7.0f} {r['pct_copy_bw']:>6.1f} {r['speedup_vs_fp16']:>6.2f} "
+              f"{r['time_us']:>9.2f} {r['eager_us']:>8.1f} {r['gbps']:>7.0f} {r['pct_copy_bw']:>6.1f} {r['speedup_vs_fp16']:>6.2f} "
               f"{r['speedup_vs_dequant_matmul']:>6.2f} {r['byte_floor_us']:>7.2f} {r['flop_floor_us']:>7.2f}", flush=True)
 
 
@@ -210,27 +227,37 @@ def main():
     copy_bw, tflops = copy_bandwidth(reps), matmul_tflops(reps)
     print(f"device: {device}; copy bandwidth {copy_bw:.0f} GB/s (read+write); fp16 matmul {tflops:.1f} TFLOP/s")
     print("(* = the kernel select_kernel dispatches to; floorB/floorF = byte / FLOP floor in us)")
-    rows = []
+    if args.dry_run:
+        if args.out and Path(args.out).resolve().is_relative_to(RESULTS):
+            sys.exit("refusing to write dry-run numbers into benchmarks/results")
+        path = Path(args.out) if args.out else None
+    else:
+        slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+        path = Path(args.out) if args.out else RESULTS / f"kernels-{slug}.json"
+    result = dict(device=device, copy_bandwidth_gbps=copy_bw, fp16_matmul_tflops=tflops,
+                  torch=torch.__version__, complete=False, rows=[])
     for out, in_ in shapes:
         for d, K in dks:
             for T in tokens:
                 case = bench_case(out, in_, d, K, T, copy_bw, tflops, reps, args.check)
                 print_rows(case)
-                rows += case
-    result = dict(device=device, copy_bandwidth_gbps=copy_bw, fp16_matmul_tflops=tflops,
-                  torch=torch.__version__, rows=rows)
+                result["rows"] += case
+                save(result, path)  # after every case: a run cut short keeps what it measured
+    result["complete"] = True
+    save(result, path)
     if args.dry_run:
-        if args.out and Path(args.out).resolve().is_relative_to(RESULTS):
-            sys.exit("refusing to write dry-run numbers into benchmarks/results")
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=1))
-        print(f"dry run OK: {len(rows)} rows (not saved to benchmarks/results)")
+        print(f"dry run OK: {len(result['rows'])} rows (not saved to benchmarks/results)")
+    elif path:
+        print(f"wrote {path}")
+
+
+def save(result: dict, path: Path | None):
+    if path is None:
         return
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    path = Path(args.out) if args.out else RESULTS / f"kernels-{slug}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

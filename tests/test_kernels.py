@@ -24,7 +24,7 @@ if not (INTERPRET or HAS_CUDA):
                 allow_module_level=True)
 DEV = "cuda" if HAS_CUDA and not INTERPRET else "cpu"
 TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-4}
-KERNELS = ("gemv", "lut_gemm", "dequant_gemm")
+KERNELS = ("gemv", "lut_gemm", "dequant_gemm", "dequant_cublas")
 
 
 def make_layer(out, in_, d, K, scope="matrix", scales=None, offsets=False, bias=True, seed=0,
@@ -104,6 +104,21 @@ def test_kernel_matches_reference(kernel, case):
     T, out, in_, d, K, scope, scales, offsets, dtype = case
     layer = make_layer(out, in_, d, K, scope, scales, offsets)
     run(kernel, activations(T, in_, dtype), layer)
+
+
+@pytest.mark.parametrize("d,K,scope,scales,offsets", [(2, 16, "matrix", 3, True), (2, 256, "group", None, False),
+                                                      (4, 16, "subspace", "row", False), (1, 16, "matrix", 6, True),
+                                                      (3, 16, "group", 2, False), (8, 4096, "matrix", None, False)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_dequantize_matches_reference(d, K, scope, scales, offsets, dtype):
+    """The weight rebuild of the dequant_cublas path (its d=2 interleaved store and the
+    strided store of the other d) against ops.dequantize, element by element."""
+    from fasq.kernels.dequant_cublas import dequantize_triton
+    codes, cb, sc, of, _ = make_layer(37, 24 * d, d, K, scope, scales, offsets)
+    W = dequantize_triton(codes, cb, sc, of, dtype=dtype)
+    ref = ops.dequantize(codes, cb, sc, of, dtype=torch.float32)
+    assert not torch.isnan(W).any()
+    torch.testing.assert_close(W.float(), ref, rtol=TOL[dtype] / 2, atol=TOL[dtype] / 2)
 
 
 def test_gemv_refuses_more_than_16_tokens():

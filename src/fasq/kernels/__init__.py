@@ -5,6 +5,7 @@ Three kernel families, one file each (configs, early config pruner, autotuned
     gemv.py          decode GEMV, 1..16 tokens, LUT-free direct compute, split-K
     lut_gemm.py      prefill GEMM by on-chip look-up tables (CUDA cores)
     dequant_gemm.py  prefill GEMM: codes -> weight tile in registers, tl.dot (tensor cores)
+    dequant_cublas.py  many tokens: a Triton kernel rebuilds W, then cuBLAS (F.linear)
     dispatch.py      select_kernel(): which one runs a call (pure, no triton needed)
 
 Importing this package registers the CUDA implementation of `fasq::pq_linear`; it needs
@@ -32,7 +33,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # kernel name -> (module, launcher function)
 _LAUNCHERS = {"gemv": ("gemv", "gemv"), "lut_gemm": ("lut_gemm", "lut_gemm"),
-              "dequant_gemm": ("dequant_gemm", "dequant_gemm")}
+              "dequant_gemm": ("dequant_gemm", "dequant_gemm"),
+              "dequant_cublas": ("dequant_cublas", "dequant_cublas")}
 
 
 def _launcher(name: str):

@@ -7,7 +7,7 @@ the cost model in benchmarks/METHOD.md, not measurements.
 
 from __future__ import annotations
 
-KERNELS = ("gemv", "lut_gemm", "dequant_gemm", "reference")
+KERNELS = ("gemv", "lut_gemm", "dequant_gemm", "dequant_cublas", "reference")
 
 # Decode: up to this many tokens the direct-compute GEMV (codes read once for all
 # tokens, CUDA cores) is used. The GEMV itself accepts up to gemv.MAX_TOKENS (16).
@@ -20,6 +20,9 @@ GEMV_TOKEN_LIMIT = 16
 LUT_MAX_TOKENS = 32
 LUT_MAX_K = 256
 LUT_MIN_D = 2  # at d=1 a LUT lookup replaces a single multiply: never worth it
+# From this many tokens on, rebuilding W once and running cuBLAS beats the fused kernels
+# (the matmul is FLOP-bound there and cuBLAS runs the tensor cores best).
+CUBLAS_MIN_TOKENS = 128
 
 
 def select_kernel(device_type: str, tokens: int, d: int, K: int, *, has_triton: bool = True,
@@ -37,6 +40,8 @@ def select_kernel(device_type: str, tokens: int, d: int, K: int, *, has_triton: 
         return "reference"
     if tokens <= GEMV_MAX_TOKENS:
         return "gemv"
+    if tokens >= CUBLAS_MIN_TOKENS:
+        return "dequant_cublas"
     if tokens <= LUT_MAX_TOKENS and K <= LUT_MAX_K and d >= LUT_MIN_D:
         return "lut_gemm"
     return "dequant_gemm"

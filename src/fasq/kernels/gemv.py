@@ -79,10 +79,14 @@ def _prune(configs, named_args, **kwargs):
 def _centroid_part(word, e: tl.constexpr, EPW: tl.constexpr, ESIZE: tl.constexpr, CB_DTYPE: tl.constexpr):
     """Element e of a packed codebook word, as fp32. word: [...] uint32/uint64 (or the
     element type itself when EPW == 1)."""
+    # if/else, not an early return: compiled Triton type-checks the code after a
+    # constexpr-true `return` too (the interpreter does not).
     if EPW == 1:
-        return word.to(tl.float32)
-    bits = (word >> (e * 8 * ESIZE)).to(tl.int16 if ESIZE == 2 else tl.int32)
-    return bits.to(CB_DTYPE, bitcast=True).to(tl.float32)
+        out = word.to(tl.float32)
+    else:
+        bits = (word >> (e * 8 * ESIZE)).to(tl.int16 if ESIZE == 2 else tl.int32)
+        out = bits.to(CB_DTYPE, bitcast=True).to(tl.float32)
+    return out
 
 
 @triton.autotune(configs=_configs(), key=["N", "M", "K", "C", "BLOCK_T", "D", "MS_ALIGN"],
