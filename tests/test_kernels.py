@@ -137,9 +137,10 @@ def test_gemv_every_scope_and_d(scope, d):
 # Pinned configs: split-K on/off and uneven, the on-chip codebook (tl.gather) gather of
 # the GEMV, tiles larger than the problem, grouped scales not aligned with blocks.
 PINNED = [
-    ("gemv", dict(BLOCK_N=16, BLOCK_M=16, SPLIT_K=1, CB_SMEM=0)),
-    ("gemv", dict(BLOCK_N=32, BLOCK_M=8, SPLIT_K=3, CB_SMEM=1)),
-    ("gemv", dict(BLOCK_N=64, BLOCK_M=4, SPLIT_K=1, CB_SMEM=1)),
+    ("gemv", dict(BLOCK_N=16, BLOCK_M=16, SPLIT_K=1, CB_SMEM=0, ACC3=0)),
+    ("gemv", dict(BLOCK_N=16, BLOCK_M=16, SPLIT_K=1, CB_SMEM=0, ACC3=1)),
+    ("gemv", dict(BLOCK_N=32, BLOCK_M=8, SPLIT_K=3, CB_SMEM=1, ACC3=0)),
+    ("gemv", dict(BLOCK_N=64, BLOCK_M=4, SPLIT_K=1, CB_SMEM=1, ACC3=1)),
     ("lut_gemm", dict(BLOCK_T=4, BLOCK_N=64, BLOCK_M=2, SPLIT_K=1)),
     ("lut_gemm", dict(BLOCK_T=16, BLOCK_N=16, BLOCK_M=2, SPLIT_K=4)),
     ("dequant_gemm", dict(BLOCK_T=32, BLOCK_N=64, BLOCK_M=16, SPLIT_K=1)),

@@ -34,18 +34,23 @@ from .dispatch import GEMV_TOKEN_LIMIT as MAX_TOKENS  # tokens held in registers
 
 def _configs():
     if INTERPRET:  # small tiles that do not divide the test shapes, split-K on
-        return [triton.Config(dict(BLOCK_N=16, BLOCK_M=8, SPLIT_K=2, CB_SMEM=0), num_warps=4)]
+        return [triton.Config(dict(BLOCK_N=16, BLOCK_M=8, SPLIT_K=2, CB_SMEM=0, ACC3=1), num_warps=4)]
     # Kept small on purpose: every config is compiled once per (d, token block, flags)
     # and timed once per layer shape. Wide BLOCK_M = long contiguous code loads per row;
     # the split is chosen by the pruner so that every SM gets work.
     out = []
-    for bn in (16, 32, 64):
-        for bm in (128, 256):
-            for sk in (1, 2, 4, 8, 16):
-                out.append(triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, SPLIT_K=sk, CB_SMEM=0),
+    for sk in (1, 2, 4, 8, 16):
+        for bn in (16, 32, 64):
+            for bm in (128, 256):  # per-step reduction across BLOCK_M
+                out.append(triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, SPLIT_K=sk, CB_SMEM=0, ACC3=0),
+                                         num_warps=4, num_stages=2))
+        for bn in (16, 32):
+            for bm in (64, 128):  # 3-D accumulator, one reduction at the end (more registers)
+                out.append(triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, SPLIT_K=sk, CB_SMEM=0, ACC3=1),
                                          num_warps=4, num_stages=2))
     for sk in (1, 2, 4, 8):  # the on-chip codebook variant (one codebook, small K)
-        out.append(triton.Config(dict(BLOCK_N=32, BLOCK_M=128, SPLIT_K=sk, CB_SMEM=1), num_warps=4, num_stages=2))
+        out.append(triton.Config(dict(BLOCK_N=32, BLOCK_M=128, SPLIT_K=sk, CB_SMEM=1, ACC3=1), num_warps=4,
+                                 num_stages=2))
     return out
 
 
@@ -60,7 +65,9 @@ def _prune(configs, named_args, **kwargs):
         k = c.kwargs
         if k["BLOCK_N"] * k["BLOCK_M"] * BT > 128 * 32 * c.num_warps:  # [BT, BN, BM] products: <= 128 regs/thread
             continue
-        if k["BLOCK_M"] > max(128, next_pow2(M)) or k["BLOCK_N"] > max(16, next_pow2(N)):
+        if k["ACC3"] and k["BLOCK_N"] * k["BLOCK_M"] * BT > 64 * 32 * c.num_warps:  # + a 3-D accumulator
+            continue
+        if k["BLOCK_M"] > max(64, next_pow2(M)) or k["BLOCK_N"] > max(16, next_pow2(N)):
             continue
         if k["CB_SMEM"] and not (C == 1 and a["WPC"] * K <= 2048):
             continue
@@ -71,7 +78,7 @@ def _prune(configs, named_args, **kwargs):
             continue
         keep.append(c)
     # Tiny problems: nothing reaches one program per SM; keep the smallest tiles.
-    return keep or [c for c in configs if c.kwargs["BLOCK_N"] == 16 and c.kwargs["BLOCK_M"] == 128
+    return keep or [c for c in configs if c.kwargs["BLOCK_N"] == 16 and c.kwargs["BLOCK_M"] == 64
                     and not c.kwargs["CB_SMEM"]][:4]
 
 
@@ -107,7 +114,7 @@ def gemv_kernel(
     HAS_SCALES: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_BIAS: tl.constexpr,
     WPC: tl.constexpr, EPW: tl.constexpr, ESIZE: tl.constexpr, CB_DTYPE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, CB_SMEM: tl.constexpr, CB_WORDS: tl.constexpr,
+    SPLIT_K: tl.constexpr, CB_SMEM: tl.constexpr, CB_WORDS: tl.constexpr, ACC3: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -123,6 +130,12 @@ def gemv_kernel(
         cw = tl.arange(0, CB_WORDS)
         cb_all = tl.load(cbw_ptr + cw, mask=cw < K * WPC, other=0)
     acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    # ACC3: keep per-lane products in a [BT, BN, BM] accumulator and reduce across BM once
+    # at the end, instead of a cross-thread tl.sum every step (the first H100 run spent
+    # most of the GEMV's time in those per-step reductions: 36 us at 4096x4096 where the
+    # weight rebuild of dequant_cublas took 15 us).
+    if ACC3:
+        acc3 = tl.zeros([BLOCK_T, BLOCK_N, BLOCK_M], dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)  # [BM] subspaces
         mmask = m < m_hi
@@ -138,6 +151,11 @@ def gemv_kernel(
             s = tl.load(scales_ptr + n[:, None] * S + g, mask=wmask, other=0.0).to(tl.float32)
             if HAS_OFFSETS:
                 o = tl.load(offsets_ptr + n[:, None] * S + g, mask=wmask, other=0.0).to(tl.float32)
+        if PER_BLOCK:
+            g0 = m0 // MS
+            sb = tl.load(scales_ptr + n * S + g0, mask=nmask, other=0.0).to(tl.float32)  # [BN]
+            if HAS_OFFSETS:
+                ob = tl.load(offsets_ptr + n * S + g0, mask=nmask, other=0.0).to(tl.float32)  # [BN]
         part = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         xsum = tl.zeros([BLOCK_T], dtype=tl.float32)
         for wi in tl.static_range(WPC):
@@ -154,17 +172,24 @@ def gemv_kernel(
                         w += o
                 xj = tl.load(x_ptr + t[:, None] * (M * D) + (m * D + wi * EPW + e)[None, :],
                              mask=xmask, other=0.0).to(tl.float32)  # [BT, BM]
-                part += tl.sum(w[None, :, :] * xj[:, None, :], axis=2)
-                if PER_BLOCK and HAS_OFFSETS:
-                    xsum += tl.sum(xj, axis=1)
-        if PER_BLOCK:
-            g0 = m0 // MS
-            sb = tl.load(scales_ptr + n * S + g0, mask=nmask, other=0.0).to(tl.float32)  # [BN]
+                if ACC3:
+                    if PER_BLOCK:  # scale (and offset) the weights: no per-step reduction to scale
+                        w = w * sb[:, None]
+                        if HAS_OFFSETS:
+                            w += ob[:, None]
+                    acc3 += w[None, :, :] * xj[:, None, :]
+                else:
+                    part += tl.sum(w[None, :, :] * xj[:, None, :], axis=2)
+                    if PER_BLOCK and HAS_OFFSETS:
+                        xsum += tl.sum(xj, axis=1)
+        if PER_BLOCK and not ACC3:
             part = part * sb[None, :]
             if HAS_OFFSETS:  # sum_j (c_j*s + o) x_j = s*sum c_j x_j + o*sum x_j
-                ob = tl.load(offsets_ptr + n * S + g0, mask=nmask, other=0.0).to(tl.float32)
                 part += ob[None, :] * xsum[:, None]
-        acc += part
+        if not ACC3:
+            acc += part
+    if ACC3:
+        acc = tl.sum(acc3, axis=2)
     store_output(acc, y_ptr, ws_ptr, lock_ptr, bias_ptr, t, n, T, N, pid_n, HAS_BIAS, SPLIT_K)
 
 
