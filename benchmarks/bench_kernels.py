@@ -40,10 +40,36 @@ def parse_args(argv=None):
     ap.add_argument("--reps", type=int, default=20, help="timed batches per case (median reported)")
     ap.add_argument("--dry-run", action="store_true",
                     help="tiny shapes on CPU under TRITON_INTERPRET=1, host timer; results are not saved")
+    ap.add_argument("--summary", metavar="JSON",
+                    help="print a markdown table (dispatched and best fasq path vs cuBLAS fp16) of a saved run; no GPU")
     return ap.parse_args(argv)
 
 
+def summary(path: str) -> str:
+    """Markdown table of a results file: per case, the dispatched kernel, the fastest fasq
+    kernel and cuBLAS fp16 (us), the dispatched kernel's speed-up and % of copy bandwidth."""
+    res = json.loads(Path(path).read_text())
+    cases: dict = {}
+    for r in res["rows"]:
+        cases.setdefault((r["out"], r["in"], r["d"], r["K"], r["tokens"]), {})[r["kernel"]] = r
+    lines = [f"{res['device']}, copy bandwidth {res['copy_bandwidth_gbps']:.0f} GB/s"
+             f"{'' if res.get('complete') else ' (incomplete run)'}", "",
+             "| out x in | d, K | tokens | cuBLAS fp16 us | dispatched | us | x fp16 | % copy BW | fastest fasq (us) |",
+             "|---|---|---:|---:|---|---:|---:|---:|---|"]
+    for (o, i, d, K, T), ks in sorted(cases.items(), key=lambda kv: (kv[0][0] * kv[0][1], kv[0])):
+        fasq = {k: r for k, r in ks.items() if k not in ("cublas_fp16", "dequant_matmul")}
+        disp = next(r for r in fasq.values() if r["dispatched"])
+        best = min(fasq.values(), key=lambda r: r["time_us"])
+        lines.append(f"| {o}x{i} | {d}, {K} | {T} | {ks['cublas_fp16']['time_us']:.1f} | {disp['kernel']} | "
+                     f"{disp['time_us']:.1f} | {disp['speedup_vs_fp16']:.2f} | {disp['pct_copy_bw']:.0f} | "
+                     f"{best['kernel']} ({best['time_us']:.1f}) |")
+    return "\n".join(lines)
+
+
 args = parse_args()
+if args.summary:
+    print(summary(args.summary))
+    sys.exit(0)
 if args.dry_run:  # must be set before triton is imported
     os.environ["TRITON_INTERPRET"] = "1"
 

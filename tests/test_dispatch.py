@@ -14,24 +14,29 @@ def test_decode_tokens_use_gemv():
         assert select_kernel("cuda", tokens, 2, 256) == "gemv"
 
 
-def test_small_codebooks_few_tokens_use_lut():
+def test_small_codebooks_rebuild_the_weight_from_two_tokens():
     t = dispatch.GEMV_MAX_TOKENS + 1
-    assert select_kernel("cuda", t, 2, dispatch.LUT_MAX_K) == "lut_gemm"
-    assert select_kernel("cuda", dispatch.LUT_MAX_TOKENS, 4, 16) == "lut_gemm"
+    for d, K in ((1, 16), (2, 256), (4, 256), (2, dispatch.REBUILD_MAX_CODEBOOK // 2)):
+        assert select_kernel("cuda", t, d, K) == "dequant_cublas"
 
 
-def test_large_k_d1_or_mid_tokens_use_tensor_cores():
+def test_large_codebooks_use_the_fused_tensor_core_gemm_until_many_tokens():
     t = dispatch.GEMV_MAX_TOKENS + 1
-    assert select_kernel("cuda", t, 2, dispatch.LUT_MAX_K * 2) == "dequant_gemm"
-    assert select_kernel("cuda", t, 1, 16) == "dequant_gemm"  # d=1 (RTN): LUT buys nothing
-    assert select_kernel("cuda", dispatch.LUT_MAX_TOKENS + 1, 2, 256) == "dequant_gemm"
+    assert select_kernel("cuda", t, 4, 4096) == "dequant_gemm"
     assert select_kernel("cuda", dispatch.CUBLAS_MIN_TOKENS - 1, 4, 4096) == "dequant_gemm"
+    assert select_kernel("cuda", t, 2, dispatch.REBUILD_MAX_CODEBOOK) == "dequant_gemm"
 
 
 def test_many_tokens_rebuild_the_weight_for_cublas():
     for tokens in (dispatch.CUBLAS_MIN_TOKENS, 2048, 100_000):
         for d, K in ((1, 16), (2, 256), (4, 4096)):
             assert select_kernel("cuda", tokens, d, K) == "dequant_cublas"
+
+
+def test_lut_gemm_is_never_chosen_automatically():
+    for tokens in (1, 2, 3, 8, 16, 32, 53, 127, 128, 2048):
+        for d, K in ((1, 16), (2, 16), (2, 256), (4, 4096), (8, 65536)):
+            assert select_kernel("cuda", tokens, d, K) != "lut_gemm"
 
 
 def test_reference_without_gpu_or_triton():
@@ -53,7 +58,7 @@ def test_always_a_known_name():
 
 def test_thresholds_are_consistent():
     assert 1 <= dispatch.GEMV_MAX_TOKENS <= dispatch.GEMV_TOKEN_LIMIT
-    assert dispatch.GEMV_MAX_TOKENS < dispatch.LUT_MAX_TOKENS < dispatch.CUBLAS_MIN_TOKENS
+    assert dispatch.GEMV_MAX_TOKENS < dispatch.CUBLAS_MIN_TOKENS
 
 
 def test_import_without_triton():

@@ -1,8 +1,8 @@
 """Which kernel runs a pq_linear call: one pure function of the call's shape.
 
-The thresholds are named constants so that benchmark data (benchmarks/bench_kernels.py,
-results in benchmarks/results/) can tune them; the values below are first guesses from
-the cost model in benchmarks/METHOD.md, not measurements.
+The thresholds are named constants tuned from benchmark data (benchmarks/bench_kernels.py;
+the H100 numbers behind each value are in benchmarks/results/kernels-nvidia-h100-80gb-hbm3.json and quoted
+below, in microseconds per call with CUDA-graph timing).
 """
 
 from __future__ import annotations
@@ -10,19 +10,24 @@ from __future__ import annotations
 KERNELS = ("gemv", "lut_gemm", "dequant_gemm", "dequant_cublas", "reference")
 
 # Decode: up to this many tokens the direct-compute GEMV (codes read once for all
-# tokens, CUDA cores) is used. The GEMV itself accepts up to gemv.MAX_TOKENS (16).
-GEMV_MAX_TOKENS = 8
+# tokens, CUDA cores) runs. H100, d=2 K=256: 1 token 35.9 (GEMV) vs 33.3 (rebuild +
+# cuBLAS) at 4096x4096, 12.8 vs 12.9 at 1024x4096, 111 vs 118 at 14336x4096; from 4
+# tokens on the GEMV loses (63.8 vs 33.1), so only single-token calls take it.
+GEMV_MAX_TOKENS = 1
 # The most tokens the GEMV kernel accepts at all (it keeps BLOCK_T tokens in registers).
 GEMV_TOKEN_LIMIT = 16
-# The LUT GEMM (CUDA cores) is only considered for small codebooks, where building a
-# tables of K entries per token and subspace is cheap, and few tokens; beyond that the
-# tensor-core dequant GEMM is expected to win (crossover to be measured).
-LUT_MAX_TOKENS = 32
-LUT_MAX_K = 256
-LUT_MIN_D = 2  # at d=1 a LUT lookup replaces a single multiply: never worth it
-# From this many tokens on, rebuilding W once and running cuBLAS beats the fused kernels
-# (the matmul is FLOP-bound there and cuBLAS runs the tensor cores best).
+# Rebuilding W (Triton gather, then cuBLAS) costs one pass over the codes and one write
+# of W when the codebook stays in cache: 15 us at 4096x4096, d=2 K=256. A codebook with
+# more than this many values (K * d) per group makes the gathers miss: d=4 K=4096 takes
+# 159 us there, so the fused tensor-core GEMM (dequant_gemm, 34-43 us up to 16 tokens)
+# runs instead until CUBLAS_MIN_TOKENS.
+REBUILD_MAX_CODEBOOK = 2048
+# From this many tokens on, rebuild + cuBLAS beats the fused kernels for every codebook
+# (d=4 K=4096, 128 tokens: 48 vs 64 us at 1024x4096, 562 vs 636 at 14336x4096).
 CUBLAS_MIN_TOKENS = 128
+# The LUT GEMM is never chosen automatically: on the H100 it was the slowest path at
+# every measured shape (0.17-21 ms where the best path took 12-150 us). It stays
+# available with kernel="lut_gemm" for study and other hardware.
 
 
 def select_kernel(device_type: str, tokens: int, d: int, K: int, *, has_triton: bool = True,
@@ -40,8 +45,6 @@ def select_kernel(device_type: str, tokens: int, d: int, K: int, *, has_triton: 
         return "reference"
     if tokens <= GEMV_MAX_TOKENS:
         return "gemv"
-    if tokens >= CUBLAS_MIN_TOKENS:
+    if tokens >= CUBLAS_MIN_TOKENS or K * d <= REBUILD_MAX_CODEBOOK:
         return "dequant_cublas"
-    if tokens <= LUT_MAX_TOKENS and K <= LUT_MAX_K and d >= LUT_MIN_D:
-        return "lut_gemm"
     return "dequant_gemm"
