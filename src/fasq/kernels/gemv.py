@@ -156,8 +156,9 @@ def gemv_kernel(
             sb = tl.load(scales_ptr + n * S + g0, mask=nmask, other=0.0).to(tl.float32)  # [BN]
             if HAS_OFFSETS:
                 ob = tl.load(offsets_ptr + n * S + g0, mask=nmask, other=0.0).to(tl.float32)  # [BN]
-        part = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        xsum = tl.zeros([BLOCK_T], dtype=tl.float32)
+        if not ACC3:  # per-step partial sums (ACC3 accumulates in acc3 instead)
+            part = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+            xsum = tl.zeros([BLOCK_T], dtype=tl.float32)
         for wi in tl.static_range(WPC):
             if CB_SMEM:
                 flat = tl.reshape(word0 + wi, [BLOCK_N * BLOCK_M])
