@@ -90,3 +90,5 @@ def _pq_linear_cuda(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor 
 
 
 ops.pq_linear.register_kernel("cuda")(_pq_linear_cuda)
+
+from . import cpu  # noqa: E402,F401 - registers the CPU implementation (compiled on first call)

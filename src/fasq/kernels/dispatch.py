@@ -48,3 +48,20 @@ def select_kernel(device_type: str, tokens: int, d: int, K: int, *, has_triton: 
     if tokens >= CUBLAS_MIN_TOKENS or K * d <= REBUILD_MAX_CODEBOOK:
         return "dequant_cublas"
     return "dequant_gemm"
+
+
+# --- CPU ---------------------------------------------------------------------------------
+
+CPU_KERNELS = ("cpu_gemv", "cpu_dequant", "reference")
+
+# Up to this many tokens the CPU decode kernel (no W built) runs; above it W is rebuilt
+# once per call and torch's matmul runs (benchmarks/bench_decode.py --device cpu).
+CPU_GEMV_MAX_TOKENS = 8
+
+
+def select_cpu_kernel(tokens: int, d: int, K: int, *, has_library: bool = True) -> str:
+    """Name of the CPU path for `tokens` rows of activations against a (d, K) layer; one of
+    CPU_KERNELS ("reference" when the C++ library could not be built or loaded)."""
+    if not has_library or tokens <= 0:
+        return "reference"
+    return "cpu_gemv" if tokens <= CPU_GEMV_MAX_TOKENS else "cpu_dequant"
