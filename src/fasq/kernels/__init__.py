@@ -89,6 +89,6 @@ def _pq_linear_cuda(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor 
     return pq_linear_triton(x, codes, codebooks, scales, offsets, bias, kernel="auto")
 
 
-ops.pq_linear.register_kernel("cuda")(_pq_linear_cuda)
+ops.register_kernel("cuda", _pq_linear_cuda)
 
 from . import cpu  # noqa: E402,F401 - registers the CPU implementation (compiled on first call)

@@ -55,8 +55,12 @@ def select_kernel(device_type: str, tokens: int, d: int, K: int, *, has_triton: 
 CPU_KERNELS = ("cpu_gemv", "cpu_dequant", "reference")
 
 # Up to this many tokens the CPU decode kernel (no W built) runs; above it W is rebuilt
-# once per call and torch's matmul runs (benchmarks/bench_decode.py --device cpu).
-CPU_GEMV_MAX_TOKENS = 8
+# once per call into a reused buffer and torch's matmul runs. The kernel decodes the codes
+# once per 4 tokens, so its cost grows in steps of 4 while the rebuild's is flat. Measured
+# on a 2-core AMD EPYC (Zen 4), bf16, d=2 K=256, microseconds kernel / rebuild+matmul:
+# 576x576: 4 tokens 71 / 128, 8 tokens 137 / 136; 4096x4096: 4 tokens 2037 / 3741,
+# 8 tokens 4463 / 3695; d=4 K=4096 at 4096x4096: 2864 / 4059 and 5594 / 4151.
+CPU_GEMV_MAX_TOKENS = 6
 
 
 def select_cpu_kernel(tokens: int, d: int, K: int, *, has_library: bool = True) -> str:

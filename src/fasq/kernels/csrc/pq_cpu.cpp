@@ -46,7 +46,9 @@
 namespace {
 
 constexpr int MAX_NT = 4;                  // tokens per pass (register-resident accumulators)
-constexpr int64_t CODEBOOK_BUDGET = 64 << 10;  // fp32 codebook bytes a column tile may touch
+// Codebook bytes one column tile may touch: an L2's share (a 32 KB L1 cannot hold even one
+// fp16 d=4 K=4096 codebook, so tiling for L1 only breaks the row-major code stream).
+constexpr int64_t CODEBOOK_BUDGET = 256 << 10;
 constexpr int64_t GENERIC_CHUNK = 512;     // floats decoded at once by the portable path
 constexpr int64_t PARALLEL_MIN_WEIGHTS = 1 << 16;  // smaller layers run on one thread
 constexpr int64_t ROW_BLOCK = 64;          // rows per block when codebooks come in several tiles
@@ -118,6 +120,41 @@ inline float elem(const void* p, int64_t j, int dtype) {  // run-time dtype (sca
 }
 inline int64_t elem_bytes(int dtype) { return dtype == CB_F32 ? 4 : 2; }
 
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept quiet
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+inline uint16_t float_to_half(float f) {  // IEEE fp16, round to nearest even, portable
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);           // NaN
+  if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);          // overflow -> inf
+  if (a < 0x38800000u) {                                            // subnormal or zero
+    float mag;
+    memcpy(&mag, &a, 4);
+    return (uint16_t)(sign | (uint32_t)__builtin_lrintf(mag * 16777216.f));  // units of 2^-24
+  }
+  const uint32_t r = a + 0x0fffu + ((a >> 13) & 1u) - (112u << 23);
+  return (uint16_t)(sign | (r >> 13));
+}
+
+inline int64_t read_code(const char* row, int64_t m, int code_bytes) {
+  if (code_bytes == 1) return reinterpret_cast<const uint8_t*>(row)[m];
+  if (code_bytes == 2) return reinterpret_cast<const uint16_t*>(row)[m];
+  return reinterpret_cast<const int32_t*>(row)[m];
+}
+
+inline void store(void* p, int64_t j, float v, int dtype) {
+  if (dtype == CB_F32) static_cast<float*>(p)[j] = v;
+  else if (dtype == CB_BF16) static_cast<uint16_t*>(p)[j] = float_to_bf16(v);
+  else static_cast<uint16_t*>(p)[j] = float_to_half(v);
+}
+
 // One call's arguments, shared by all threads. Codebooks: [C, K, d] of cb_dtype; scales
 // and offsets [out, S] of scale_dtype; xsum [T, R]: activations summed over each run.
 struct Layer {
@@ -174,6 +211,24 @@ void row_generic(const Layer& L, size_t r0, size_t r1, int64_t o, int64_t t0, in
     }
     const float sc = L.scale(o, run.g);
     for (int t = 0; t < nt; t++) tot[t] += sc * acc[t] + L.offset_term(o, r, t0 + t);
+  }
+}
+
+// A dequantize kernel: row o of W (runs [0, R)) into `w` as fp32 or bf16 (w_dtype).
+typedef void (*DequantFn)(const Layer& L, int64_t o, void* w, int w_dtype);
+
+template <typename CodeT, typename CbT>
+void dequant_generic(const Layer& L, int64_t o, void* w, int w_dtype) {
+  const CodeT* crow = reinterpret_cast<const CodeT*>(L.codes) + o * L.M;
+  const int64_t d = L.d;
+  for (int64_t r = 0; r < L.R; r++) {
+    const Run& run = L.runs[r];
+    const void* cbk = L.cb + run.c * L.cb_bytes;
+    const float sc = L.scale(o, run.g), off = L.offsets ? elem(L.offsets, o * L.S + run.g, L.scale_dtype) : 0.f;
+    for (int64_t m = run.m0; m < run.m1; m++) {
+      const int64_t base = (int64_t)crow[m] * d;
+      for (int64_t j = 0; j < d; j++) store(w, m * d + j, elem(cbk, base + j, CbT{}) * sc + off, w_dtype);
+    }
   }
 }
 
@@ -370,6 +425,86 @@ FASQ_AVX2 void row_avx2_d1(const Layer& L, size_t r0, size_t r1, int64_t o, int6
   }
 }
 
+// 8 floats to 8 bf16 (round to nearest even; weights are finite).
+FASQ_AVX2 inline void store_bf16x8(uint16_t* p, __m256 v) {
+  __m256i u = _mm256_castps_si256(v);
+  u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+  u = _mm256_srli_epi32(u, 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
+}
+
+// Dequantize row o: 8 weights at a time from `load(run, i)` (STEP codes), times the run's
+// scale plus its offset, stored as fp32 or bf16; leftover codes go through the portable
+// element loop.
+template <int STEP, typename CbT, typename Prepare, typename Load>
+FASQ_AVX2 inline void dequant_loop(const Layer& L, int64_t o, const void* crow_, int code_bytes, void* w, int w_dtype,
+                                   Prepare prepare, Load load) {
+  const int64_t d = L.d;
+  for (int64_t r = 0; r < L.R; r++) {
+    const Run& run = L.runs[r];
+    prepare(run);
+    const float sc = L.scale(o, run.g), off = L.offsets ? elem(L.offsets, o * L.S + run.g, L.scale_dtype) : 0.f;
+    const __m256 sv = _mm256_set1_ps(sc), ov = _mm256_set1_ps(off);
+    const int64_t n = run.m1 - run.m0;
+    int64_t i = 0;
+    for (; i + STEP <= n; i += STEP) {
+      const __m256 v = _mm256_fmadd_ps(load(run, i), sv, ov);
+      const int64_t col = (run.m0 + i) * d;
+      if (w_dtype == CB_F32) _mm256_storeu_ps(static_cast<float*>(w) + col, v);
+      else store_bf16x8(static_cast<uint16_t*>(w) + col, v);
+    }
+    const void* cbk = L.cb + run.c * L.cb_bytes;
+    for (; i < n; i++) {
+      const int64_t m = run.m0 + i, base = read_code(static_cast<const char*>(crow_), m, code_bytes) * d;
+      for (int64_t j = 0; j < d; j++) store(w, m * d + j, elem(cbk, base + j, CbT{}) * sc + off, w_dtype);
+    }
+  }
+}
+
+template <int D, typename CodeT, typename CbT>
+FASQ_AVX2 void dequant_avx2(const Layer& L, int64_t o, void* w, int w_dtype) {
+  const CodeT* crow = reinterpret_cast<const CodeT*>(L.codes) + o * L.M;
+  if constexpr (D == 1) {
+    alignas(32) float tab[16] = {0};
+    __m256 lo = _mm256_setzero_ps(), hi = lo;
+    int64_t loaded = -1;
+    dequant_loop<8, CbT>(
+        L, o, crow, sizeof(CodeT), w, w_dtype,
+        [&](const Run& run) FASQ_AVX2 {
+          if (run.c == loaded) return;
+          for (int64_t k = 0; k < L.K; k++) tab[k] = elem(L.cb + run.c * L.cb_bytes, k, CbT{});
+          lo = _mm256_load_ps(tab), hi = _mm256_load_ps(tab + 8), loaded = run.c;
+        },
+        [&](const Run& run, int64_t i) FASQ_AVX2 {
+          const __m256i idx = load_idx8(crow + run.m0 + i);
+          const __m256 sel = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+          return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx), sel);
+        });
+  } else {
+    dequant_loop<8 / D, CbT>(
+        L, o, crow, sizeof(CodeT), w, w_dtype, [](const Run&) {},
+        [&](const Run& run, int64_t i) FASQ_AVX2 {
+          return Centroids<D, CbT>::get(L.cb + run.c * L.cb_bytes, crow + run.m0 + i);
+        });
+  }
+}
+
+template <int D, typename CodeT>
+DequantFn dequant_cb(int cb_dtype) {
+  if (cb_dtype == CB_F16) return dequant_avx2<D, CodeT, Half>;
+  if (cb_dtype == CB_BF16) return dequant_avx2<D, CodeT, BF16>;
+  return dequant_avx2<D, CodeT, float>;
+}
+
+template <typename CodeT>
+DequantFn avx2_dequant_for(int64_t d, int64_t K, int cb_dtype) {
+  if (d == 1 && K <= 16) return dequant_cb<1, CodeT>(cb_dtype);
+  if (d == 2) return dequant_cb<2, CodeT>(cb_dtype);
+  if (d == 4) return dequant_cb<4, CodeT>(cb_dtype);
+  if (d == 8) return dequant_cb<8, CodeT>(cb_dtype);
+  return nullptr;
+}
+
 template <int D, typename CodeT, typename CbT>
 RowFn avx2_nt(int nt) {
   if constexpr (D == 1) {
@@ -440,6 +575,27 @@ RowFn pick(int64_t d, int64_t K, int cb_dtype, int nt) {
   return generic_for<CodeT>(cb_dtype);
 }
 
+template <typename CodeT>
+DequantFn pick_dequant_t(int64_t d, int64_t K, int cb_dtype) {
+#if FASQ_X86
+  if (!force_portable() && cpu_has_avx2()) {
+    if (DequantFn f = avx2_dequant_for<CodeT>(d, K, cb_dtype)) return f;
+  }
+#endif
+  (void)d, (void)K;
+  if (cb_dtype == CB_F16) return dequant_generic<CodeT, Half>;
+  if (cb_dtype == CB_BF16) return dequant_generic<CodeT, BF16>;
+  return dequant_generic<CodeT, float>;
+}
+
+DequantFn pick_dequant(int code_bytes, int64_t d, int64_t K, int cb_dtype) {
+  if (code_bytes == 1) return pick_dequant_t<uint8_t>(d, K, cb_dtype);
+  if (code_bytes == 2) return pick_dequant_t<uint16_t>(d, K, cb_dtype);
+  if (cb_dtype == CB_F16) return dequant_generic<int32_t, Half>;
+  if (cb_dtype == CB_BF16) return dequant_generic<int32_t, BF16>;
+  return dequant_generic<int32_t, float>;
+}
+
 RowFn pick_fn(int code_bytes, int64_t d, int64_t K, int cb_dtype, int nt) {
   if (code_bytes == 1) return pick<uint8_t>(d, K, cb_dtype, nt);
   if (code_bytes == 2) return pick<uint16_t>(d, K, cb_dtype, nt);
@@ -463,25 +619,30 @@ int threads_for(int64_t weights, int nthreads) {
   return (nthreads > 1 && weights >= PARALLEL_MIN_WEIGHTS) ? nthreads : 1;
 }
 
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept quiet
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
 
-int64_t read_code(const char* row, int64_t m, int code_bytes) {
-  if (code_bytes == 1) return reinterpret_cast<const uint8_t*>(row)[m];
-  if (code_bytes == 2) return reinterpret_cast<const uint16_t*>(row)[m];
-  return reinterpret_cast<const int32_t*>(row)[m];
-}
+
+
+// The run, tile and activation-sum setup shared by both entry points.
+struct Plan {
+  std::vector<Run> runs;
+  std::vector<size_t> tiles;
+  Layer L;
+  Plan(int64_t in, int64_t out, const void* codes, int code_bytes, const void* codebooks, int cb_dtype, int64_t C,
+       int64_t K, int64_t d, const void* scales, const void* offsets, int scale_dtype, int64_t S) {
+    const int64_t M = in / d, cb_bytes = K * d * elem_bytes(cb_dtype);
+    runs = make_runs(M, M / C, scales ? M / S : M);
+    tiles = make_tiles(runs, cb_bytes);
+    L = Layer{nullptr, 0, in, out, M, d, K, static_cast<const char*>(codes), code_bytes,
+              static_cast<const char*>(codebooks), cb_bytes, scales, offsets, scale_dtype, S,
+              runs.data(), nullptr, (int64_t)runs.size()};
+  }
+};
 
 }  // namespace
 
 extern "C" {
 
-// "avx2" or "portable": the path fasq_cpu_pq_linear takes on this CPU.
+// "avx2" or "portable": the path the kernels take on this CPU.
 const char* fasq_cpu_isa(void) {
 #if FASQ_X86
   if (!force_portable() && cpu_has_avx2()) return "avx2";
@@ -489,37 +650,50 @@ const char* fasq_cpu_isa(void) {
   return "portable";
 }
 
-// y = x @ W.T + bias without building W. cb_dtype / scale_dtype: 0 fp32, 1 fp16, 2 bf16
-// (codebooks / scales and offsets). Returns 0, or a nonzero code for invalid arguments.
-int fasq_cpu_pq_linear(const float* x, int64_t T, int64_t in, int64_t out, const void* codes,
-                       int code_bytes, const void* codebooks, int cb_dtype, int64_t C, int64_t K,
-                       int64_t d, const void* scales, const void* offsets, int scale_dtype, int64_t S,
-                       const float* bias, float* y, int nthreads) {
+// y = x @ W.T + bias without building W.
+// x [T, in] and y [T, out] have x_dtype; bias [out] has bias_dtype; codebooks cb_dtype;
+// scales and offsets scale_dtype (dtype codes: 0 fp32, 1 fp16, 2 bf16). Returns 0, or a
+// nonzero code for invalid arguments.
+int fasq_cpu_pq_linear(const void* x, int x_dtype, int64_t T, int64_t in, int64_t out, const void* codes,
+                       int code_bytes, const void* codebooks, int cb_dtype, int64_t C, int64_t K, int64_t d,
+                       const void* scales, const void* offsets, int scale_dtype, int64_t S, const void* bias,
+                       int bias_dtype, void* y, int nthreads) {
   if (int err = check_args(in, out, code_bytes, C, K, d, S, scales, offsets, cb_dtype, scale_dtype)) return err;
+  if (x_dtype < CB_F32 || x_dtype > CB_BF16 || bias_dtype < CB_F32 || bias_dtype > CB_BF16) return 7;
   if (T <= 0) return 0;
-  const int64_t M = in / d, cb_bytes = K * d * elem_bytes(cb_dtype);
-  const std::vector<Run> runs = make_runs(M, M / C, scales ? M / S : M);
-  const std::vector<size_t> tiles = make_tiles(runs, cb_bytes);
-  const int64_t R = (int64_t)runs.size();
-  std::vector<float> xsum;  // [T, R]: activations summed over each run, for the offsets
+  Plan plan(in, out, codes, code_bytes, codebooks, cb_dtype, C, K, d, scales, offsets, scale_dtype, S);
+  Layer& L = plan.L;
+  // fp32 activations (converted once), and their sums over each run for the offsets
+  std::vector<float> xf;
+  if (x_dtype == CB_F32) {
+    L.x = static_cast<const float*>(x);
+  } else {
+    xf.resize(T * in);
+    for (int64_t j = 0; j < T * in; j++) xf[j] = elem(x, j, x_dtype);
+    L.x = xf.data();
+  }
+  L.T = T;
+  std::vector<float> xsum;  // [T, R]
   if (offsets) {
-    xsum.assign(T * R, 0.f);
+    xsum.assign(T * L.R, 0.f);
     for (int64_t t = 0; t < T; t++)
-      for (int64_t r = 0; r < R; r++) {
-        const float* xp = x + t * in + runs[r].m0 * d;
+      for (int64_t r = 0; r < L.R; r++) {
+        const float* xp = L.x + t * in + plan.runs[r].m0 * d;
         float s = 0.f;
-        for (int64_t j = 0; j < (runs[r].m1 - runs[r].m0) * d; j++) s += xp[j];
-        xsum[t * R + r] = s;
+        for (int64_t j = 0; j < (plan.runs[r].m1 - plan.runs[r].m0) * d; j++) s += xp[j];
+        xsum[t * L.R + r] = s;
       }
+    L.xsum = xsum.data();
   }
   RowFn fns[MAX_NT + 1];
   for (int nt = 1; nt <= MAX_NT; nt++) fns[nt] = pick_fn(code_bytes, d, K, cb_dtype, nt);
-  const Layer L{x, T, in, out, M, d, K, static_cast<const char*>(codes), code_bytes,
-                static_cast<const char*>(codebooks), cb_bytes, scales, offsets, scale_dtype, S,
-                runs.data(), xsum.data(), R};
+  const std::vector<size_t>& tiles = plan.tiles;
+  // fp32 sums: y itself when fp32, else a scratch [T, out] converted at the end
+  std::vector<float> yscratch;
+  float* yf = x_dtype == CB_F32 ? static_cast<float*>(y) : (yscratch.resize(T * out), yscratch.data());
   // With several column tiles, rows go in blocks so that a block's codes stay in cache
   // (and its pages in the TLB) while the tiles sweep over it.
-  const int64_t row_block = tiles.size() > 2 ? ROW_BLOCK : out;
+  const int64_t row_block = tiles.size() > 1 ? ROW_BLOCK : out;
   const int nth = threads_for(out * in, nthreads);
 #pragma omp parallel num_threads(nth) if (nth > 1)
   {
@@ -531,7 +705,7 @@ int fasq_cpu_pq_linear(const float* x, int64_t T, int64_t in, int64_t out, const
     const int64_t o0 = out * tid / nthr, o1 = out * (tid + 1) / nthr;
     alignas(64) float buf[GENERIC_CHUNK + 16];
     for (int64_t o = o0; o < o1; o++)
-      for (int64_t t = 0; t < T; t++) y[t * out + o] = bias ? bias[o] : 0.f;
+      for (int64_t t = 0; t < T; t++) yf[t * out + o] = bias ? elem(bias, o, bias_dtype) : 0.f;
     for (int64_t b0 = o0; b0 < o1; b0 += row_block) {
       const int64_t b1 = std::min(o1, b0 + row_block);
       for (size_t k = 0; k + 1 < tiles.size(); k++)
@@ -540,36 +714,28 @@ int fasq_cpu_pq_linear(const float* x, int64_t T, int64_t in, int64_t out, const
             const int nt = (int)std::min<int64_t>(MAX_NT, T - t0);
             float tot[MAX_NT];
             fns[nt](L, tiles[k], tiles[k + 1], o, t0, nt, tot, buf);
-            for (int t = 0; t < nt; t++) y[(t0 + t) * out + o] += tot[t];
+            for (int t = 0; t < nt; t++) yf[(t0 + t) * out + o] += tot[t];
           }
     }
+    if (x_dtype != CB_F32)
+      for (int64_t t = 0; t < T; t++)
+        for (int64_t o = o0; o < o1; o++) store(y, t * out + o, yf[t * out + o], x_dtype);
   }
   return 0;
 }
 
-// W[out, in] = codebook values * scales + offsets, as fp32 (out_bf16 = 0) or bf16 (1).
+// W[out, in] = codebook values * scales + offsets, written as w_dtype (0 fp32, 2 bf16).
 int fasq_cpu_dequantize(const void* codes, int code_bytes, const void* codebooks, int cb_dtype, int64_t C,
                         int64_t K, int64_t d, const void* scales, const void* offsets, int scale_dtype,
-                        int64_t S, int64_t out, int64_t in, void* W, int out_bf16, int nthreads) {
+                        int64_t S, int64_t out, int64_t in, void* W, int w_dtype, int nthreads) {
   if (int err = check_args(in, out, code_bytes, C, K, d, S, scales, offsets, cb_dtype, scale_dtype)) return err;
-  const int64_t M = in / d, span = M / C, gsub = scales ? M / S : M;
+  if (w_dtype != CB_F32 && w_dtype != CB_BF16) return 7;
+  Plan plan(in, out, codes, code_bytes, codebooks, cb_dtype, C, K, d, scales, offsets, scale_dtype, S);
+  const DequantFn fn = pick_dequant(code_bytes, d, K, cb_dtype);
+  const int64_t row_bytes = in * (w_dtype == CB_F32 ? 4 : 2);
   const int nth = threads_for(out * in, nthreads);
 #pragma omp parallel for num_threads(nth) if (nth > 1) schedule(static)
-  for (int64_t o = 0; o < out; o++) {
-    const char* crow = static_cast<const char*>(codes) + o * M * code_bytes;
-    float* wf = static_cast<float*>(W) + o * in;
-    uint16_t* wb = static_cast<uint16_t*>(W) + o * in;
-    for (int64_t m = 0; m < M; m++) {
-      const int64_t base = ((m / span) * K + read_code(crow, m, code_bytes)) * d;
-      const float s = scales ? elem(scales, o * S + m / gsub, scale_dtype) : 1.f;
-      const float off = offsets ? elem(offsets, o * S + m / gsub, scale_dtype) : 0.f;
-      for (int64_t j = 0; j < d; j++) {
-        const float w = elem(codebooks, base + j, cb_dtype) * s + off;
-        if (out_bf16) wb[m * d + j] = float_to_bf16(w);
-        else wf[m * d + j] = w;
-      }
-    }
-  }
+  for (int64_t o = 0; o < out; o++) fn(plan.L, o, static_cast<char*>(W) + o * row_bytes, w_dtype);
   return 0;
 }
 
