@@ -25,6 +25,7 @@ one warning says why. Nothing is compiled at import time.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -101,6 +102,8 @@ def _declare(lib) -> None:
                                         i32]
     lib.fasq_cpu_dequantize.restype = i32
     lib.fasq_cpu_isa.restype = ctypes.c_char_p
+    lib.fasq_cpu_force_portable.argtypes = [i32]
+    lib.fasq_cpu_force_portable.restype = i32
 
 
 def load_library(build: bool = True):
@@ -177,31 +180,71 @@ def _check(err: int, what: str) -> None:
         raise ValueError(f"fasq CPU kernel ({what}): {_ERRORS.get(err, f'error {err}')}")
 
 
-def _check_shapes(x: Tensor, codes: Tensor, codebooks: Tensor) -> None:
+def _check_shapes(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = None,
+                  offsets: Tensor | None = None) -> None:
     M, (C, K, d) = codes.shape[1], codebooks.shape
+    if offsets is not None and scales is None:
+        raise ValueError("fasq CPU kernel: offsets without scales (W = codebook * scale + offset needs both)")
     if x.shape[-1] != M * d:
         raise ValueError(f"x has {x.shape[-1]} features, codes/codebooks describe in = {M}*{d}")
     if codes.dtype not in (torch.uint8, torch.int16, torch.int32):
         raise ValueError(f"codes must be uint8, int16 or int32 (fasq.ops.code_dtype), got {codes.dtype}")
 
 
+@contextlib.contextmanager
+def portable():
+    """Run the library's portable C path inside this block, even where AVX2 is present
+    (tests and comparisons; FASQ_CPU_ISA=portable does the same for a whole process)."""
+    lib = load_library()
+    if lib is None:
+        raise RuntimeError(f"the fasq CPU kernel is unavailable: {_lib_error}")
+    old = lib.fasq_cpu_force_portable(1)
+    try:
+        yield
+    finally:
+        lib.fasq_cpu_force_portable(old)
+
+
+_forced: str | None = None
+
+
+@contextlib.contextmanager
+def use_kernel(name: str):
+    """Make every fasq::pq_linear call on the CPU inside this block take the path `name`
+    (one of CPU_KERNELS), e.g. "reference" to time or check against the old path."""
+    global _forced
+    if name not in CPU_KERNELS:
+        raise ValueError(f"unknown CPU kernel {name!r}; choose one of {CPU_KERNELS}")
+    old, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = old
+
+
 def gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = None,
-         offsets: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+         offsets: Tensor | None = None, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """Decode path: y[..., out] = x[..., in] @ W.T + bias without building W.
 
     x: [..., in] fp32, bf16 or fp16 (other dtypes go through fp32); y has x's dtype.
+    out: optional contiguous [tokens, out] tensor of that dtype to write into.
     Per call this costs a few microseconds of Python besides the kernel: small layers
     (the default model's 576 x 576) take tens of microseconds in all.
     """
     lib = load_library()
-    _check_shapes(x, codes, codebooks)
+    _check_shapes(x, codes, codebooks, scales, offsets)
     out_f, M = codes.shape
     C, K, d = codebooks.shape
     xk, xt = _native(x.reshape(-1, x.shape[-1]))  # [T, in]
     codes = codes.contiguous()
     (cb, cbt), (sc, st), (bi, bt) = _codebooks(codebooks), _native(scales), _native(bias)
     of = None if offsets is None else offsets.to(sc.dtype).contiguous()
-    y = torch.empty(xk.shape[0], out_f, dtype=xk.dtype)
+    if out is None:
+        y = torch.empty(xk.shape[0], out_f, dtype=xk.dtype)
+    elif out.shape != (xk.shape[0], out_f) or out.dtype != xk.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {xk.dtype} tensor of shape {(xk.shape[0], out_f)}")
+    else:
+        y = out
     S = 0 if scales is None else scales.shape[1]
     _check(lib.fasq_cpu_pq_linear(xk.data_ptr(), xt, xk.shape[0], xk.shape[1], out_f, codes.data_ptr(),
                                   codes.element_size(), cb.data_ptr(), cbt, C, K, d, _ptr(sc), _ptr(of), st, S,
@@ -229,6 +272,8 @@ def dequantize(codes: Tensor, codebooks: Tensor, scales: Tensor | None = None, o
     """W[out, in] in fp32 or bf16, rebuilt by the library (into `out` when given)."""
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"the CPU dequantize writes float32 or bfloat16, not {dtype}")
+    if offsets is not None and scales is None:
+        raise ValueError("fasq CPU kernel: offsets without scales (W = codebook * scale + offset needs both)")
     lib = load_library()
     out_f, M = codes.shape
     C, K, d = codebooks.shape
@@ -246,7 +291,7 @@ def dequantize(codes: Tensor, codebooks: Tensor, scales: Tensor | None = None, o
 def dequant_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = None,
                    offsets: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
     """Prefill path: W rebuilt into a reused buffer (x's dtype if fp32/bf16), then matmul."""
-    _check_shapes(x, codes, codebooks)
+    _check_shapes(x, codes, codebooks, scales, offsets)
     wdtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
     W = dequantize(codes, codebooks, scales, offsets, dtype=wdtype,
                    out=_weight_buffer(codes.shape[0] * codes.shape[1] * codebooks.shape[2], wdtype))
@@ -260,6 +305,8 @@ def pq_linear_cpu(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | 
 
     kernel: "auto" (select_cpu_kernel decides) or force one of CPU_KERNELS.
     """
+    if kernel == "auto" and _forced is not None:
+        kernel = _forced
     if kernel == "auto":
         tokens = x.numel() // max(1, x.shape[-1])
         kernel = select_cpu_kernel(tokens, codebooks.shape[2], codebooks.shape[1], has_library=available())

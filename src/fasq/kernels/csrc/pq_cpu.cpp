@@ -549,14 +549,16 @@ bool cpu_has_avx2() {
 }
 #endif  // FASQ_X86
 
-bool force_portable() {
-  static const bool v = [] {
-    const char* e = getenv("FASQ_CPU_ISA");
-    return e && strcmp(e, "portable") == 0;
-  }();
-  return v;
-}
+// Portable path forced (tests, comparisons): FASQ_CPU_ISA=portable, or fasq_cpu_force_portable.
+int g_force_portable = -1;  // -1: not read yet
 
+bool force_portable() {
+  if (g_force_portable < 0) {
+    const char* e = getenv("FASQ_CPU_ISA");
+    g_force_portable = (e && strcmp(e, "portable") == 0) ? 1 : 0;
+  }
+  return g_force_portable == 1;
+}
 template <typename CodeT>
 RowFn generic_for(int cb_dtype) {
   if (cb_dtype == CB_F16) return row_generic<CodeT, Half>;
@@ -641,6 +643,13 @@ struct Plan {
 }  // namespace
 
 extern "C" {
+
+// Force (1) or stop forcing (0) the portable path for later calls; returns the old setting.
+int fasq_cpu_force_portable(int on) {
+  const int old = force_portable() ? 1 : 0;
+  g_force_portable = on ? 1 : 0;
+  return old;
+}
 
 // "avx2" or "portable": the path the kernels take on this CPU.
 const char* fasq_cpu_isa(void) {

@@ -1,0 +1,207 @@
+"""The CPU kernel (fasq.kernels.cpu) against the float64 oracle, on every path.
+
+Both instruction-set paths (AVX2 where the CPU has it, and the portable C loop forced
+with `cpu.portable()`) and both kernels (decode GEMV, dequantize + matmul) run on shapes
+with 1 and odd sizes, every codebook scope and scale layout, RTN (d=1), tokens 1, 3, 17
+and 53, fp32 / bf16 / fp16 activations and fp32 / fp16 / bf16 codebooks. Outputs are
+poisoned with NaN before each call.
+"""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fasq import ops
+from fasq.config import PQConfig, QuantConfig, RTNConfig
+from fasq.kernels import cpu, dispatch
+
+from test_ops import CASES, _dense_ref, _layer
+
+# relative error (max |y - ref| / max |ref|) allowed per activation dtype
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# (out, in, d, K, C, S, offsets) beyond test_ops.CASES: the kernel's loop tails (runs not
+# a multiple of the SIMD step), d=3 (portable loop only), K=65536 (int32 codes), many
+# column tiles (subspace scope, large K), d=1 with K > 16 (gathers)
+MORE_CASES = [
+    (3, 30, 2, 256, 3, 5, True),
+    (7, 36, 3, 8, 2, 4, False),
+    (5, 64, 1, 65536, 1, 2, True),
+    (9, 128, 4, 4096, 32, 4, True),
+    (11, 40, 1, 64, 2, 5, False),
+    (1, 16, 8, 16, 2, 1, True),
+]
+ALL_CASES = CASES + MORE_CASES
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library():
+    lib = cpu.load_library()
+    assert lib is not None, f"the CPU kernel did not build: {cpu._lib_error}"
+    return lib
+
+
+@pytest.fixture(params=["native", "portable"])
+def isa(request):
+    if request.param == "portable":
+        with cpu.portable():
+            assert cpu.isa() == "portable"
+            yield "portable"
+    else:
+        yield cpu.isa()
+
+
+def _rel_err(y, ref):
+    return float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("tokens", [1, 3, 17, 53])
+def test_gemv_matches_oracle(case, tokens, isa):
+    codes, cb, scales, offsets = _layer(*case)
+    x, bias = torch.randn(tokens, case[1]), torch.randn(case[0])
+    ref = _dense_ref(x, codes, cb, scales, offsets, bias)
+    out = torch.full((tokens, case[0]), float("nan"))
+    y = cpu.gemv(x, codes, cb, scales, offsets, bias, out=out)
+    assert y.data_ptr() == out.data_ptr() and not y.isnan().any()
+    assert _rel_err(y, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kernel", ["cpu_gemv", "cpu_dequant"])
+def test_every_path_and_dtype(case, dtype, kernel, isa):
+    codes, cb, scales, offsets = _layer(*case)
+    cast = (lambda t: t if t is None else t.to(dtype)) if dtype != torch.float16 else (lambda t: t)
+    cb, scales, offsets = cast(cb), cast(scales), cast(offsets)  # codebooks in the model's dtype
+    x, bias = torch.randn(3, case[1]).to(dtype), torch.randn(case[0]).to(dtype)
+    y = cpu.pq_linear_cpu(x, codes, cb, scales, offsets, bias, kernel=kernel)
+    assert y.dtype == dtype and y.shape == (3, case[0])
+    assert _rel_err(y, _dense_ref(x, codes, cb, scales, offsets, bias)) < TOL[dtype]
+
+
+def test_fp32_codebooks_that_are_not_fp16_values_stay_exact():
+    codes, cb, scales, _ = _layer(37, 48, 2, 16, 1, 1, False)
+    cb = cb.float() + 1e-4  # no longer representable in fp16
+    x = torch.randn(2, 48)
+    assert _rel_err(cpu.gemv(x, codes, cb, scales), _dense_ref(x, codes, cb, scales, None, None)) < 2e-6
+
+
+def test_in_place_codebook_change_is_seen():
+    codes, cb, scales, _ = _layer(37, 48, 2, 16, 1, 1, False)
+    cb = cb.float()
+    x = torch.randn(1, 48)
+    cpu.gemv(x, codes, cb, scales)  # caches the fp16 copy of these codebooks
+    cb.mul_(2)
+    assert _rel_err(cpu.gemv(x, codes, cb, scales), _dense_ref(x, codes, cb, scales, None, None)) < 2e-6
+
+
+def test_identity_input_gives_the_weight():
+    codes, cb, scales, offsets = _layer(*CASES[2])
+    W = ops.dequantize(codes, cb, scales, offsets, dtype=torch.float32)
+    torch.testing.assert_close(cpu.gemv(torch.eye(48), codes, cb.float(), scales.float(), offsets.float()), W.T,
+                               rtol=1e-6, atol=1e-6)
+    for dtype in (torch.float32, torch.bfloat16):
+        Wk = cpu.dequantize(codes, cb.to(dtype), scales.to(dtype), offsets.to(dtype), dtype=dtype)
+        Wr = ops.dequantize(codes, cb.to(dtype), scales.to(dtype), offsets.to(dtype), dtype=torch.float32)
+        torch.testing.assert_close(Wk.float(), Wr, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_leading_dims_and_op_dispatch():
+    codes, cb, scales, offsets = _layer(*CASES[2])
+    x = torch.randn(2, 3, 48)
+    for tokens in (1, dispatch.CPU_GEMV_MAX_TOKENS, dispatch.CPU_GEMV_MAX_TOKENS + 1):
+        xt = torch.randn(tokens, 48)
+        y = torch.ops.fasq.pq_linear(xt, codes, cb, scales, offsets, None)
+        assert _rel_err(y, _dense_ref(xt, codes, cb, scales, offsets, None)) < 2e-3  # fp16 codebooks
+    y = torch.ops.fasq.pq_linear(x, codes, cb.float(), scales.float(), offsets.float(), None)
+    assert y.shape == (2, 3, 37)
+    assert _rel_err(y, _dense_ref(x.reshape(6, 48), codes, cb, scales, offsets, None).reshape(2, 3, 37)) < 2e-6
+
+
+def test_use_kernel_forces_a_path(monkeypatch):
+    codes, cb, scales, offsets = _layer(*CASES[1])
+    calls = []
+    monkeypatch.setattr(cpu, "gemv", lambda *a, **k: calls.append("gemv") or ops.pq_linear_dequant(*a))
+    monkeypatch.setattr(ops, "pq_linear_dequant", lambda *a: calls.append("ref") or torch.zeros(1, 37))
+    x = torch.randn(1, 48)
+    torch.ops.fasq.pq_linear(x, codes, cb, scales, offsets, None)
+    with cpu.use_kernel("reference"):
+        torch.ops.fasq.pq_linear(x, codes, cb, scales, offsets, None)
+    assert calls == ["gemv", "ref", "ref"]
+    with pytest.raises(ValueError, match="unknown CPU kernel"):
+        with cpu.use_kernel("fast"):
+            pass
+
+
+def test_select_cpu_kernel():
+    assert dispatch.select_cpu_kernel(1, 2, 256) == "cpu_gemv"
+    assert dispatch.select_cpu_kernel(dispatch.CPU_GEMV_MAX_TOKENS, 4, 4096) == "cpu_gemv"
+    assert dispatch.select_cpu_kernel(dispatch.CPU_GEMV_MAX_TOKENS + 1, 2, 256) == "cpu_dequant"
+    assert dispatch.select_cpu_kernel(2048, 1, 16) == "cpu_dequant"
+    assert dispatch.select_cpu_kernel(1, 2, 256, has_library=False) == "reference"
+    assert dispatch.select_cpu_kernel(0, 2, 256) == "reference"
+
+
+def test_bad_arguments_are_refused():
+    codes, cb, scales, _ = _layer(*CASES[1])
+    with pytest.raises(ValueError, match="x has 40 features"):
+        cpu.gemv(torch.randn(1, 40), codes, cb, scales)
+    with pytest.raises(ValueError, match="codes must be"):
+        cpu.gemv(torch.randn(1, 48), codes.long(), cb, scales)
+    with pytest.raises(ValueError, match="out must be"):
+        cpu.gemv(torch.randn(1, 48), codes, cb, scales, out=torch.empty(2, 37))
+    with pytest.raises(ValueError, match="offsets without scales"):
+        cpu.gemv(torch.randn(1, 48), codes, cb, None, scales)
+
+
+def test_prefill_reuses_its_weight_buffer():
+    codes, cb, scales, offsets = _layer(*CASES[2])
+    x = torch.randn(20, 48)
+    a = cpu.dequant_matmul(x, codes, cb, scales, offsets)
+    buf = cpu._weight_buffer(1, torch.float32)
+    b = cpu.dequant_matmul(x, codes, cb, scales, offsets)
+    assert cpu._weight_buffer(1, torch.float32).data_ptr() == buf.data_ptr()
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layer", [PQConfig(d=2, K=16, codebook_group=4, scale_group=16),
+                                   PQConfig(d=4, K=256, scale="minmax"), RTNConfig(bits=4, group_size=16)],
+                         ids=["pq-d2", "pq-d4-minmax", "rtn"])
+def test_model_generates_the_same_tokens_as_the_reference_path(tiny_llama, layer):
+    from fasq import quantize_model
+
+    quantize_model(tiny_llama, QuantConfig(layer=layer), progress=False)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
+    fast = tiny_llama.generate(ids, **kw)
+    with cpu.use_kernel("reference"):
+        ref = tiny_llama.generate(ids, **kw)
+        ref_logits = tiny_llama(ids).logits
+    assert torch.equal(fast, ref)
+    torch.testing.assert_close(tiny_llama(ids).logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_without_a_compiler_the_reference_path_runs_with_one_warning(tmp_path):
+    code = textwrap.dedent("""
+        import warnings, torch
+        from fasq.kernels import cpu
+        from fasq import ops
+        codes = torch.randint(0, 16, (5, 4)).to(torch.uint8)
+        cb = torch.randn(1, 16, 2)
+        x = torch.randn(1, 8)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            y1 = torch.ops.fasq.pq_linear(x, codes, cb, None, None, None)
+            y2 = torch.ops.fasq.pq_linear(x, codes, cb, None, None, None)
+        msgs = [str(m.message) for m in w if "CPU kernel" in str(m.message)]
+        assert len(msgs) == 1, msgs
+        assert "reference path" in msgs[0]
+        assert torch.equal(y1, ops.pq_linear_dequant(x, codes, cb)) and torch.equal(y1, y2)
+        print("ok")
+    """)
+    env = {"PATH": "/nonexistent", "CXX": "/nonexistent/c++", "FASQ_CACHE_DIR": str(tmp_path), "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
