@@ -9,7 +9,7 @@ OUT ?= runs/default
 BVENV := .venv-baselines
 BSTAMP := $(BVENV)/.installed
 
-.PHONY: run test install clean baselines-env frontier
+.PHONY: run test install clean baselines-env frontier llamacpp-env bench-cpu
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,22 @@ $(BSTAMP): pyproject.toml Makefile
 
 baselines-env: $(BSTAMP)
 
+# llama.cpp (through llama-cpp-python, built from source: ~9 min) for the reference row of
+# the CPU decode benchmark; never needed by the package or the tests
+LVENV := .venv-llamacpp
+$(LVENV)/.installed: pyproject.toml Makefile
+	test -x $(LVENV)/bin/python || $(PY) -m venv $(LVENV)
+	$(LVENV)/bin/python -m pip install -q llama-cpp-python==0.3.36
+	touch $@
+
+llamacpp-env: $(LVENV)/.installed
+
+# CPU decode speed: kernels and whole models against bf16 (and llama.cpp if built);
+# writes benchmarks/results/decode-cpu.json
+bench-cpu: $(STAMP)
+	$(BIN)/python benchmarks/bench_decode.py --device cpu \
+		$(if $(wildcard $(LVENV)/.installed),--llama-cpp-python $(LVENV)/bin/python)
+
 # the accuracy study's size-quality frontier (hours on a 2-core CPU; rows are cached)
 frontier: $(STAMP) $(BSTAMP)
 	$(BIN)/python benchmarks/frontier.py --baseline-python $(BVENV)/bin/python
@@ -50,4 +66,4 @@ test: $(STAMP) $(BSTAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(BVENV) runs
+	rm -rf $(VENV) $(BVENV) $(LVENV) runs

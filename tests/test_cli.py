@@ -107,3 +107,21 @@ def test_quantize_to_a_target_size(tiny_dir, tmp_path, capsys):
         assert main(["quantize", str(tiny_dir), *bad, "--out", str(tmp_path / "y")]) == 2
         assert msg in capsys.readouterr().err
         assert not (tmp_path / "y").exists()
+
+
+def test_bench_times_a_checkpoint_against_its_source(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_dir), "-d", "2", "-K", "16", "--out", str(out), "--json"]) == 0
+    capsys.readouterr()
+    args = ["bench", str(out), "--prompt-len", "5", "--new-tokens", "3", "--compile", "off"]
+    assert main(args + ["--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    fasq_row, src_row = res["rows"]
+    assert src_row["model"] == str(tiny_dir) and src_row["decode_speedup"] == 1.0
+    assert fasq_row["new_tokens"] == 3 and fasq_row["prompt_len"] == 5 and fasq_row["decode_tok_s"] > 0
+    assert fasq_row["weight_bytes"] < src_row["weight_bytes"]
+    assert main(args + ["--compare", "none", "--batch", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "batch 2" in text and str(out) in text and str(tiny_dir) not in text.split("\n", 2)[2]
+    assert main(args + ["--new-tokens", "0"]) == 2
+    assert "--new-tokens must be >= 1" in capsys.readouterr().err

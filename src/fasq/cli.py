@@ -98,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true")
     b.add_argument("--json", action="store_true")
 
+    s = sub.add_parser("bench", help="prefill and decode tokens/s of a model or checkpoint, against its "
+                       "uncompressed source in the same harness")
+    s.add_argument("model", help="a fasq checkpoint, 'default', a HF folder, a .gguf file or a Hub id")
+    s.add_argument("--compare", default=None, help="also time this model (default for a fasq checkpoint: the "
+                   "model it was quantized from; 'none' to time only MODEL)")
+    s.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    s.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
+    s.add_argument("--new-tokens", type=int, default=64, help="decode steps timed (default 64)")
+    s.add_argument("--compile", choices=["on", "off"], default="on", help="torch.compile the decode step, for "
+                   "both models alike (on a GPU with CUDA graphs; default on)")
+    s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    _add_model_opts(s)
+
     g = sub.add_parser("generate", help="greedy generation from a prompt")
     g.add_argument("model")
     g.add_argument("prompt")
@@ -254,6 +267,59 @@ def cmd_baseline(a) -> int:
     return 0
 
 
+def _bench_one(source: str, a) -> dict:
+    import gc
+
+    import torch
+
+    from . import speed
+    from .sources import load_model
+
+    model, tok = load_model(source, dtype=_dtype(a.dtype), device=a.device)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids[0]
+    res = speed.measure(model, ids, batch=a.batch, prompt_len=a.prompt_len, new_tokens=a.new_tokens,
+                        compile=a.compile == "on")
+    row = {"model": source, "dtype": a.dtype, "device": a.device, "weight_bytes": speed.weight_bytes(model),
+           **res.as_dict()}
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def cmd_bench(a) -> int:
+    import torch
+
+    from .model import REPORT_NAME, is_checkpoint
+
+    for name in ("batch", "prompt_len", "new_tokens"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    compare = a.compare
+    if compare is None and is_checkpoint(a.model):
+        report = Path(a.model) / REPORT_NAME
+        compare = json.loads(report.read_text()).get("source") if report.is_file() else None
+    rows = [_bench_one(a.model, a)]
+    if compare and compare != "none":
+        rows.append(_bench_one(compare, a))
+        for r in rows:
+            r["decode_speedup"] = r["decode_tok_s"] / rows[-1]["decode_tok_s"]
+            r["prefill_speedup"] = r["prefill_tok_s"] / rows[-1]["prefill_tok_s"]
+    result = {"threads": torch.get_num_threads(), "rows": rows}
+    if a.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"{a.device}, {a.dtype}, {torch.get_num_threads()} threads, batch {a.batch}, prompt {a.prompt_len}, "
+          f"{a.new_tokens} new tokens, compile {a.compile}")
+    print(f"{'model':<40} {'weights MB':>10} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode x':>9}")
+    for r in rows:
+        ratio = f"{r['decode_speedup']:.2f}" if "decode_speedup" in r else "-"
+        print(f"{r['model']:<40} {r['weight_bytes'] / 1e6:>10.1f} {r['prefill_tok_s']:>14.1f} "
+              f"{r['decode_tok_s']:>13.2f} {ratio:>9}")
+    return 0
+
+
 def cmd_generate(a) -> int:
     from .sources import load_model
 
@@ -273,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate,
-                "baseline": cmd_baseline}[a.cmd](a)
+                "baseline": cmd_baseline, "bench": cmd_bench}[a.cmd](a)
     except (BaselineError, ConfigError, CheckpointError, ModelSourceError, FileExistsError, FileNotFoundError, ValueError) as e:
         # TaskDataError (missing zero-shot files) is a FileNotFoundError
         print(f"fasq {a.cmd}: error: {e}", file=sys.stderr)

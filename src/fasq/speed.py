@@ -8,6 +8,7 @@ same function times a fasq checkpoint and its uncompressed source, so their rati
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import asdict, dataclass
 
@@ -56,8 +57,11 @@ def measure(model, prompt_ids: torch.Tensor | None = None, *, batch: int = 1, pr
     total = prompt_len + new_tokens + warmup_steps
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
 
+    # newer transformers name the cache argument `cache` (and deprecate `past_key_values`)
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
     def step(tok, cache, pos):
-        return model(tok, past_key_values=cache, cache_position=pos, use_cache=True).logits[:, -1].argmax(-1)
+        return model(tok, **{cache_kw: cache}, cache_position=pos, use_cache=True).logits[:, -1].argmax(-1)
 
     decode = torch.compile(step, mode="reduce-overhead" if device.type == "cuda" else None,
                            dynamic=False) if compile else step

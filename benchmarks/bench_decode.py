@@ -1,0 +1,262 @@
+"""Decode speed on the CPU: the fasq kernel against torch's bf16 matmul, and whole models
+against their uncompressed source (and llama.cpp when it is installed).
+
+    python benchmarks/bench_decode.py --device cpu                 # everything, writes JSON
+    python benchmarks/bench_decode.py --device cpu --only kernels  # kernel rows only
+    python benchmarks/bench_decode.py --device cpu --llama-cpp-python .venv-llamacpp/bin/python
+
+Output: a table on stdout and benchmarks/results/decode-cpu.json with top-level `device`,
+`threads`, `copy_bandwidth_gbps`, `rows` (models: `config`, `batch`, `tok_s`,
+`prefill_tok_s`, `speedup_vs_bf16`, `weight_bytes`, `compiled`) and `kernels` (`out`,
+`in`, `tokens`, `d`, `K`, `time_us`, `bf16_us`, `speedup_vs_bf16`, `code_bytes`,
+`stream_us`: the time to read the codes at the measured copy bandwidth).
+
+Method. Kernels: Llama-3-8B shapes (4096x4096, 14336x4096) and the default model's
+(576x576, 192x576, 1536x576, 576x1536), random codes (timing does not depend on values),
+the default scope (a codebook per 96+ subspaces, a scale per 96+ columns; RTN: a scale
+and a minimum per group), bf16 activations and codebooks as in a bf16 model. Each timed
+call cycles through enough copies of the layer that they span 64 MB (twice the L3 of
+the machine this was written on), so codes and weights come from memory as in a real
+forward pass; time per call = median over repetitions of the batch time / copies. Models:
+`fasq.speed.measure` (static KV cache, batch 1, a 128-token prompt, 64 greedy steps),
+eager and under torch.compile; checkpoints are made with `fasq quantize` in --runs-dir
+(reused when present). Every row is measured in the same run, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+ROTATE_BYTES = 64 << 20
+
+# (name, fasq quantize arguments); RTN uses groups of 192 columns because 128 does not
+# divide the default model's width (576)
+MODEL_CONFIGS = [
+    ("fasq-d2k256", []),
+    ("fasq-d2k64", ["-d", "2", "-K", "64"]),
+    ("fasq-d4k4096", ["-d", "4", "-K", "4096"]),
+    ("rtn-w4g192", ["--method", "rtn", "--bits", "4", "--group-size", "192"]),
+]
+KERNEL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (14336, 4096)]
+KERNEL_CONFIGS = [("fasq-d2k256", 2, 256), ("fasq-d2k64", 2, 64), ("fasq-d4k4096", 4, 4096), ("rtn-w4", 1, 16)]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def copy_bandwidth_gbps(nbytes: int = 256 << 20) -> float:
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(5))
+    return 2 * nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _per_call_us(calls, reps: int) -> float:
+    """Median over `reps` of (time of one pass over `calls`) / len(calls), microseconds."""
+    for c in calls[:2]:
+        c()
+    times = sorted(_timed(lambda: [c() for c in calls]) / len(calls) for _ in range(reps))
+    return times[len(times) // 2] * 1e6
+
+
+def _layer(out: int, inn: int, d: int, K: int, gen: torch.Generator):
+    """Random codes, codebooks, scales (and offsets for RTN) in the default scope, bf16."""
+    from fasq.config import PQConfig, RTNConfig
+    from fasq.ops import code_dtype
+
+    cfg = RTNConfig(bits=4, group_size=128 if inn % 128 == 0 else 192) if d == 1 else PQConfig(d=d, K=K)
+    C, S = cfg.num_codebooks(inn), inn // cfg.scale_group_size(inn)
+    codes = torch.randint(0, K, (out, inn // d), generator=gen).to(code_dtype(K))
+    cb = torch.randn(C, K, d, generator=gen).to(torch.bfloat16)
+    scales = (torch.rand(out, S, generator=gen) + 0.5).to(torch.bfloat16)
+    offsets = torch.randn(out, S, generator=gen).to(torch.bfloat16) if d == 1 else None
+    return codes, cb, scales, offsets
+
+
+def bench_kernels(tokens_list, reps: int, bw_gbps: float) -> list[dict]:
+    from fasq.format import packed_row_bytes
+    from fasq.kernels import cpu
+    from fasq.kernels.dispatch import CPU_GEMV_MAX_TOKENS
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for out, inn in KERNEL_SHAPES:
+        n_w = max(2, min(64, ROTATE_BYTES // (2 * out * inn)))
+        weights = [torch.randn(out, inn, generator=gen).to(torch.bfloat16) for _ in range(n_w)]
+        for T in tokens_list:
+            x = torch.randn(T, inn, generator=gen).to(torch.bfloat16)
+            bf16_us = _per_call_us([lambda W=W: torch.nn.functional.linear(x, W) for W in weights], reps)
+            for name, d, K in KERNEL_CONFIGS:
+                bits = K.bit_length() - 1
+                code_bytes = out * packed_row_bytes(inn // d, bits)
+                n = max(2, min(64, ROTATE_BYTES // (out * (inn // d) * (1 if K <= 256 else 2))))
+                layers = [_layer(out, inn, d, K, gen) for _ in range(n)]
+                t_us = _per_call_us([lambda L=L: cpu.pq_linear_cpu(x, *L) for L in layers], reps)
+                row = {"config": name, "out": out, "in": inn, "tokens": T, "d": d, "K": K, "time_us": round(t_us, 1),
+                       "bf16_us": round(bf16_us, 1), "speedup_vs_bf16": round(bf16_us / t_us, 3),
+                       "code_bytes": code_bytes, "stream_us": round(code_bytes / bw_gbps / 1e3, 1),
+                       "kernel": "cpu_gemv" if T <= CPU_GEMV_MAX_TOKENS else "cpu_dequant"}
+                rows.append(row)
+                print(f"  {out:>5}x{inn:<5} T={T:<2} {name:<13} {t_us:9.1f} us  bf16 {bf16_us:9.1f} us  "
+                      f"x{bf16_us / t_us:5.2f}  (codes stream {row['stream_us']:.1f} us)", flush=True)
+                del layers
+        del weights
+        gc.collect()
+    return rows
+
+
+def _checkpoint(runs: Path, name: str, args: list[str]) -> Path:
+    from fasq.model import is_checkpoint
+
+    path = runs / name
+    if not is_checkpoint(path):
+        print(f"  quantizing {name} -> {path}", flush=True)
+        subprocess.run([sys.executable, "-m", "fasq.cli", "quantize", "default", "--out", str(path), "--overwrite",
+                        *args], check=True, stdout=subprocess.DEVNULL)
+    return path
+
+
+def bench_models(runs: Path, prompt_len: int, new_tokens: int, modes: list[bool]) -> list[dict]:
+    from fasq import speed
+    from fasq.sources import load_model
+
+    cases = [("fp32", "default", torch.float32), ("bf16", "default", torch.bfloat16)]
+    cases += [(name, str(_checkpoint(runs, name, args)), torch.bfloat16) for name, args in MODEL_CONFIGS]
+    rows = []
+    for compiled in modes:
+        base = None
+        for name, source, dtype in cases:
+            model, tok = load_model(source, dtype=dtype)
+            ids = tok("The capital of France is", return_tensors="pt").input_ids[0]
+            s = speed.measure(model, ids, prompt_len=prompt_len, new_tokens=new_tokens, compile=compiled)
+            row = {"config": name, "model": source, "dtype": str(dtype).removeprefix("torch."), "batch": 1,
+                   "compiled": compiled, "tok_s": round(s.decode_tok_s, 2),
+                   "prefill_tok_s": round(s.prefill_tok_s, 1), "weight_bytes": speed.weight_bytes(model)}
+            base = row["tok_s"] if name == "bf16" else base
+            rows.append(row)
+            print(f"  {name:<13} compile={compiled!s:<5} decode {row['tok_s']:7.2f} tok/s  prefill "
+                  f"{row['prefill_tok_s']:8.1f} tok/s  {row['weight_bytes'] / 1e6:7.1f} MB", flush=True)
+            del model
+            gc.collect()
+            torch._dynamo.reset()
+        for r in rows:
+            if r["compiled"] == compiled:
+                r["speedup_vs_bf16"] = round(r["tok_s"] / base, 3)
+    return rows
+
+
+LLAMA_CPP = r"""
+import json, sys, time
+from llama_cpp import Llama
+path, threads, prompt_len, new_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=prompt_len + new_tokens + 8,
+            verbose=False)
+ids = llm.tokenize(b"The capital of France is")
+ids = (ids * (prompt_len // len(ids) + 1))[:prompt_len]
+res = {}
+for rep in range(2):  # the first pass warms up
+    llm.reset()
+    t0 = time.perf_counter(); llm.eval(ids); t1 = time.perf_counter()
+    for _ in range(new_tokens):
+        llm.eval([llm.sample(temp=0.0)])
+    t2 = time.perf_counter()
+    res = {"prefill_tok_s": prompt_len / (t1 - t0), "tok_s": new_tokens / (t2 - t1)}
+print(json.dumps(res))
+"""
+
+
+def bench_llama_cpp(python: str, prompt_len: int, new_tokens: int) -> dict | None:
+    from fasq.sources import default_model_file
+
+    gguf = default_model_file()
+    r = subprocess.run([python, "-c", LLAMA_CPP, str(gguf), str(torch.get_num_threads()), str(prompt_len),
+                        str(new_tokens)], capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"  llama.cpp failed: {r.stderr[-500:]}")
+        return None
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    row = {"config": "llama.cpp-q4_1", "model": gguf.name, "dtype": "q4_1", "batch": 1, "compiled": None,
+           "tok_s": round(res["tok_s"], 2), "prefill_tok_s": round(res["prefill_tok_s"], 1),
+           "weight_bytes": gguf.stat().st_size}
+    print(f"  llama.cpp     decode {row['tok_s']:7.2f} tok/s  prefill {row['prefill_tok_s']:8.1f} tok/s", flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=["cpu"], default="cpu",
+                    help="cpu (the GPU decode benchmark of the CUDA kernels is not written yet)")
+    ap.add_argument("--only", choices=["kernels", "models"], default=None)
+    ap.add_argument("--tokens", default="1,4", help="kernel token counts (default 1,4)")
+    ap.add_argument("--reps", type=int, default=15, help="kernel repetitions (median)")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--modes", default="eager,compile", help="model timing modes (default eager,compile)")
+    ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench"), help="where checkpoints are made/reused")
+    ap.add_argument("--llama-cpp-python", default=None, help="a Python with llama-cpp-python installed "
+                    "(default: this one, if it has it)")
+    ap.add_argument("--out", default=str(RESULTS / "decode-cpu.json"))
+    a = ap.parse_args(argv)
+
+    from fasq.kernels import cpu
+
+    if not cpu.available():
+        print("the fasq CPU kernel is unavailable here: nothing to measure", file=sys.stderr)
+        return 1
+    bw = copy_bandwidth_gbps()
+    res = {"device": cpu_name(), "isa": cpu.isa(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "copy_bandwidth_gbps": round(bw, 1), "date": time.strftime("%Y-%m-%d"),
+           "command": "python benchmarks/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    print(f"{res['device']} ({res['isa']}), {res['threads']} threads, copy {bw:.1f} GB/s")
+    if a.only != "models":
+        res["kernels"] = bench_kernels([int(t) for t in a.tokens.split(",")], a.reps, bw)
+    if a.only != "kernels":
+        modes = [m == "compile" for m in a.modes.split(",")]
+        rows = bench_models(Path(a.runs_dir), a.prompt_len, a.new_tokens, modes)
+        py = a.llama_cpp_python
+        if py is None and __import__("importlib").util.find_spec("llama_cpp") is not None:
+            py = sys.executable
+        if py:
+            row = bench_llama_cpp(py, a.prompt_len, a.new_tokens)
+            if row:
+                base = next(r["tok_s"] for r in rows if r["config"] == "bf16" and r["compiled"] == modes[-1])
+                row["speedup_vs_bf16"] = round(row["tok_s"] / base, 3)
+                rows.append(row)
+        res["rows"] = rows
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if a.only and out.is_file():  # a partial run keeps the other section of the last full run
+        res = {**json.loads(out.read_text()), **res}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""benchmarks/bench_decode.py's kernel section on a tiny shape (the full run is a benchmark)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "KERNEL_SHAPES", [(5, 192)])
+    monkeypatch.setattr(mod, "ROTATE_BYTES", 1 << 12)
+    return mod
+
+
+def test_kernel_rows(bench):
+    rows = bench.bench_kernels([1, 9], reps=2, bw_gbps=10.0)
+    assert len(rows) == 2 * len(bench.KERNEL_CONFIGS)
+    for r in rows:
+        assert r["time_us"] > 0 and r["bf16_us"] > 0 and r["speedup_vs_bf16"] > 0
+        assert r["kernel"] == ("cpu_gemv" if r["tokens"] == 1 else "cpu_dequant")
+    d2 = next(r for r in rows if r["config"] == "fasq-d2k256")
+    assert d2["code_bytes"] == 5 * 96  # 8-bit codes, 96 per row
+    assert d2["stream_us"] == round(480 / 10.0 / 1e3, 1)
