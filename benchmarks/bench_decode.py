@@ -135,8 +135,10 @@ def _checkpoint(runs: Path, name: str, args: list[str]) -> Path:
     path = runs / name
     if not is_checkpoint(path):
         print(f"  quantizing {name} -> {path}", flush=True)
-        subprocess.run([sys.executable, "-m", "fasq.cli", "quantize", "default", "--out", str(path), "--overwrite",
-                        *args], check=True, stdout=subprocess.DEVNULL)
+        r = subprocess.run([sys.executable, "-m", "fasq.cli", "quantize", "default", "--out", str(path),
+                            "--overwrite", *args], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"fasq quantize {name} failed:\n{r.stderr[-2000:]}")
     return path
 
 

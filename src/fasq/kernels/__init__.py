@@ -6,6 +6,9 @@ Three kernel families, one file each (configs, early config pruner, autotuned
     lut_gemm.py      prefill GEMM by on-chip look-up tables (CUDA cores)
     dequant_gemm.py  prefill GEMM: codes -> weight tile in registers, tl.dot (tensor cores)
     dequant_cublas.py  many tokens: a Triton kernel rebuilds W, then cuBLAS (F.linear)
+    cuda_gemv.py     decode GEMV in CUDA C++ (csrc/pq_gemv.cu), compiled with NVRTC at run
+                     time; opt-in (kernel="cuda_gemv") until measured on a GPU
+    cpu.py           the CPU implementation (csrc/pq_cpu.cpp through ctypes)
     dispatch.py      select_kernel(): which one runs a call (pure, no triton needed)
 
 Importing this package registers the CUDA implementation of `fasq::pq_linear`; it needs
@@ -59,8 +62,12 @@ def pq_linear_triton(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor
                                has_triton=HAS_TRITON, interpret=INTERPRET)
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; choose 'auto' or one of {KERNELS}")
-    if kernel == "reference":
-        y = ops.pq_linear_dequant(x, codes, codebooks, scales, offsets, bias)
+    if kernel in ("reference", "cuda_gemv"):
+        if kernel == "reference":
+            y = ops.pq_linear_dequant(x, codes, codebooks, scales, offsets, bias)
+        else:
+            from .cuda_gemv import pq_linear_cuda_gemv
+            y = pq_linear_cuda_gemv(x, codes, codebooks, scales, offsets, bias)
         if out is not None:
             out.copy_(y.reshape(out.shape))
         return y

@@ -7,7 +7,9 @@ below, in microseconds per call with CUDA-graph timing).
 
 from __future__ import annotations
 
-KERNELS = ("gemv", "lut_gemm", "dequant_gemm", "dequant_cublas", "reference")
+KERNELS = ("gemv", "lut_gemm", "dequant_gemm", "dequant_cublas", "cuda_gemv", "reference")
+# cuda_gemv (CUDA C++ compiled with NVRTC, kernels/cuda_gemv.py) is only run when asked
+# for (kernel="cuda_gemv") until it has been checked and timed on a GPU.
 
 # Decode: up to this many tokens the direct-compute GEMV (codes read once for all
 # tokens, CUDA cores) runs. H100, d=2 K=256: 1 token 35.9 (GEMV) vs 33.3 (rebuild +
