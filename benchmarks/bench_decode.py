@@ -17,9 +17,10 @@ the default scope (a codebook per 96+ subspaces, a scale per 96+ columns; RTN: a
 and a minimum per group), bf16 activations and codebooks as in a bf16 model. Each timed
 call cycles through enough copies of the layer that they span 64 MB (twice the L3 of
 the machine this was written on), so codes and weights come from memory as in a real
-forward pass; time per call = median over repetitions of the batch time / copies. Models:
-`fasq.speed.measure` (static KV cache, batch 1, a 128-token prompt, 64 greedy steps),
-eager and under torch.compile; checkpoints are made with `fasq quantize` in --runs-dir
+forward pass; bf16 and every config are timed in turn within each repetition (a slow
+spell of a shared machine hits all alike); time per call = median over repetitions of
+the pass time / copies. Models: `fasq.speed.measure` (static KV cache, batch 1, a
+128-token prompt, 64 greedy steps, best of 3 timed runs), eager and under torch.compile; checkpoints are made with `fasq quantize` in --runs-dir
 (reused when present). Every row is measured in the same run, side by side.
 """
 
@@ -41,11 +42,13 @@ RESULTS = ROOT / "benchmarks" / "results"
 ROTATE_BYTES = 64 << 20
 
 # (name, fasq quantize arguments); RTN uses groups of 192 columns because 128 does not
-# divide the default model's width (576)
+# divide the default model's width (576). d=4 K=4096 fits its codebooks on a sample of
+# 8192 sub-vectors in 4 iterations: the full fit takes ~15 min on 2 cores (issue 13) and
+# decode speed does not depend on the codebook values, only on the format.
 MODEL_CONFIGS = [
     ("fasq-d2k256", []),
     ("fasq-d2k64", ["-d", "2", "-K", "64"]),
-    ("fasq-d4k4096", ["-d", "4", "-K", "4096"]),
+    ("fasq-d4k4096", ["-d", "4", "-K", "4096", "--kmeans-sample", "8192", "--kmeans-iters", "4"]),
     ("rtn-w4g192", ["--method", "rtn", "--bits", "4", "--group-size", "192"]),
 ]
 KERNEL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (14336, 4096)]
@@ -75,12 +78,18 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _per_call_us(calls, reps: int) -> float:
-    """Median over `reps` of (time of one pass over `calls`) / len(calls), microseconds."""
-    for c in calls[:2]:
-        c()
-    times = sorted(_timed(lambda: [c() for c in calls]) / len(calls) for _ in range(reps))
-    return times[len(times) // 2] * 1e6
+def _interleaved_us(groups: dict, reps: int) -> dict:
+    """Per-call microseconds of each group of calls: every repetition times one pass over
+    every group in turn (so a slow spell of the machine hits all of them alike); the
+    median over repetitions of (pass time / calls in the group)."""
+    for calls in groups.values():
+        for c in calls[:2]:
+            c()
+    times = {name: [] for name in groups}
+    for _ in range(reps):
+        for name, calls in groups.items():
+            times[name].append(_timed(lambda: [c() for c in calls]) / len(calls))
+    return {name: sorted(t)[len(t) // 2] * 1e6 for name, t in times.items()}
 
 
 def _layer(out: int, inn: int, d: int, K: int, gen: torch.Generator):
@@ -109,21 +118,23 @@ def bench_kernels(tokens_list, reps: int, bw_gbps: float) -> list[dict]:
         weights = [torch.randn(out, inn, generator=gen).to(torch.bfloat16) for _ in range(n_w)]
         for T in tokens_list:
             x = torch.randn(T, inn, generator=gen).to(torch.bfloat16)
-            bf16_us = _per_call_us([lambda W=W: torch.nn.functional.linear(x, W) for W in weights], reps)
+            groups = {"bf16": [lambda W=W: torch.nn.functional.linear(x, W) for W in weights]}
             for name, d, K in KERNEL_CONFIGS:
-                bits = K.bit_length() - 1
-                code_bytes = out * packed_row_bytes(inn // d, bits)
                 n = max(2, min(64, ROTATE_BYTES // (out * (inn // d) * (1 if K <= 256 else 2))))
                 layers = [_layer(out, inn, d, K, gen) for _ in range(n)]
-                t_us = _per_call_us([lambda L=L: cpu.pq_linear_cpu(x, *L) for L in layers], reps)
-                row = {"config": name, "out": out, "in": inn, "tokens": T, "d": d, "K": K, "time_us": round(t_us, 1),
-                       "bf16_us": round(bf16_us, 1), "speedup_vs_bf16": round(bf16_us / t_us, 3),
-                       "code_bytes": code_bytes, "stream_us": round(code_bytes / bw_gbps / 1e3, 1),
+                groups[name] = [lambda L=L: cpu.pq_linear_cpu(x, *L) for L in layers]
+            us = _interleaved_us(groups, reps)
+            for name, d, K in KERNEL_CONFIGS:
+                code_bytes = out * packed_row_bytes(inn // d, K.bit_length() - 1)
+                row = {"config": name, "out": out, "in": inn, "tokens": T, "d": d, "K": K,
+                       "time_us": round(us[name], 1), "bf16_us": round(us["bf16"], 1),
+                       "speedup_vs_bf16": round(us["bf16"] / us[name], 3), "code_bytes": code_bytes,
+                       "stream_us": round(code_bytes / bw_gbps / 1e3, 1),
                        "kernel": "cpu_gemv" if T <= CPU_GEMV_MAX_TOKENS else "cpu_dequant"}
                 rows.append(row)
-                print(f"  {out:>5}x{inn:<5} T={T:<2} {name:<13} {t_us:9.1f} us  bf16 {bf16_us:9.1f} us  "
-                      f"x{bf16_us / t_us:5.2f}  (codes stream {row['stream_us']:.1f} us)", flush=True)
-                del layers
+                print(f"  {out:>5}x{inn:<5} T={T:<2} {name:<13} {row['time_us']:9.1f} us  bf16 {row['bf16_us']:9.1f} us"
+                      f"  x{row['speedup_vs_bf16']:5.2f}  (codes stream {row['stream_us']:.1f} us)", flush=True)
+            del groups
         del weights
         gc.collect()
     return rows
@@ -154,7 +165,8 @@ def bench_models(runs: Path, prompt_len: int, new_tokens: int, modes: list[bool]
         for name, source, dtype in cases:
             model, tok = load_model(source, dtype=dtype)
             ids = tok("The capital of France is", return_tensors="pt").input_ids[0]
-            s = speed.measure(model, ids, prompt_len=prompt_len, new_tokens=new_tokens, compile=compiled)
+            s = speed.measure(model, ids, prompt_len=prompt_len, new_tokens=new_tokens, compile=compiled,
+                              repeats=3)
             row = {"config": name, "model": source, "dtype": str(dtype).removeprefix("torch."), "batch": 1,
                    "compiled": compiled, "tok_s": round(s.decode_tok_s, 2),
                    "prefill_tok_s": round(s.prefill_tok_s, 1), "weight_bytes": speed.weight_bytes(model)}

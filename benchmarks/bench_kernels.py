@@ -165,8 +165,23 @@ def layer_bytes(x, codes, cb, scales, out) -> int:
             + scales.numel() * scales.element_size() + x.numel() * x.element_size() + T * out * 2)
 
 
+def _has_nvrtc() -> bool:
+    from fasq.kernels import cuda_gemv
+
+    try:
+        cuda_gemv.nvrtc()
+        return DEV == "cuda"
+    except cuda_gemv.CudaKernelError:
+        return False
+
+
 def candidates(tokens, d, K):
+    from fasq.kernels import cuda_gemv
+
     names = ["gemv"] if tokens <= 16 else []
+    # the CUDA C++ GEMV (NVRTC): up to 8 tokens, codebooks that fit its shared memory
+    if tokens <= cuda_gemv.MAX_TOKENS and d in cuda_gemv.DS and cuda_gemv.plan(1, 1, 1, K, d) and _has_nvrtc():
+        names.insert(0, "cuda_gemv")
     # The LUT path builds K-entry tables per token and subspace: with K = 4096, or past a
     # hundred tokens, it is far off the others (85 ms at 2048 tokens in a first run).
     if K <= 256 and tokens <= 128:

@@ -1,7 +1,7 @@
 """The CPU kernel (fasq.kernels.cpu) against the float64 oracle, on every path.
 
-Both instruction-set paths (AVX2 where the CPU has it, and the portable C loop forced
-with `cpu.portable()`) and both kernels (decode GEMV, dequantize + matmul) run on shapes
+Every instruction-set path (the portable C loops, AVX2 and AVX-512 where the CPU has
+them, each forced with `cpu.limit_isa`) and both kernels (decode GEMV, dequantize + matmul) run on shapes
 with 1 and odd sizes, every codebook scope and scale layout, RTN (d=1), tokens 1, 3, 17
 and 53, fp32 / bf16 / fp16 activations and fp32 / fp16 / bf16 codebooks. Outputs are
 poisoned with NaN before each call.
@@ -32,6 +32,10 @@ MORE_CASES = [
     (9, 128, 4, 4096, 32, 4, True),
     (11, 40, 1, 64, 2, 5, False),
     (1, 16, 8, 16, 2, 1, True),
+    (13, 200, 2, 64, 4, 4, True),   # AVX-512 register lookups: K <= 32, 64, 96, 128
+    (6, 130, 2, 32, 1, 1, False),
+    (4, 512, 2, 128, 2, 2, False),
+    (3, 96, 2, 16, 3, 3, True),
 ]
 ALL_CASES = CASES + MORE_CASES
 
@@ -43,13 +47,13 @@ def library():
     return lib
 
 
-@pytest.fixture(params=["native", "portable"])
+@pytest.fixture(params=cpu.ISAS)
 def isa(request):
-    if request.param == "portable":
-        with cpu.portable():
+    """Each instruction-set path: portable C, AVX2, AVX-512 (capped by the CPU: where it
+    lacks one, that parameter runs the widest path it has)."""
+    with cpu.limit_isa(request.param):
+        if request.param == "portable":
             assert cpu.isa() == "portable"
-            yield "portable"
-    else:
         yield cpu.isa()
 
 

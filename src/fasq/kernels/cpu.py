@@ -14,7 +14,7 @@ Why ctypes and a plain C ABI: the library depends on neither Python's nor torch'
 one build serves every torch version and could ship prebuilt in a wheel; it builds in
 about 3 s with the system C++ compiler (a torch extension takes minutes of headers). The
 instruction set is chosen inside the library at run time (AVX2+FMA, else portable C that
-the compiler vectorises: SSE2, NEON). Threads: OpenMP, sharing torch's libgomp, with
+the compiler vectorises: SSE2, NEON), and AVX-512 for small codebooks where present. Threads: OpenMP, sharing torch's libgomp, with
 torch's thread count.
 
 Where the library is looked for: next to this file (a prebuilt `_fasq_cpu*.so`), else it is
@@ -102,8 +102,8 @@ def _declare(lib) -> None:
                                         i32]
     lib.fasq_cpu_dequantize.restype = i32
     lib.fasq_cpu_isa.restype = ctypes.c_char_p
-    lib.fasq_cpu_force_portable.argtypes = [i32]
-    lib.fasq_cpu_force_portable.restype = i32
+    lib.fasq_cpu_set_isa.argtypes = [i32]
+    lib.fasq_cpu_set_isa.restype = i32
 
 
 def load_library(build: bool = True):
@@ -135,7 +135,7 @@ def available() -> bool:
 
 
 def isa() -> str:
-    """The instruction set the CPU kernel uses here ("avx2", "portable"), or "unavailable"."""
+    """The widest instruction set the CPU kernel uses here (one of ISAS), or "unavailable"."""
     lib = load_library()
     return lib.fasq_cpu_isa().decode() if lib is not None else "unavailable"
 
@@ -191,18 +191,24 @@ def _check_shapes(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | 
         raise ValueError(f"codes must be uint8, int16 or int32 (fasq.ops.code_dtype), got {codes.dtype}")
 
 
+ISAS = ("portable", "avx2", "avx512")  # widening instruction sets of the library
+
+
 @contextlib.contextmanager
-def portable():
-    """Run the library's portable C path inside this block, even where AVX2 is present
-    (tests and comparisons; FASQ_CPU_ISA=portable does the same for a whole process)."""
+def limit_isa(name: str):
+    """Inside this block the library uses at most the instruction set `name` (one of ISAS),
+    e.g. "portable" to run the plain C loops where AVX2 is present (tests, comparisons).
+    FASQ_CPU_ISA=portable|avx2 does the same for a whole process."""
+    if name not in ISAS:
+        raise ValueError(f"unknown instruction set {name!r}; choose one of {ISAS}")
     lib = load_library()
     if lib is None:
         raise RuntimeError(f"the fasq CPU kernel is unavailable: {_lib_error}")
-    old = lib.fasq_cpu_force_portable(1)
+    old = lib.fasq_cpu_set_isa(ISAS.index(name))
     try:
         yield
     finally:
-        lib.fasq_cpu_force_portable(old)
+        lib.fasq_cpu_set_isa(old)
 
 
 _forced: str | None = None
