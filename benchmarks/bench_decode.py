@@ -20,7 +20,8 @@ the machine this was written on), so codes and weights come from memory as in a 
 forward pass; bf16 and every config are timed in turn within each repetition (a slow
 spell of a shared machine hits all alike); time per call = median over repetitions of
 the pass time / copies. Models: `fasq.speed.measure` (static KV cache, batch 1, a
-128-token prompt, 64 greedy steps, best of 3 timed runs), eager and under torch.compile; checkpoints are made with `fasq quantize` in --runs-dir
+128-token prompt, 64 greedy steps), eager and under torch.compile: all models are loaded
+and warmed up first, then timed in turn over 5 rounds (each reports its best round); checkpoints are made with `fasq quantize` in --runs-dir
 (reused when present). Every row is measured in the same run, side by side.
 """
 
@@ -153,7 +154,9 @@ def _checkpoint(runs: Path, name: str, args: list[str]) -> Path:
     return path
 
 
-def bench_models(runs: Path, prompt_len: int, new_tokens: int, modes: list[bool]) -> list[dict]:
+def bench_models(runs: Path, prompt_len: int, new_tokens: int, modes: list[bool], rounds: int) -> list[dict]:
+    """All models are loaded (and compiled) first; then every round times each in turn,
+    and each reports its best round, so a slow spell of the machine hits all alike."""
     from fasq import speed
     from fasq.sources import load_model
 
@@ -161,25 +164,34 @@ def bench_models(runs: Path, prompt_len: int, new_tokens: int, modes: list[bool]
     cases += [(name, str(_checkpoint(runs, name, args)), torch.bfloat16) for name, args in MODEL_CONFIGS]
     rows = []
     for compiled in modes:
-        base = None
+        runners = {}
         for name, source, dtype in cases:
             model, tok = load_model(source, dtype=dtype)
             ids = tok("The capital of France is", return_tensors="pt").input_ids[0]
-            s = speed.measure(model, ids, prompt_len=prompt_len, new_tokens=new_tokens, compile=compiled,
-                              repeats=3)
+            runners[name] = (source, dtype, speed.DecodeRunner(model, ids, prompt_len=prompt_len,
+                                                               new_tokens=new_tokens, compile=compiled))
+            runners[name][2].warm_up()
+        timed = {name: [] for name in runners}
+        for _ in range(rounds):
+            for name, (_, _, r) in runners.items():
+                timed[name].append(r.run())
+        for name, (source, dtype, r) in runners.items():
+            s = r.speed(timed[name])
             row = {"config": name, "model": source, "dtype": str(dtype).removeprefix("torch."), "batch": 1,
                    "compiled": compiled, "tok_s": round(s.decode_tok_s, 2),
-                   "prefill_tok_s": round(s.prefill_tok_s, 1), "weight_bytes": speed.weight_bytes(model)}
-            base = row["tok_s"] if name == "bf16" else base
+                   "prefill_tok_s": round(s.prefill_tok_s, 1), "weight_bytes": speed.weight_bytes(r.model),
+                   "decode_tok_s_rounds": [round(new_tokens / d, 2) for _, d in timed[name]]}
             rows.append(row)
-            print(f"  {name:<13} compile={compiled!s:<5} decode {row['tok_s']:7.2f} tok/s  prefill "
-                  f"{row['prefill_tok_s']:8.1f} tok/s  {row['weight_bytes'] / 1e6:7.1f} MB", flush=True)
-            del model
-            gc.collect()
-            torch._dynamo.reset()
-        for r in rows:
-            if r["compiled"] == compiled:
-                r["speedup_vs_bf16"] = round(r["tok_s"] / base, 3)
+        base = next(r["tok_s"] for r in rows if r["config"] == "bf16" and r["compiled"] == compiled)
+        for row in rows:
+            if row["compiled"] == compiled:
+                row["speedup_vs_bf16"] = round(row["tok_s"] / base, 3)
+                print(f"  {row['config']:<13} compile={compiled!s:<5} decode {row['tok_s']:7.2f} tok/s "
+                      f"(x{row['speedup_vs_bf16']:.2f} bf16)  prefill {row['prefill_tok_s']:8.1f} tok/s  "
+                      f"{row['weight_bytes'] / 1e6:7.1f} MB", flush=True)
+        del runners
+        gc.collect()
+        torch._dynamo.reset()
     return rows
 
 
@@ -191,15 +203,16 @@ llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=p
             verbose=False)
 ids = llm.tokenize(b"The capital of France is")
 ids = (ids * (prompt_len // len(ids) + 1))[:prompt_len]
-res = {}
-for rep in range(2):  # the first pass warms up
+pre, dec = [], []
+for rep in range(6):  # the first pass warms up; best of the other five
     llm.reset()
     t0 = time.perf_counter(); llm.eval(ids); t1 = time.perf_counter()
     for _ in range(new_tokens):
         llm.eval([llm.sample(temp=0.0)])
     t2 = time.perf_counter()
-    res = {"prefill_tok_s": prompt_len / (t1 - t0), "tok_s": new_tokens / (t2 - t1)}
-print(json.dumps(res))
+    if rep:
+        pre.append(t1 - t0); dec.append(t2 - t1)
+print(json.dumps({"prefill_tok_s": prompt_len / min(pre), "tok_s": new_tokens / min(dec)}))
 """
 
 
@@ -230,6 +243,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--modes", default="eager,compile", help="model timing modes (default eager,compile)")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds over all models (best reported)")
     ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench"), help="where checkpoints are made/reused")
     ap.add_argument("--llama-cpp-python", default=None, help="a Python with llama-cpp-python installed "
                     "(default: this one, if it has it)")
@@ -250,7 +264,7 @@ def main(argv=None) -> int:
         res["kernels"] = bench_kernels([int(t) for t in a.tokens.split(",")], a.reps, bw)
     if a.only != "kernels":
         modes = [m == "compile" for m in a.modes.split(",")]
-        rows = bench_models(Path(a.runs_dir), a.prompt_len, a.new_tokens, modes)
+        rows = bench_models(Path(a.runs_dir), a.prompt_len, a.new_tokens, modes, a.rounds)
         py = a.llama_cpp_python
         if py is None and __import__("importlib").util.find_spec("llama_cpp") is not None:
             py = sys.executable

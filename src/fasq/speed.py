@@ -35,59 +35,78 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
+class DecodeRunner:
+    """A model set up for timing: `run()` times one prefill and `new_tokens` greedy decode
+    steps (a fresh static KV cache each time) and returns (prefill seconds, decode
+    seconds). The first run of a compiled runner includes compilation: `warm_up()` first.
+
+    prompt_ids: [L] token ids repeated over the batch (cut or tiled to prompt_len); random
+    ids when None.
+    """
+
+    def __init__(self, model, prompt_ids: torch.Tensor | None = None, *, batch: int = 1, prompt_len: int = 128,
+                 new_tokens: int = 64, compile: bool = False, seed: int = 0):
+        if batch < 1 or prompt_len < 1 or new_tokens < 1:
+            raise ValueError(f"batch, prompt_len and new_tokens must be >= 1 (got {batch}, {prompt_len}, "
+                             f"{new_tokens})")
+        self.model, self.batch, self.prompt_len, self.new_tokens, self.compiled = (
+            model, batch, prompt_len, new_tokens, compile)
+        self.device = next(model.parameters()).device
+        if prompt_ids is None:
+            g = torch.Generator().manual_seed(seed)
+            prompt_ids = torch.randint(0, model.config.vocab_size, (prompt_len,), generator=g)
+        ids = prompt_ids.reshape(-1).repeat((prompt_len + prompt_ids.numel() - 1) // prompt_ids.numel())
+        self.ids = ids[:prompt_len][None].expand(batch, prompt_len).to(self.device)
+        self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        # newer transformers name the cache argument `cache` (and deprecate `past_key_values`)
+        self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.decode = torch.compile(self.step, mode="reduce-overhead" if self.device.type == "cuda" else None,
+                                    dynamic=False) if compile else self.step
+
+    def step(self, tok, cache, pos):
+        out = self.model(tok, **{self.cache_kw: cache}, cache_position=pos, use_cache=True)
+        return out.logits[:, -1].argmax(-1)
+
+    @torch.no_grad()
+    def run(self, steps: int | None = None) -> tuple[float, float]:
+        from transformers import StaticCache
+
+        steps = self.new_tokens if steps is None else steps
+        cache = StaticCache(config=self.model.config, max_cache_len=self.prompt_len + max(steps, self.new_tokens),
+                            max_batch_size=self.batch, device=self.device, dtype=self.dtype)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        tok = self.step(self.ids, cache, torch.arange(self.prompt_len, device=self.device))[:, None]
+        _sync(self.device)
+        t1 = time.perf_counter()
+        for i in range(steps):
+            tok = self.decode(tok, cache, torch.tensor([self.prompt_len + i], device=self.device))[:, None]
+        _sync(self.device)
+        return t1 - t0, time.perf_counter() - t1
+
+    def warm_up(self, steps: int = 3) -> None:
+        """Compile (when compiled) and warm the allocator: a run of `steps` decode steps."""
+        self.run(steps)
+
+    def speed(self, runs: list[tuple[float, float]]) -> Speed:
+        """The fastest prefill and the fastest decode of timed `runs` (a shared machine's
+        slow spells only ever add time)."""
+        prefill_s, decode_s = min(r[0] for r in runs), min(r[1] for r in runs)
+        return Speed(prefill_tok_s=self.batch * self.prompt_len / prefill_s,
+                     decode_tok_s=self.batch * self.new_tokens / decode_s, prefill_s=prefill_s, decode_s=decode_s,
+                     batch=self.batch, prompt_len=self.prompt_len, new_tokens=self.new_tokens,
+                     compiled=self.compiled)
+
+
 def measure(model, prompt_ids: torch.Tensor | None = None, *, batch: int = 1, prompt_len: int = 128,
             new_tokens: int = 64, compile: bool = False, warmup_steps: int = 3, seed: int = 0,
             repeats: int = 1) -> Speed:
-    """Time one prefill and `new_tokens` greedy decode steps.
-
-    prompt_ids: [L] token ids to repeat over the batch (cut or tiled to prompt_len); random
-    ids when None. The first `warmup_steps` decode steps (compilation, allocator warm-up)
-    and one prefill of the same length run before anything is timed. repeats: timed runs;
-    the fastest prefill and the fastest decode are reported (a shared machine's slow
-    spells only ever add time).
-    """
-    from transformers import StaticCache
-
-    if batch < 1 or prompt_len < 1 or new_tokens < 1:
-        raise ValueError(f"batch, prompt_len and new_tokens must be >= 1 (got {batch}, {prompt_len}, {new_tokens})")
-    device = next(model.parameters()).device
-    if prompt_ids is None:
-        g = torch.Generator().manual_seed(seed)
-        prompt_ids = torch.randint(0, model.config.vocab_size, (prompt_len,), generator=g)
-    ids = prompt_ids.reshape(-1).repeat((prompt_len + prompt_ids.numel() - 1) // prompt_ids.numel())[:prompt_len]
-    ids = ids[None].expand(batch, prompt_len).to(device)
-    total = prompt_len + new_tokens + warmup_steps
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-
-    # newer transformers name the cache argument `cache` (and deprecate `past_key_values`)
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-    def step(tok, cache, pos):
-        return model(tok, **{cache_kw: cache}, cache_position=pos, use_cache=True).logits[:, -1].argmax(-1)
-
-    decode = torch.compile(step, mode="reduce-overhead" if device.type == "cuda" else None,
-                           dynamic=False) if compile else step
-
-    def run(steps: int) -> tuple[float, float]:
-        cache = StaticCache(config=model.config, max_cache_len=total, max_batch_size=batch, device=device,
-                            dtype=dtype)
-        _sync(device)
-        t0 = time.perf_counter()
-        tok = step(ids, cache, torch.arange(prompt_len, device=device))[:, None]
-        _sync(device)
-        t1 = time.perf_counter()
-        for i in range(steps):
-            tok = decode(tok, cache, torch.tensor([prompt_len + i], device=device))[:, None]
-        _sync(device)
-        return t1 - t0, time.perf_counter() - t1
-
-    run(warmup_steps)
-    runs = [run(new_tokens) for _ in range(max(1, repeats))]
-    prefill_s, decode_s = min(r[0] for r in runs), min(r[1] for r in runs)
-    return Speed(prefill_tok_s=batch * prompt_len / prefill_s, decode_tok_s=batch * new_tokens / decode_s,
-                 prefill_s=prefill_s, decode_s=decode_s, batch=batch, prompt_len=prompt_len,
-                 new_tokens=new_tokens, compiled=compile)
+    """Time one prefill and `new_tokens` greedy decode steps (best of `repeats` runs, after
+    a warm-up run of `warmup_steps` steps that also compiles)."""
+    r = DecodeRunner(model, prompt_ids, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
+                     compile=compile, seed=seed)
+    r.warm_up(warmup_steps)
+    return r.speed([r.run() for _ in range(max(1, repeats))])
 
 
 def weight_bytes(model) -> int:
