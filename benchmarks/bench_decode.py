@@ -6,7 +6,8 @@ against their uncompressed source (and llama.cpp when it is installed).
     python benchmarks/bench_decode.py --device cpu --llama-cpp-python .venv-llamacpp/bin/python
 
 Output: a table on stdout and benchmarks/results/decode-cpu.json with top-level `device`,
-`threads`, `copy_bandwidth_gbps`, `rows` (models: `config`, `batch`, `tok_s`,
+`threads`, `copy_bandwidth_gbps`, `kernels_command` / `rows_command` (what made each
+section), `rows` (models: `config`, `batch`, `tok_s`,
 `prefill_tok_s`, `speedup_vs_bf16`, `weight_bytes`, `compiled`) and `kernels` (`out`,
 `in`, `tokens`, `d`, `K`, `time_us`, `bf16_us`, `speedup_vs_bf16`, `code_bytes`,
 `stream_us`: the time to read the codes at the measured copy bandwidth).
@@ -256,12 +257,13 @@ def main(argv=None) -> int:
         print("the fasq CPU kernel is unavailable here: nothing to measure", file=sys.stderr)
         return 1
     bw = copy_bandwidth_gbps()
+    command = "python benchmarks/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
     res = {"device": cpu_name(), "isa": cpu.isa(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "copy_bandwidth_gbps": round(bw, 1), "date": time.strftime("%Y-%m-%d"),
-           "command": "python benchmarks/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+           "copy_bandwidth_gbps": round(bw, 1), "date": time.strftime("%Y-%m-%d")}
     print(f"{res['device']} ({res['isa']}), {res['threads']} threads, copy {bw:.1f} GB/s")
     if a.only != "models":
         res["kernels"] = bench_kernels([int(t) for t in a.tokens.split(",")], a.reps, bw)
+        res["kernels_command"] = command
     if a.only != "kernels":
         modes = [m == "compile" for m in a.modes.split(",")]
         rows = bench_models(Path(a.runs_dir), a.prompt_len, a.new_tokens, modes, a.rounds)
@@ -275,10 +277,12 @@ def main(argv=None) -> int:
                 row["speedup_vs_bf16"] = round(row["tok_s"] / base, 3)
                 rows.append(row)
         res["rows"] = rows
+        res["rows_command"] = command
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if a.only and out.is_file():  # a partial run keeps the other section of the last full run
+    if a.only and out.is_file():  # a partial run keeps the other section (and its command) of the last run
         res = {**json.loads(out.read_text()), **res}
+    res.pop("command", None)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1))
     tmp.replace(out)

@@ -12,10 +12,10 @@ Paths (see `dispatch.select_cpu_kernel`):
 
 Why ctypes and a plain C ABI: the library depends on neither Python's nor torch's ABI, so
 one build serves every torch version and could ship prebuilt in a wheel; it builds in
-about 3 s with the system C++ compiler (a torch extension takes minutes of headers). The
-instruction set is chosen inside the library at run time (AVX2+FMA, else portable C that
-the compiler vectorises: SSE2, NEON), and AVX-512 for small codebooks where present. Threads: OpenMP, sharing torch's libgomp, with
-torch's thread count.
+about 10 s with the system C++ compiler (a torch extension takes minutes of headers). The
+instruction set is chosen inside the library at run time: AVX-512 (small codebooks) and
+AVX2+FMA+F16C where the CPU has them, else portable C that the compiler vectorises (SSE2,
+NEON). Threads: OpenMP, sharing torch's libgomp, with torch's thread count.
 
 Where the library is looked for: next to this file (a prebuilt `_fasq_cpu*.so`), else it is
 compiled once into a cache folder ($FASQ_CACHE_DIR, else $XDG_CACHE_HOME/fasq or
