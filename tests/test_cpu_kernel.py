@@ -226,3 +226,23 @@ def test_without_a_compiler_the_reference_path_runs_with_one_warning(tmp_path):
     env = {"PATH": "/nonexistent", "CXX": "/nonexistent/c++", "FASQ_CACHE_DIR": str(tmp_path), "HOME": str(tmp_path)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_an_unwritable_cache_folder_falls_back_to_the_temp_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    real_build, built = cpu._build, []
+
+    def build(dest):
+        if str(dest).startswith(str(tmp_path / "cache")):
+            raise PermissionError(13, "Permission denied", str(dest))
+        built.append(dest)
+        real_build(dest)
+
+    monkeypatch.setenv("FASQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(cpu, "_build", build)
+    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_lib_error", None)
+    assert cpu.load_library() is not None, cpu._lib_error
+    assert len(built) == 1 and str(built[0]).startswith(str(tmp_path / "tmp")) and built[0].is_file()

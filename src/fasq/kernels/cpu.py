@@ -119,7 +119,12 @@ def load_library(build: bool = True):
             if not path.is_file():
                 if not build:
                     return None
-                _build(path)
+                try:
+                    _build(path)
+                except PermissionError:  # an unwritable cache folder: build in the temp folder
+                    path = Path(tempfile.gettempdir()) / f"fasq-{os.getuid()}" / path.parent.name / path.name
+                    if not path.is_file():
+                        _build(path)
             lib = ctypes.CDLL(str(path))
             _declare(lib)
             _lib = lib
