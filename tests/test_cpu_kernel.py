@@ -246,3 +246,17 @@ def test_an_unwritable_cache_folder_falls_back_to_the_temp_folder(tmp_path, monk
     monkeypatch.setattr(cpu, "_lib_error", None)
     assert cpu.load_library() is not None, cpu._lib_error
     assert len(built) == 1 and str(built[0]).startswith(str(tmp_path / "tmp")) and built[0].is_file()
+
+
+def test_prepared_arguments_follow_changed_tensors():
+    codes, cb, scales, offsets = _layer(*CASES[2])
+    x = _randn(1, 48)
+    cpu.gemv(x, codes, cb, scales, offsets)  # prepares this layer's arguments
+    for change in (lambda: scales.mul_(2), lambda: setattr(offsets, "data", offsets * 3),
+                   lambda: codes.copy_(codes.flip(0))):
+        change()
+        ref = _dense_ref(x, codes, cb, scales, offsets, None)
+        assert _rel_err(cpu.gemv(x, codes, cb, scales, offsets), ref, x, codes, cb, scales, offsets) < 2e-3
+    other = (scales + 1).contiguous()  # another tensor object in the same call slot
+    ref = _dense_ref(x, codes, cb, other, offsets, None)
+    assert _rel_err(cpu.gemv(x, codes, cb, other, offsets), ref, x, codes, cb, other, offsets) < 2e-3

@@ -101,6 +101,8 @@ def _declare(lib) -> None:
     lib.fasq_cpu_dequantize.argtypes = [ptr, i32, ptr, i32, i64, i64, i64, ptr, ptr, i32, i64, i64, i64, ptr, i32,
                                         i32]
     lib.fasq_cpu_dequantize.restype = i32
+    lib.fasq_cpu_pq_linear_args.argtypes = [ptr, ptr, i32, i64, ptr, i32]
+    lib.fasq_cpu_pq_linear_args.restype = i32
     lib.fasq_cpu_isa.restype = ctypes.c_char_p
     lib.fasq_cpu_set_isa.argtypes = [i32]
     lib.fasq_cpu_set_isa.restype = i32
@@ -233,34 +235,81 @@ def use_kernel(name: str):
         _forced = old
 
 
+class _LayerArgs(ctypes.Structure):
+    """Mirror of FasqLayerArgs in csrc/pq_cpu.cpp (every field 8 bytes)."""
+
+    _fields_ = [(n, ctypes.c_void_p if n in ("codes", "codebooks", "scales", "offsets", "bias") else ctypes.c_int64)
+                for n in ("in_", "out", "codes", "code_bytes", "codebooks", "cb_dtype", "C", "K", "d", "scales",
+                          "offsets", "scale_dtype", "S", "bias", "bias_dtype")]
+
+
+class _Plan:
+    """One layer's prepared kernel arguments, reused while its tensors stay the same
+    objects at the same versions (decode calls a layer thousands of times)."""
+
+    def __init__(self, codes, codebooks, scales, offsets, bias):
+        self.src, self.versions = (codebooks, scales, offsets, bias), _versions(codes, codebooks, scales, offsets, bias)
+        out_f, M = codes.shape
+        C, K, d = codebooks.shape
+        if offsets is not None and scales is None:
+            raise ValueError("fasq CPU kernel: offsets without scales (W = codebook * scale + offset needs both)")
+        if codes.dtype not in (torch.uint8, torch.int16, torch.int32):
+            raise ValueError(f"codes must be uint8, int16 or int32 (fasq.ops.code_dtype), got {codes.dtype}")
+        codes = codes.contiguous()
+        (cb, cbt), (sc, st), (bi, bt) = _codebooks(codebooks), _native(scales), _native(bias)
+        of = None if offsets is None else offsets.to(sc.dtype).contiguous()
+        self.keep = (codes, cb, sc, of, bi)  # what the pointers point into
+        self.in_features, self.out_features = M * d, out_f
+        self.args = _LayerArgs(M * d, out_f, codes.data_ptr(), codes.element_size(), cb.data_ptr(), cbt, C, K, d,
+                               _ptr(sc), _ptr(of), st, 0 if scales is None else scales.shape[1], _ptr(bi), bt)
+        self.address = ctypes.addressof(self.args)
+
+    def current(self, codes, codebooks, scales, offsets, bias) -> bool:
+        src = self.src
+        return (src[0] is codebooks and src[1] is scales and src[2] is offsets and src[3] is bias
+                and self.versions == _versions(codes, codebooks, scales, offsets, bias))
+
+
+def _versions(*tensors) -> tuple:
+    """In-place changes bump a tensor's version; `.data = ...` does not, but moves its data."""
+    return tuple(None if t is None else (t._version, t.data_ptr()) for t in tensors)
+
+
+_plans = WeakIdKeyDictionary()
+
+
 def gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = None,
          offsets: Tensor | None = None, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """Decode path: y[..., out] = x[..., in] @ W.T + bias without building W.
 
     x: [..., in] fp32, bf16 or fp16 (other dtypes go through fp32); y has x's dtype.
     out: optional contiguous [tokens, out] tensor of that dtype to write into.
-    Per call this costs a few microseconds of Python besides the kernel: small layers
-    (the default model's 576 x 576) take tens of microseconds in all.
+    A layer's arguments are prepared once and reused (while its tensors are unchanged), so
+    a call costs a few microseconds of Python besides the kernel.
     """
     lib = load_library()
-    _check_shapes(x, codes, codebooks, scales, offsets)
-    out_f, M = codes.shape
-    C, K, d = codebooks.shape
-    xk, xt = _native(x.reshape(-1, x.shape[-1]))  # [T, in]
-    codes = codes.contiguous()
-    (cb, cbt), (sc, st), (bi, bt) = _codebooks(codebooks), _native(scales), _native(bias)
-    of = None if offsets is None else offsets.to(sc.dtype).contiguous()
+    plan = _plans.get(codes)
+    if plan is None or not plan.current(codes, codebooks, scales, offsets, bias):
+        plan = _plans[codes] = _Plan(codes, codebooks, scales, offsets, bias)
+    if x.shape[-1] != plan.in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, codes/codebooks describe in = {plan.in_features}")
+    xk = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [T, in]
+    if xk.dtype not in _DTYPE_CODE:
+        xk = xk.float()
+    if not xk.is_contiguous():
+        xk = xk.contiguous()
+    xt, T, out_f = _DTYPE_CODE[xk.dtype], xk.shape[0], plan.out_features
     if out is None:
-        y = torch.empty(xk.shape[0], out_f, dtype=xk.dtype)
-    elif out.shape != (xk.shape[0], out_f) or out.dtype != xk.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {xk.dtype} tensor of shape {(xk.shape[0], out_f)}")
+        y = torch.empty(T, out_f, dtype=xk.dtype)
+    elif out.shape != (T, out_f) or out.dtype != xk.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {xk.dtype} tensor of shape {(T, out_f)}")
     else:
         y = out
-    S = 0 if scales is None else scales.shape[1]
-    _check(lib.fasq_cpu_pq_linear(xk.data_ptr(), xt, xk.shape[0], xk.shape[1], out_f, codes.data_ptr(),
-                                  codes.element_size(), cb.data_ptr(), cbt, C, K, d, _ptr(sc), _ptr(of), st, S,
-                                  _ptr(bi), bt, y.data_ptr(), torch.get_num_threads()), "gemv")
-    return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
+    _check(lib.fasq_cpu_pq_linear_args(plan.address, xk.data_ptr(), xt, T, y.data_ptr(), torch.get_num_threads()),
+           "gemv")
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
 
 
 # One reused weight buffer per thread and (numel, dtype): prefill rebuilds W every call,

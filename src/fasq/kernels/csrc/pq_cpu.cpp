@@ -847,6 +847,27 @@ int fasq_cpu_pq_linear(const void* x, int x_dtype, int64_t T, int64_t in, int64_
   return 0;
 }
 
+// A layer's fixed arguments of fasq_cpu_pq_linear, prepared once by the caller (every
+// field 8 bytes: no padding to mirror); decode calls then pass only x, T, y.
+struct FasqLayerArgs {
+  int64_t in, out;
+  const void* codes;
+  int64_t code_bytes;
+  const void* codebooks;
+  int64_t cb_dtype, C, K, d;
+  const void* scales;
+  const void* offsets;
+  int64_t scale_dtype, S;
+  const void* bias;
+  int64_t bias_dtype;
+};
+
+int fasq_cpu_pq_linear_args(const FasqLayerArgs* a, const void* x, int x_dtype, int64_t T, void* y, int nthreads) {
+  return fasq_cpu_pq_linear(x, x_dtype, T, a->in, a->out, a->codes, (int)a->code_bytes, a->codebooks,
+                            (int)a->cb_dtype, a->C, a->K, a->d, a->scales, a->offsets, (int)a->scale_dtype, a->S,
+                            a->bias, (int)a->bias_dtype, y, nthreads);
+}
+
 // W[out, in] = codebook values * scales + offsets, written as w_dtype (0 fp32, 2 bf16).
 int fasq_cpu_dequantize(const void* codes, int code_bytes, const void* codebooks, int cb_dtype, int64_t C,
                         int64_t K, int64_t d, const void* scales, const void* offsets, int scale_dtype,
