@@ -164,6 +164,7 @@ def bench_models(runs: Path, prompt_len: int, new_tokens: int, modes: list[bool]
     cases = [("fp32", "default", torch.float32), ("bf16", "default", torch.bfloat16)]
     cases += [(name, str(_checkpoint(runs, name, args)), torch.bfloat16) for name, args in MODEL_CONFIGS]
     rows = []
+    label = lambda src: str(Path(src).relative_to(ROOT)) if Path(src).is_relative_to(ROOT) else src  # noqa: E731
     for compiled in modes:
         runners = {}
         for name, source, dtype in cases:
@@ -178,7 +179,7 @@ def bench_models(runs: Path, prompt_len: int, new_tokens: int, modes: list[bool]
                 timed[name].append(r.run())
         for name, (source, dtype, r) in runners.items():
             s = r.speed(timed[name])
-            row = {"config": name, "model": source, "dtype": str(dtype).removeprefix("torch."), "batch": 1,
+            row = {"config": name, "model": label(source), "dtype": str(dtype).removeprefix("torch."), "batch": 1,
                    "compiled": compiled, "tok_s": round(s.decode_tok_s, 2),
                    "prefill_tok_s": round(s.prefill_tok_s, 1), "weight_bytes": speed.weight_bytes(r.model),
                    "decode_tok_s_rounds": [round(new_tokens / d, 2) for _, d in timed[name]]}
