@@ -114,11 +114,7 @@ _LIB.define("pq_linear(Tensor x, Tensor codes, Tensor codebooks, Tensor? scales,
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
-def _pq_linear_default(x, codes, codebooks, scales, offsets, bias):
-    return pq_linear_dequant(x, codes, codebooks, scales, offsets, bias)
-
-
-_LIB.impl("pq_linear", _pq_linear_default, "CompositeExplicitAutograd")
+_LIB.impl("pq_linear", pq_linear_dequant, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fasq::pq_linear", lib=_LIB)

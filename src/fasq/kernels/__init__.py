@@ -62,12 +62,12 @@ def pq_linear_triton(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor
                                has_triton=HAS_TRITON, interpret=INTERPRET)
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; choose 'auto' or one of {KERNELS}")
-    if kernel in ("reference", "cuda_gemv"):
+    if kernel in ("reference", "cuda_gemv"):  # not Triton: no config, no out= of their own
         if kernel == "reference":
-            y = ops.pq_linear_dequant(x, codes, codebooks, scales, offsets, bias)
+            fn = ops.pq_linear_dequant
         else:
-            from .cuda_gemv import pq_linear_cuda_gemv
-            y = pq_linear_cuda_gemv(x, codes, codebooks, scales, offsets, bias)
+            from .cuda_gemv import pq_linear_cuda_gemv as fn
+        y = fn(x, codes, codebooks, scales, offsets, bias)
         if out is not None:
             out.copy_(y.reshape(out.shape))
         return y

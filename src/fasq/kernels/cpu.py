@@ -95,14 +95,10 @@ def library_path() -> Path:
 
 def _declare(lib) -> None:
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.fasq_cpu_pq_linear.argtypes = [ptr, i32, i64, i64, i64, ptr, i32, ptr, i32, i64, i64, i64, ptr, ptr, i32,
-                                       i64, ptr, i32, ptr, i32]
-    lib.fasq_cpu_pq_linear.restype = i32
-    lib.fasq_cpu_dequantize.argtypes = [ptr, i32, ptr, i32, i64, i64, i64, ptr, ptr, i32, i64, i64, i64, ptr, i32,
-                                        i32]
-    lib.fasq_cpu_dequantize.restype = i32
     lib.fasq_cpu_pq_linear_args.argtypes = [ptr, ptr, i32, i64, ptr, i32]
     lib.fasq_cpu_pq_linear_args.restype = i32
+    lib.fasq_cpu_dequantize_args.argtypes = [ptr, ptr, i32, i32]
+    lib.fasq_cpu_dequantize_args.restype = i32
     lib.fasq_cpu_isa.restype = ctypes.c_char_p
     lib.fasq_cpu_set_isa.argtypes = [i32]
     lib.fasq_cpu_set_isa.restype = i32
@@ -187,15 +183,9 @@ def _check(err: int, what: str) -> None:
         raise ValueError(f"fasq CPU kernel ({what}): {_ERRORS.get(err, f'error {err}')}")
 
 
-def _check_shapes(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = None,
-                  offsets: Tensor | None = None) -> None:
-    M, (C, K, d) = codes.shape[1], codebooks.shape
-    if offsets is not None and scales is None:
-        raise ValueError("fasq CPU kernel: offsets without scales (W = codebook * scale + offset needs both)")
-    if x.shape[-1] != M * d:
-        raise ValueError(f"x has {x.shape[-1]} features, codes/codebooks describe in = {M}*{d}")
-    if codes.dtype not in (torch.uint8, torch.int16, torch.int32):
-        raise ValueError(f"codes must be uint8, int16 or int32 (fasq.ops.code_dtype), got {codes.dtype}")
+def _check_features(x: Tensor, plan: "_Plan") -> None:
+    if x.shape[-1] != plan.in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, codes/codebooks describe in = {plan.in_features}")
 
 
 ISAS = ("portable", "avx2", "avx512")  # widening instruction sets of the library
@@ -244,8 +234,9 @@ class _LayerArgs(ctypes.Structure):
 
 
 class _Plan:
-    """One layer's prepared kernel arguments, reused while its tensors stay the same
-    objects at the same versions (decode calls a layer thousands of times)."""
+    """One layer's validated and prepared kernel arguments (for the decode kernel and the
+    dequantize alike), reused while its tensors stay the same objects at the same versions
+    (decode calls a layer thousands of times)."""
 
     def __init__(self, codes, codebooks, scales, offsets, bias):
         self.src, self.versions = (codebooks, scales, offsets, bias), _versions(codes, codebooks, scales, offsets, bias)
@@ -278,6 +269,13 @@ def _versions(*tensors) -> tuple:
 _plans = WeakIdKeyDictionary()
 
 
+def _plan(codes, codebooks, scales, offsets, bias) -> _Plan:
+    plan = _plans.get(codes)
+    if plan is None or not plan.current(codes, codebooks, scales, offsets, bias):
+        plan = _plans[codes] = _Plan(codes, codebooks, scales, offsets, bias)
+    return plan
+
+
 def gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = None,
          offsets: Tensor | None = None, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """Decode path: y[..., out] = x[..., in] @ W.T + bias without building W.
@@ -288,11 +286,8 @@ def gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = No
     a call costs a few microseconds of Python besides the kernel.
     """
     lib = load_library()
-    plan = _plans.get(codes)
-    if plan is None or not plan.current(codes, codebooks, scales, offsets, bias):
-        plan = _plans[codes] = _Plan(codes, codebooks, scales, offsets, bias)
-    if x.shape[-1] != plan.in_features:
-        raise ValueError(f"x has {x.shape[-1]} features, codes/codebooks describe in = {plan.in_features}")
+    plan = _plan(codes, codebooks, scales, offsets, bias)
+    _check_features(x, plan)
     xk = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [T, in]
     if xk.dtype not in _DTYPE_CODE:
         xk = xk.float()
@@ -327,34 +322,31 @@ def _weight_buffer(numel: int, dtype: torch.dtype) -> Tensor:
     return buf[:numel]
 
 
+def _rebuild(plan: _Plan, dtype: torch.dtype, out: Tensor | None) -> Tensor:
+    """W[out, in] of a prepared layer, written by the library as fp32 or bf16."""
+    shape = (plan.out_features, plan.in_features)
+    W = torch.empty(shape, dtype=dtype) if out is None else out.view(shape)
+    _check(load_library().fasq_cpu_dequantize_args(plan.address, W.data_ptr(), _DTYPE_CODE[dtype],
+                                                   torch.get_num_threads()), "dequantize")
+    return W
+
+
 def dequantize(codes: Tensor, codebooks: Tensor, scales: Tensor | None = None, offsets: Tensor | None = None,
                dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
     """W[out, in] in fp32 or bf16, rebuilt by the library (into `out` when given)."""
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"the CPU dequantize writes float32 or bfloat16, not {dtype}")
-    if offsets is not None and scales is None:
-        raise ValueError("fasq CPU kernel: offsets without scales (W = codebook * scale + offset needs both)")
-    lib = load_library()
-    out_f, M = codes.shape
-    C, K, d = codebooks.shape
-    codes = codes.contiguous()
-    (cb, cbt), (sc, st) = _native(codebooks), _native(scales)
-    of = None if offsets is None else offsets.to(sc.dtype).contiguous()
-    W = torch.empty(out_f, M * d, dtype=dtype) if out is None else out.view(out_f, M * d)
-    S = 0 if scales is None else scales.shape[1]
-    _check(lib.fasq_cpu_dequantize(codes.data_ptr(), codes.element_size(), cb.data_ptr(), cbt, C, K, d,
-                                   _ptr(sc), _ptr(of), st, S, out_f, M * d, W.data_ptr(), _DTYPE_CODE[dtype],
-                                   torch.get_num_threads()), "dequantize")
-    return W
+    return _rebuild(_plan(codes, codebooks, scales, offsets, None), dtype, out)
 
 
 def dequant_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = None,
                    offsets: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-    """Prefill path: W rebuilt into a reused buffer (x's dtype if fp32/bf16), then matmul."""
-    _check_shapes(x, codes, codebooks, scales, offsets)
+    """Prefill path: W rebuilt into a reused buffer (x's dtype if fp32/bf16), then matmul.
+    Shares the layer's prepared arguments with the decode kernel (same plan, bias included)."""
+    plan = _plan(codes, codebooks, scales, offsets, bias)
+    _check_features(x, plan)
     wdtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-    W = dequantize(codes, codebooks, scales, offsets, dtype=wdtype,
-                   out=_weight_buffer(codes.shape[0] * codes.shape[1] * codebooks.shape[2], wdtype))
+    W = _rebuild(plan, wdtype, _weight_buffer(plan.out_features * plan.in_features, wdtype))
     y = torch.nn.functional.linear(x.to(wdtype), W, None if bias is None else bias.to(wdtype))
     return y.to(x.dtype)
 

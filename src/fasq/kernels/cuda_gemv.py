@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .cpu import cache_dir
+
 SOURCE = Path(__file__).with_name("csrc") / "pq_gemv.cu"
 DS = (1, 2, 3, 4, 8)
 NTS = (1, 2, 4, 8)  # token counts compiled (a call uses the smallest >= its tokens)
@@ -128,16 +130,10 @@ def compile_cubin(arch: str, names: list[str] | None = None) -> tuple[bytes, dic
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-def _cache_dir() -> Path:
-    if os.environ.get("FASQ_CACHE_DIR"):
-        return Path(os.environ["FASQ_CACHE_DIR"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fasq"
-
-
 def cached_cubin(arch: str) -> tuple[bytes, dict[str, str]]:
     """compile_cubin(arch), from the disk cache when this source was compiled before."""
     digest = hashlib.sha256(SOURCE.read_bytes() + json.dumps(variant_names()).encode()).hexdigest()[:16]
-    folder = _cache_dir() / f"cuda-{arch}-{digest}"
+    folder = cache_dir() / f"cuda-{arch}-{digest}"
     cub, names = folder / "pq_gemv.cubin", folder / "names.json"
     if cub.is_file() and names.is_file():
         return cub.read_bytes(), json.loads(names.read_text())

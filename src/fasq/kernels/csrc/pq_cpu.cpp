@@ -160,7 +160,7 @@ inline void store(void* p, int64_t j, float v, int dtype) {
 // and offsets [out, S] of scale_dtype; xsum [T, R]: activations summed over each run.
 struct Layer {
   const float* x;
-  int64_t T, in, out, M, d, K;
+  int64_t in, M, d, K;
   const char* codes;
   int code_bytes;
   const char* cb;
@@ -749,7 +749,7 @@ struct Plan {
     const int64_t M = in / d, cb_bytes = K * d * elem_bytes(cb_dtype);
     runs = make_runs(M, M / C, scales ? M / S : M);
     tiles = make_tiles(runs, cb_bytes);
-    L = Layer{nullptr, 0, in, out, M, d, K, static_cast<const char*>(codes), code_bytes,
+    L = Layer{nullptr, in, M, d, K, static_cast<const char*>(codes), code_bytes,
               static_cast<const char*>(codebooks), cb_bytes, scales, offsets, scale_dtype, S,
               runs.data(), nullptr, (int64_t)runs.size()};
   }
@@ -795,7 +795,6 @@ int fasq_cpu_pq_linear(const void* x, int x_dtype, int64_t T, int64_t in, int64_
     for (int64_t j = 0; j < T * in; j++) xf[j] = elem(x, j, x_dtype);
     L.x = xf.data();
   }
-  L.T = T;
   std::vector<float> xsum;  // [T, R]
   if (offsets) {
     xsum.assign(T * L.R, 0.f);
@@ -847,8 +846,8 @@ int fasq_cpu_pq_linear(const void* x, int x_dtype, int64_t T, int64_t in, int64_
   return 0;
 }
 
-// A layer's fixed arguments of fasq_cpu_pq_linear, prepared once by the caller (every
-// field 8 bytes: no padding to mirror); decode calls then pass only x, T, y.
+// A layer's fixed arguments of fasq_cpu_pq_linear / fasq_cpu_dequantize, prepared once by
+// the caller (every field 8 bytes: no padding to mirror); calls then pass only x, T, y or W.
 struct FasqLayerArgs {
   int64_t in, out;
   const void* codes;
@@ -881,6 +880,11 @@ int fasq_cpu_dequantize(const void* codes, int code_bytes, const void* codebooks
 #pragma omp parallel for num_threads(nth) if (nth > 1) schedule(static)
   for (int64_t o = 0; o < out; o++) fn(plan.L, o, static_cast<char*>(W) + o * row_bytes, w_dtype);
   return 0;
+}
+
+int fasq_cpu_dequantize_args(const FasqLayerArgs* a, void* W, int w_dtype, int nthreads) {
+  return fasq_cpu_dequantize(a->codes, (int)a->code_bytes, a->codebooks, (int)a->cb_dtype, a->C, a->K, a->d,
+                             a->scales, a->offsets, (int)a->scale_dtype, a->S, a->out, a->in, W, w_dtype, nthreads);
 }
 
 }  // extern "C"
