@@ -45,7 +45,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .. import ops
 from .dispatch import CPU_KERNELS, select_cpu_kernel
 
-SOURCE = Path(__file__).with_name("csrc") / "pq_cpu.cpp"
+# One library: the pq_linear kernels and the k-means helpers (cpu_kmeans.py)
+SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("pq_cpu.cpp", "kmeans_cpu.cpp"))
 _ERRORS = {1: "non-positive size", 2: "in_features not divisible by d", 3: "codebooks do not divide the subspaces",
            4: "scale groups do not divide the subspaces", 5: "offsets without scales", 6: "unsupported code dtype",
            7: "unsupported codebook or scale dtype"}
@@ -63,14 +64,14 @@ def cache_dir() -> Path:
 
 
 def _build(dest: Path) -> None:
-    """Compile SOURCE into `dest` (written to a temporary name, then renamed)."""
+    """Compile SOURCES into `dest` (written to a temporary name, then renamed)."""
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not cxx:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ / clang++)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=dest.parent)
     os.close(fd)
-    base = [cxx, "-O3", "-std=c++17", "-fPIC", "-shared", str(SOURCE), "-o", tmp]
+    base = [cxx, "-O3", "-std=c++17", "-fPIC", "-shared", *map(str, SOURCES), "-o", tmp]
     try:
         # OpenMP where the compiler has it (Apple clang does not): then single-threaded.
         for flags in (["-fopenmp"], []):
@@ -78,7 +79,7 @@ def _build(dest: Path) -> None:
             if r.returncode == 0:
                 os.replace(tmp, dest)
                 return
-        raise RuntimeError(f"{cxx} failed to build {SOURCE.name}:\n{r.stderr[-2000:]}")
+        raise RuntimeError(f"{cxx} failed to build {', '.join(f.name for f in SOURCES)}:\n{r.stderr[-2000:]}")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -89,7 +90,7 @@ def library_path() -> Path:
     prebuilt = sorted(Path(__file__).parent.glob("_fasq_cpu*.so"))
     if prebuilt:
         return prebuilt[0]
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES)).hexdigest()[:16]
     return cache_dir() / f"cpu-{sys.platform}-{platform.machine()}-{digest}" / "libfasq_cpu.so"
 
 
@@ -102,6 +103,10 @@ def _declare(lib) -> None:
     lib.fasq_cpu_isa.restype = ctypes.c_char_p
     lib.fasq_cpu_set_isa.argtypes = [i32]
     lib.fasq_cpu_set_isa.restype = i32
+    lib.fasq_cpu_kmeans_assign.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, i32]
+    lib.fasq_cpu_kmeans_assign.restype = i32
+    lib.fasq_cpu_kmeanspp.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, i32]
+    lib.fasq_cpu_kmeanspp.restype = i32
 
 
 def load_library(build: bool = True):

@@ -767,6 +767,9 @@ int fasq_cpu_set_isa(int cap) {
   return old;
 }
 
+// The instruction set the kernels use now: 0 portable, 1 AVX2, 2 AVX-512 (for kmeans_cpu.cpp).
+int fasq_cpu_isa_level(void) { return isa_level(); }
+
 // "avx512", "avx2" or "portable": the widest path the kernels take on this CPU now.
 const char* fasq_cpu_isa(void) {
   const int level = isa_level();
