@@ -91,11 +91,26 @@ def layer_size(module) -> LayerSize:
     )
 
 
+def stored_layer_size(out_features: int, in_features: int, cfg, bias: bool = False) -> LayerSize:
+    """`layer_size` of a layer stored with `cfg`, from its shape alone (an empty meta-device
+    module: no tensors, no accounting duplicated here)."""
+    from .module import PQLinear
+
+    return layer_size(PQLinear(in_features, out_features, cfg, bias=bias, device="meta"))
+
+
+def _persistent_buffers(model):
+    for mname, mod in model.named_modules():
+        for bname, b in mod.named_buffers(recurse=False):
+            if b is not None and bname not in mod._non_persistent_buffers_set:
+                yield (f"{mname}.{bname}" if mname else bname), b
+
+
 def unquantized_elements(model, is_quantized) -> int:
-    """Elements of the float parameters and buffers stored in fp16 beside the quantized
-    layers: those whose name `is_quantized` rejects, tied tensors counted once."""
+    """Elements of the float parameters and (saved) buffers stored in fp16 beside the
+    quantized layers: those whose name `is_quantized` rejects, tied tensors counted once."""
     seen, n = set(), 0
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+    for name, t in list(model.named_parameters()) + list(_persistent_buffers(model)):
         if is_quantized(name) or t.data_ptr() in seen or not t.is_floating_point():
             continue
         seen.add(t.data_ptr())
@@ -112,8 +127,13 @@ def size_table(model) -> dict:
     from .module import PQLinear
 
     q = {name: layer_size(m) for name, m in model.named_modules() if isinstance(m, PQLinear)}
+    return size_summary(q, unquantized_elements(model, lambda name: name.rsplit(".", 1)[0] in q))
+
+
+def size_summary(q: dict[str, LayerSize], other: int) -> dict:
+    """The size table of quantized layers `q` (name -> LayerSize) beside `other` unquantized
+    float elements (2 bytes each on disk)."""
     qweights = sum(s.weights for s in q.values())
-    other = unquantized_elements(model, lambda name: name.rsplit(".", 1)[0] in q)
     quant_bytes = sum(s.total for s in q.values())
     fp16_model = 2 * (qweights + other)
     total = quant_bytes + 2 * other

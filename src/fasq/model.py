@@ -29,6 +29,7 @@ from .module import PQLinear
 from .quantize import error_report, quantize_weight
 
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"  # sharded checkpoints (written by fasq.stream)
 MANIFEST_NAME = "fasq_manifest.json"
 REPORT_NAME = "fasq_report.json"
 

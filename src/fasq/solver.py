@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_SKIP, ConfigError, LayerConfig, PQConfig, QuantConfig
-from .format import layer_size, size_table
+from .format import size_table, stored_layer_size
 from .module import PQLinear
 from .ops import dequantize
 from .model import quantizable_linears, set_module
@@ -111,7 +111,7 @@ class BudgetError(ValueError):
 
 def candidate_size(out_features: int, in_features: int, cfg: LayerConfig, bias: bool = False):
     """Exact `format.LayerSize` of a layer stored with `cfg` (raises ConfigError if it does not fit)."""
-    return layer_size(PQLinear(in_features, out_features, cfg, bias=bias, device="meta"))
+    return stored_layer_size(out_features, in_features, cfg, bias)
 
 
 def _fits(out_features: int, in_features: int, cfg: LayerConfig) -> bool:

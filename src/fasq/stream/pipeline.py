@@ -1,0 +1,358 @@
+"""Streaming quantization: a model's tensors read one at a time, quantized, and written
+shard by shard into a checkpoint; no model is built, peak host memory stays near one input
+shard plus one layer, whatever the model's size.
+
+The checkpoint is the one `model.save_quantized` writes for the same model and config
+(the same tensors, byte for byte; tested), sharded like the input: one output shard per
+input shard (`model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`), or
+`model.safetensors` for a single one.
+
+Resuming: shards are written into a work folder `.NAME.partial` beside the output, and a
+state file there records each finished shard (its sha256 and report rows). A run that
+stops for any reason leaves that folder; the same command run again checks that the
+input and settings are unchanged and continues with the first unfinished shard. The
+finished checkpoint replaces the output folder in one rename, as `save_quantized` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..config import FORMAT_VERSION, ConfigError, QuantConfig
+from ..format import pack_codes, size_summary, stored_layer_size
+from ..model import (INDEX_NAME, MANIFEST_NAME, REPORT_NAME, WEIGHTS_NAME, _replace_dir, _sha256,
+                     check_output_dir)
+from ..ops import dequantize
+from ..quantize import error_report, quantize_weight
+from .readers import open_reader
+
+STATE_NAME = "fasq_stream_state.json"
+STORE_DTYPE = torch.float16  # unquantized floats, codebooks, scales: as save_quantized writes them
+# Architectures whose 2-D weights are not nn.Linear (GPT-2's Conv1D stores W transposed):
+# the name rules below would misread them; the in-memory path handles them.
+CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "decision_transformer", "imagegpt")
+EMBEDDING_NAMES = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings",
+                   "shared")
+
+
+def _model_type(config) -> str:
+    return config.get("model_type", "") if isinstance(config, dict) else getattr(config, "model_type", "")
+
+
+def _tied(config) -> bool:
+    if isinstance(config, dict):
+        return bool(config.get("tie_word_embeddings", False))
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
+def linear_modules(reader, qcfg: QuantConfig, config) -> list[str]:
+    """Names of the modules whose `.weight` is quantized: every 2-D floating `.weight` that
+    is neither skipped nor an embedding (the rule `quantizable_linears` follows on a built
+    model, read off the tensor names)."""
+    if _model_type(config) in CONV1D_MODEL_TYPES:
+        raise ConfigError(f"model type {_model_type(config)!r} keeps its projections in Conv1D modules (W "
+                          "transposed); quantize it with the in-memory path (`fasq quantize --in-memory`)")
+    out = []
+    for _, names in reader.groups:
+        for n in names:
+            if not n.endswith(".weight"):
+                continue
+            info, module = reader.info(n), n[: -len(".weight")]
+            leaf = module.rsplit(".", 1)[-1]
+            if (len(info.shape) != 2 or not info.dtype.is_floating_point or qcfg.is_skipped(module)
+                    or any(e in leaf for e in EMBEDDING_NAMES)):
+                continue
+            out.append(module)
+    return out
+
+
+def dropped_tensors(reader, config, modules) -> set[str]:
+    """Tensors the loader ignores: a tied lm_head stored beside the embeddings."""
+    names = {n for _, g in reader.groups for n in g}
+    if _tied(config) and "lm_head.weight" in names:
+        if "lm_head" in modules:
+            raise ConfigError("lm_head is tied to the input embeddings; it cannot be quantized separately "
+                              "(keep it in --skip)")
+        return {"lm_head.weight"}
+    return set()
+
+
+@dataclass
+class Plan:
+    """What a streaming run does: the reader, the modules to quantize and their configs."""
+
+    reader: object
+    config: object
+    qcfg: QuantConfig
+    modules: list[str]
+    dropped: set[str] = field(default_factory=set)
+
+    def shard_names(self) -> list[str]:
+        n = len(self.reader.groups)
+        return [WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {m: self.reader.info(m + ".weight").shape for m in self.modules}
+
+    def has_bias(self, module: str) -> bool:
+        return any(module + ".bias" in g for _, g in self.reader.groups)
+
+
+def make_plan(source: str, qcfg: QuantConfig, reader=None) -> Plan:
+    """Open the source, find the layers to quantize and check every one against its config
+    (all or nothing, before any work)."""
+    reader = reader or open_reader(source)
+    config = reader.load_config()
+    modules = linear_modules(reader, qcfg, config)
+    if not modules:
+        raise ValueError("the model has no linear layers to quantize (all skipped?)")
+    for m in modules:
+        out_f, in_f = reader.info(m + ".weight").shape
+        qcfg.for_module(m).check_shape(out_f, in_f, m)
+    return Plan(reader, config, qcfg, modules, dropped_tensors(reader, config, modules))
+
+
+def stored_tensors(module: str, q: dict[str, torch.Tensor | None], cfg) -> dict[str, torch.Tensor]:
+    """A quantized layer's tensors as a checkpoint stores them (`PQLinear`'s state dict):
+    codes bit-packed, floats in fp16."""
+    out = {f"{module}.codes": pack_codes(q["codes"].cpu(), cfg.code_bits)}
+    for key in ("codebooks", "scales", "offsets"):
+        if q[key] is not None:
+            out[f"{module}.{key}"] = q[key].to("cpu", STORE_DTYPE).contiguous()
+    return out
+
+
+def _stored_plain(t: torch.Tensor) -> torch.Tensor:
+    return (t.to(STORE_DTYPE) if t.is_floating_point() else t).contiguous()
+
+
+def _peak_rss() -> int:
+    """Peak resident memory of this process in bytes (Linux VmHWM, else ru_maxrss)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+# --- the work folder and its state ---------------------------------------------------------
+
+def work_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def fingerprint(plan: Plan, device) -> dict:
+    """What must not change between a run and its resumption."""
+    import fasq
+
+    return {"fasq": fasq.__version__, "format_version": FORMAT_VERSION, "source": plan.reader.fingerprint(),
+            "quantization_config": plan.qcfg.to_dict(), "device": torch.device(device or "cpu").type,
+            "shards": plan.shard_names()}
+
+
+class State:
+    """The finished shards of a run, kept in the work folder (rewritten atomically)."""
+
+    def __init__(self, folder: Path, fp: dict):
+        self.folder, self.path, self.fp = folder, folder / STATE_NAME, fp
+        self.done: dict[str, dict] = {}
+
+    @classmethod
+    def open(cls, folder: Path, fp: dict, log) -> "State":
+        """Resume the state in `folder` if it was made with the same fingerprint, else start anew."""
+        st = cls(folder, fp)
+        if folder.is_dir() and st.path.is_file():
+            try:
+                saved = json.loads(st.path.read_text())
+            except ValueError:
+                saved = {}
+            if saved.get("fingerprint") == fp:
+                st.done = {k: v for k, v in saved.get("done", {}).items() if st._intact(k, v)}
+                if st.done:
+                    log(f"resuming: {len(st.done)} of {len(fp['shards'])} shards already done in {folder}")
+                return st
+            log(f"{folder} holds a run with other inputs or settings: starting over")
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        st.save()
+        return st
+
+    def _intact(self, shard: str, rec: dict) -> bool:
+        f = self.folder / shard
+        return f.is_file() and f.stat().st_size == rec["bytes"]
+
+    def finish(self, shard: str, rec: dict) -> None:
+        self.done[shard] = rec
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fp, "done": self.done}, indent=1))
+        os.replace(tmp, self.path)
+
+
+# --- one shard -------------------------------------------------------------------------------
+
+def _natural(name: str):
+    """Sort key putting layer 2 before layer 10."""
+    import re
+
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def quantize_layer(plan: Plan, module: str, W: torch.Tensor, device=None):
+    """(stored tensors, report row) of one linear weight W [out, in]."""
+    cfg = plan.qcfg.for_module(module)
+    q = quantize_weight(W, cfg, name=module, device=device)
+    What = dequantize(q["codes"], q["codebooks"], q["scales"], q["offsets"], dtype=torch.float32)
+    out_f, in_f = W.shape
+    row = {"name": module, "out": out_f, "in": in_f,
+           "bits_per_weight": stored_layer_size(out_f, in_f, cfg, plan.has_bias(module)).bits_per_weight,
+           **error_report(W, What.to(W.device))}
+    return stored_tensors(module, q, cfg), row
+
+
+def write_shard(plan: Plan, names: list[str], path: Path, device, bar) -> dict:
+    """Quantize or copy the tensors `names` into the safetensors file `path` (written under
+    a temporary name, then renamed); returns the shard's record for the state file."""
+    modules = set(plan.modules)
+    stored, rows, other, seconds = {}, [], 0, 0.0
+    for name in names:
+        info = plan.reader.info(name)
+        if name not in plan.dropped:
+            bar.set_postfix_str(name, refresh=False)
+            t = plan.reader.read(name)
+            module, _, leaf = name.rpartition(".")
+            if leaf == "weight" and module in modules:
+                t0 = time.perf_counter()
+                tensors, row = quantize_layer(plan, module, t, device)
+                seconds += time.perf_counter() - t0
+                stored.update(tensors)
+                rows.append(row)
+            else:
+                stored[name] = _stored_plain(t)
+                if t.is_floating_point() and not (leaf == "bias" and module in modules):
+                    other += t.numel()  # a quantized layer's bias counts in its LayerSize
+            del t
+        bar.update(info.nbytes)
+    plan.reader.close()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(stored, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path), "layers": rows, "other_elements": other,
+            "seconds": seconds, "tensors": {k: v.numel() * v.element_size() for k, v in stored.items()}}
+
+
+# --- the whole run ---------------------------------------------------------------------------
+
+def quantize_streaming(source: str, out_dir: str | os.PathLike, qcfg: QuantConfig, device=None,
+                       overwrite: bool = False, progress: bool = True, plan: Plan | None = None,
+                       extra_report: dict | None = None, log=None) -> dict:
+    """Quantize `source` ('default', a HF folder, a .gguf file, a Hub id) into the checkpoint
+    folder `out_dir`, tensor by tensor; returns the report (as `quantize_model` + `save_quantized`
+    would write it, plus a "streaming" entry). Resumes an interrupted run of the same command."""
+    from tqdm.auto import tqdm
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    out = check_output_dir(out_dir, overwrite)  # fail before the slow part
+    plan = plan or make_plan(source, qcfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = work_dir(out)
+    state = State.open(work, fingerprint(plan, device), log)
+    shards = plan.shard_names()
+    sizes = [sum(plan.reader.info(n).nbytes for n in names) for _, names in plan.reader.groups]
+    resumed = [s for s in shards if s in state.done]
+    t0 = time.perf_counter()
+    with tqdm(total=sum(sizes), initial=sum(b for s, b in zip(shards, sizes) if s in state.done), unit="B",
+              unit_scale=True, unit_divisor=1024, desc="quantizing", disable=not progress) as bar:
+        for shard, (_, names) in zip(shards, plan.reader.groups):
+            if shard not in state.done:
+                state.finish(shard, write_shard(plan, names, work / shard, device, bar))
+    report = _report(plan, state, source, extra_report)
+    report["streaming"] = {"shards": len(shards), "resumed_shards": len(resumed),
+                           "wall_seconds": time.perf_counter() - t0, "peak_rss_bytes": _peak_rss()}
+    if torch.device(device or "cpu").type == "cuda":
+        report["streaming"]["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    _finish(plan, state, work, out, report)
+    return report
+
+
+def _report(plan: Plan, state: State, source: str, extra: dict | None) -> dict:
+    recs = [state.done[s] for s in plan.shard_names()]
+    shapes = plan.shapes()
+    q = {m: stored_layer_size(*shapes[m], plan.qcfg.for_module(m), plan.has_bias(m)) for m in plan.modules}
+    rows = sorted((r for rec in recs for r in rec["layers"]), key=lambda r: _natural(r["name"]))
+    return {"seconds": sum(rec["seconds"] for rec in recs), "layers": rows,
+            "size": size_summary(q, sum(rec["other_elements"] for rec in recs)), **(extra or {}),
+            "source": source}
+
+
+def _finish(plan: Plan, state: State, work: Path, out: Path, report: dict) -> None:
+    """Config, tokenizer, report, index and manifest into the work folder, then rename it."""
+    shards = plan.shard_names()
+    if len(shards) > 1:
+        weight_map = {t: s for s in shards for t in state.done[s]["tensors"]}
+        total = sum(b for s in shards for b in state.done[s]["tensors"].values())
+        (work / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
+                                                   "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    qcfg = QuantConfig(layer=plan.qcfg.layer, skip=plan.qcfg.skip, overrides=plan.qcfg.overrides,
+                       modules=tuple(sorted(plan.modules, key=_natural)))
+    _write_config(plan, qcfg, work)
+    _write_tokenizer(plan, work)
+    (work / REPORT_NAME).write_text(json.dumps(report, indent=1))
+    files = {s: {"bytes": state.done[s]["bytes"], "sha256": state.done[s]["sha256"]} for s in shards}
+    if len(shards) > 1:
+        files[INDEX_NAME] = {"bytes": (work / INDEX_NAME).stat().st_size, "sha256": _sha256(work / INDEX_NAME)}
+    (work / MANIFEST_NAME).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))
+    (work / STATE_NAME).unlink()
+    _replace_dir(work, out)
+
+
+def _write_config(plan: Plan, qcfg: QuantConfig, folder: Path) -> None:
+    config = plan.config
+    if isinstance(config, dict):  # an architecture this transformers does not know
+        config = {**config, "quantization_config": qcfg.to_dict(), "dtype": "float16"}
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return
+    config.quantization_config = qcfg.to_dict()
+    config.dtype = STORE_DTYPE
+    config.save_pretrained(folder)
+    from transformers import GenerationConfig
+
+    path, _ = plan.reader.tokenizer_source
+    try:
+        gen = GenerationConfig.from_pretrained(path)
+    except OSError:
+        gen = GenerationConfig.from_model_config(config)
+    gen.save_pretrained(folder)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def _write_tokenizer(plan: Plan, folder: Path) -> None:
+    """The tokenizer as transformers saves it; for a folder transformers cannot read, its files."""
+    from transformers import AutoTokenizer
+
+    path, kw = plan.reader.tokenizer_source
+    try:
+        AutoTokenizer.from_pretrained(path, **kw).save_pretrained(folder)
+    except (OSError, ValueError, KeyError):
+        for f in TOKENIZER_FILES:
+            if (Path(path) / f).is_file() and not kw:
+                shutil.copy2(Path(path) / f, folder / f)

@@ -1,0 +1,222 @@
+"""Read a model's tensors one at a time, without building the model.
+
+A reader gives the tensor names in groups (an input shard of a safetensors folder, or a
+run of consecutive tensors of a GGUF file), their shapes, and each tensor on request:
+    names and groups  -> what exists and in which output shard it goes
+    info(name)        -> TensorInfo(shape, dtype, nbytes)
+    read(name)        -> the tensor as the in-memory loader would see it (float32 for GGUF,
+                         the stored dtype for safetensors)
+Readers also give the model's config (a `PretrainedConfig`, or the raw config.json dict
+for architectures this transformers does not know) and the tokenizer source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..sources import ModelSourceError, resolve
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# GGUF files are one file: their tensors are cut into output shards of about this many
+# input bytes (dequantized to fp32), which is also the granularity of resuming.
+GGUF_GROUP_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int  # bytes of the tensor as read (what the progress bar counts)
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _safetensors_header(path: Path) -> dict:
+    """A safetensors file's header (names, dtypes, shapes) without reading its tensors."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+class SafetensorsReader:
+    """A Hugging Face folder: model.safetensors, or shards listed in model.safetensors.index.json."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = list(dict.fromkeys(weight_map.values()))  # first-seen order
+        elif (self.folder / SINGLE_FILE).is_file():
+            files = [SINGLE_FILE]
+        else:
+            raise ModelSourceError(f"{self.folder} has neither {SINGLE_FILE} nor {INDEX_FILE}: streaming "
+                                   "quantization reads safetensors (use the Python API's in-memory path "
+                                   "for other formats)")
+        self.files = files
+        self._info: dict[str, TensorInfo] = {}
+        self._where: dict[str, str] = {}
+        self.groups: list[tuple[str, list[str]]] = []
+        for fname in files:
+            header = _safetensors_header(self.folder / fname)
+            names = sorted(header)
+            for n in names:
+                h = header[n]
+                dtype = _ST_DTYPES.get(h["dtype"])
+                if dtype is None:
+                    raise ModelSourceError(f"{fname}: tensor {n} has dtype {h['dtype']}, which fasq cannot read")
+                start, end = h["data_offsets"]
+                self._info[n] = TensorInfo(tuple(h["shape"]), dtype, end - start)
+                self._where[n] = fname
+            self.groups.append((fname, names))
+        self._open: tuple[str, object] | None = None
+
+    def info(self, name: str) -> TensorInfo:
+        return self._info[name]
+
+    def read(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        fname = self._where[name]
+        if self._open is None or self._open[0] != fname:  # one shard open (mapped) at a time
+            self._open = (fname, safe_open(str(self.folder / fname), framework="pt"))
+        return self._open[1].get_tensor(name)
+
+    def close(self) -> None:
+        self._open = None
+
+    def fingerprint(self) -> dict:
+        """What identifies the input: every file's size and modification time."""
+        files = self.files + ([INDEX_FILE] if (self.folder / INDEX_FILE).is_file() else [])
+        return {"path": str(self.folder.resolve()),
+                "files": {f: [(self.folder / f).stat().st_size, (self.folder / f).stat().st_mtime_ns] for f in files}}
+
+    def load_config(self):
+        return load_config(str(self.folder), {})
+
+    tokenizer_source = property(lambda self: (str(self.folder), {}))
+
+
+class GGUFTensorReader:
+    """A GGUF file: tensors dequantized to float32 one at a time and renamed to the
+    architecture's Hugging Face names the way transformers' GGUF loader does (its tensor
+    processors undo llama.cpp's permutations). The name map needs the architecture's
+    parameter names, taken from a model skeleton on the meta device (no memory, no weights)."""
+
+    def __init__(self, path: str | os.PathLike):
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                               get_gguf_hf_weights_map, load_gguf_checkpoint,
+                                                               read_field)
+
+        self.path = Path(path)
+        self.reader = GGUFReader(str(self.path))
+        parsed = load_gguf_checkpoint(str(self.path), return_tensors=False)
+        arch = read_field(self.reader, "general.architecture")[0]
+        self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed.get("config", {}))
+        self.config = self.load_config()
+        self.mapping = get_gguf_hf_weights_map(_meta_model(self.config), self.processor)
+        self._tensors, self._info = {}, {}
+        for t in self.reader.tensors:
+            hf = self.mapping.get(t.name)
+            if hf is None:
+                continue  # transformers' loader skips these too
+            shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
+            self._tensors[hf] = t
+            self._info[hf] = TensorInfo(shape, torch.float32, 4 * int(t.n_elements))
+        self.groups = _size_groups(list(self._tensors), self._info, GGUF_GROUP_BYTES)
+        self.files = [self.path.name]
+
+    def info(self, name: str) -> TensorInfo:
+        return self._info[name]
+
+    def read(self, name: str) -> torch.Tensor:
+        import numpy as np
+        from gguf import dequantize
+
+        t = self._tensors[name]
+        weights = dequantize(t.data, t.tensor_type)
+        res = self.processor.process(weights=weights, name=t.name, tensor_key_mapping=self.mapping,
+                                     parsed_parameters={"config": {}, "tensors": {}})
+        return torch.from_numpy(np.copy(res.weights)).to(torch.float32)
+
+    def close(self) -> None:
+        pass
+
+    def fingerprint(self) -> dict:
+        st = self.path.stat()
+        return {"path": str(self.path.resolve()), "files": {self.path.name: [st.st_size, st.st_mtime_ns]}}
+
+    def load_config(self):
+        return load_config(str(self.path.parent), {"gguf_file": self.path.name})
+
+    tokenizer_source = property(lambda self: (str(self.path.parent), {"gguf_file": self.path.name}))
+
+
+def _size_groups(names: list[str], info: dict[str, TensorInfo], limit: int) -> list[tuple[str, list[str]]]:
+    """Consecutive runs of tensors of at most `limit` bytes (a bigger tensor alone)."""
+    groups, cur, size = [], [], 0
+    for n in names:
+        if cur and size + info[n].nbytes > limit:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(n)
+        size += info[n].nbytes
+    if cur:
+        groups.append(cur)
+    return [(f"part{i}", g) for i, g in enumerate(groups)]
+
+
+def _meta_model(config):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_config(path: str, kw: dict):
+    """The model's `PretrainedConfig`, or config.json as a dict when this transformers does
+    not know the architecture (the checkpoint is then written from the dict)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, **kw)
+    except (ValueError, KeyError) as e:
+        f = Path(path) / "config.json"
+        if kw or not f.is_file():
+            raise ModelSourceError(f"could not read the model config of {path}: {e}") from e
+        return json.loads(f.read_text())
+
+
+def open_reader(source: str):
+    """A reader for `default`, a local HF folder with safetensors, a .gguf file, or a Hub id
+    (downloaded first: config, tokenizer and safetensors files only)."""
+    path, kw = resolve(source)
+    if "gguf_file" in kw:
+        return GGUFTensorReader(Path(path) / kw["gguf_file"])
+    if not Path(path).is_dir():
+        path = _download(path)
+    return SafetensorsReader(path)
+
+
+def _download(repo_id: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - transformers depends on huggingface_hub
+        raise ModelSourceError(f"{repo_id!r} is a Hub id and huggingface_hub is not installed") from e
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
+                                                          "*.txt", "*.tiktoken"])
+    except Exception as e:  # network, authentication, unknown repository
+        raise ModelSourceError(f"could not download {repo_id!r} from the Hugging Face Hub: {e}") from e
