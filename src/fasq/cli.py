@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip", nargs="*", default=None, help="module name patterns left unquantized "
                    "(default: embed_tokens lm_head)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
+    q.add_argument("--in-memory", action="store_true", help="load the whole model first (default: read, "
+                   "quantize and write the tensors one at a time, resuming an interrupted run); needed "
+                   "for checkpoints without safetensors and for Conv1D models such as GPT-2")
     q.add_argument("--json", action="store_true", help="print one JSON object (report) instead of tables")
     _add_model_opts(q)
 
@@ -133,9 +136,8 @@ def _layer_config(a):
 def cmd_quantize(a) -> int:
     from .config import DEFAULT_SKIP, QuantConfig
     from .format import format_size_table
-    from .model import check_output_dir, quantize_model, save_quantized
+    from .model import check_output_dir
     from .solver import parse_candidates
-    from .sources import load_model
 
     out = check_output_dir(a.out, a.overwrite)  # fail before the slow part
     skip = tuple(a.skip) if a.skip is not None else DEFAULT_SKIP
@@ -147,12 +149,52 @@ def cmd_quantize(a) -> int:
     cands = None if a.candidates is None else parse_candidates(a.candidates)  # fail before the slow part
     qcfg = QuantConfig(layer=_layer_config(a), skip=skip)
     t0 = time.perf_counter()
+    run = _quantize_in_memory if a.in_memory else _quantize_streaming
+    report = run(a, out, qcfg, cands, bool(targets))
+    report["total_seconds"] = time.perf_counter() - t0
+    if a.json:
+        print(json.dumps({"out": str(out), "total_seconds": report["total_seconds"], **_summary(report),
+                          **({"streaming": report["streaming"]} if "streaming" in report else {})}))
+    else:
+        print(f"saved {out}  (quantization {report['seconds']:.1f}s, total {report['total_seconds']:.1f}s)")
+        print(format_size_table(report["size"]))
+    return 0
+
+
+def _quantize_streaming(a, out, qcfg, cands, targets: bool) -> dict:
+    """Tensor by tensor from the files (the default); resumes an interrupted run."""
+    from .stream import make_plan, quantize_streaming
+    from .stream.readers import StreamingUnsupported
+
+    try:
+        plan = make_plan(a.model, qcfg)
+    except StreamingUnsupported as e:
+        print(f"fasq quantize: {e}; loading the whole model instead", file=sys.stderr)
+        return _quantize_in_memory(a, out, qcfg, cands, targets)
+    extra = None
+    if targets:
+        from .stream.solve import solve_streaming
+
+        plan.qcfg, solved = solve_streaming(plan, target_bits=a.target_bits, target_size=a.target_size,
+                                            candidates=cands, progress=not a.json, device=a.device)
+        if not a.json:
+            print(solved.format())
+        extra = {"solver": solved.to_dict()}
+    return quantize_streaming(a.model, out, plan.qcfg, device=a.device, overwrite=a.overwrite,
+                              progress=not a.json, plan=plan, extra_report=extra)
+
+
+def _quantize_in_memory(a, out, qcfg, cands, targets: bool) -> dict:
+    """The whole model loaded (`--in-memory`): the Python API's path."""
+    from .model import quantize_model, save_quantized
+    from .sources import load_model
+
     model, tok = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
     solved = None
     if targets:
         from .solver import solve
 
-        qcfg, solved = solve(model, target_bits=a.target_bits, target_size=a.target_size, skip=skip,
+        qcfg, solved = solve(model, target_bits=a.target_bits, target_size=a.target_size, skip=qcfg.skip,
                              candidates=cands, progress=not a.json, device=a.device)
         if not a.json:
             print(solved.format())
@@ -161,13 +203,7 @@ def cmd_quantize(a) -> int:
         report["solver"] = solved.to_dict()
     report["source"] = a.model
     save_quantized(model, out, tokenizer=tok, report=report, overwrite=a.overwrite)
-    report["total_seconds"] = time.perf_counter() - t0
-    if a.json:
-        print(json.dumps({"out": str(out), "total_seconds": report["total_seconds"], **_summary(report)}))
-    else:
-        print(f"saved {out}  (quantization {report['seconds']:.1f}s, total {report['total_seconds']:.1f}s)")
-        print(format_size_table(report["size"]))
-    return 0
+    return report
 
 
 def _summary(report: dict) -> dict:

@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_SKIP, ConfigError, LayerConfig, PQConfig, QuantConfig
-from .format import size_table, stored_layer_size
+from .format import size_table as model_size_table, stored_layer_size
 from .module import PQLinear
 from .ops import dequantize
 from .model import quantizable_linears, set_module
@@ -136,7 +136,7 @@ def model_bytes(model: nn.Module, layers: list[tuple[str, nn.Linear]], cfgs: lis
         for (name, lin), cfg in zip(layers, cfgs):
             set_module(model, name, PQLinear(lin.in_features, lin.out_features, cfg,
                                               bias=lin.bias is not None, device="meta"))
-        return size_table(model)
+        return model_size_table(model)
     finally:
         for name, lin in originals:
             set_module(model, name, lin)
@@ -215,39 +215,56 @@ def proxy_error(W: torch.Tensor, cfg: LayerConfig, sample_rows: int | None = 256
     return err * out / Ws.shape[0]
 
 
-@torch.no_grad()
-def measure(model: nn.Module, candidates=None, skip=DEFAULT_SKIP, sample_rows: int | None = 256,
-            proxy_iters: int | None = 4, progress: bool = True, device=None) -> ProxyTable:
-    """Sizes and proxy errors of every candidate on every quantizable layer (the slow part)."""
-    from tqdm.auto import tqdm
+def layer_sizes(name: str, out: int, n: int, bias: bool, cands: list[LayerConfig]) -> LayerTable:
+    """A layer's fitting candidates and their bytes (errors are filled by `measure_layer`)."""
+    opts = [j for j, c in enumerate(cands) if _fits(out, n, c)]
+    if not opts:
+        raise ConfigError(f"{name} [{out}x{n}]: no candidate config fits this shape; add one "
+                          "that does (d dividing in_features, K <= sub-vectors) or skip the layer")
+    sizes = [candidate_size(out, n, cands[j], bias) for j in opts]
+    return LayerTable(name=name, out_features=out, in_features=n, bias_bytes=sizes[0].bias, options=opts,
+                      bytes=[s.total - s.bias for s in sizes], sq_error=[], weight_sq_norm=0.0)
 
+
+@torch.no_grad()
+def measure_layer(t: LayerTable, W: torch.Tensor, cands: list[LayerConfig], sample_rows: int | None = 256,
+                  proxy_iters: int | None = 4, device=None) -> None:
+    """Fill a layer's proxy errors (every fitting candidate) from its weight W [out, in]."""
+    W = W.detach().to(device=device or W.device, dtype=torch.float32)
+    t.sq_error = [proxy_error(W, cands[j], sample_rows, proxy_iters, t.name) for j in t.options]
+    t.weight_sq_norm = W.double().pow(2).sum().item()
+
+
+def candidate_table(model: nn.Module, candidates=None, skip=DEFAULT_SKIP) -> ProxyTable:
+    """The candidates' sizes on every quantizable layer, from shapes alone (errors not yet
+    measured): enough to check a budget against the achievable range at once."""
     cands = list(DEFAULT_CANDIDATES if candidates is None else candidates)
     if not cands:
         raise ValueError("the candidate set is empty")
     layers = _quantizable(model, skip)
     if not layers:
         raise ValueError("the model has no linear layers to quantize (all skipped?)")
-    t0 = time.perf_counter()
-    tables = []
-    for name, lin in tqdm(layers, desc="solver proxy", unit="layer", disable=not progress):
-        out, n = lin.out_features, lin.in_features
-        opts = [j for j, c in enumerate(cands) if _fits(out, n, c)]
-        if not opts:
-            raise ConfigError(f"{name} [{out}x{n}]: no candidate config fits this shape; add one "
-                              "that does (d dividing in_features, K <= sub-vectors) or skip the layer")
-        W = lin.weight.detach().to(device=device or lin.weight.device, dtype=torch.float32)
-        sizes = [candidate_size(out, n, cands[j], lin.bias is not None) for j in opts]
-        tables.append(LayerTable(
-            name=name, out_features=out, in_features=n, bias_bytes=sizes[0].bias, options=opts,
-            bytes=[s.total - s.bias for s in sizes],
-            sq_error=[proxy_error(W, cands[j], sample_rows, proxy_iters, name) for j in opts],
-            weight_sq_norm=W.double().pow(2).sum().item()))
-    # Bytes outside the quantized layers: size_table with any fitting configs swapped in.
+    tables = [layer_sizes(name, lin.out_features, lin.in_features, lin.bias is not None, cands)
+              for name, lin in layers]
+    # Bytes outside the quantized layers: the model's size table with any fitting configs swapped in.
     st = model_bytes(model, layers, [cands[t.options[0]] for t in tables])
-    layer_total = sum(t.bytes[0] + t.bias_bytes for t in tables)
-    fixed = st["total_bytes"] - layer_total + sum(t.bias_bytes for t in tables)
+    fixed = st["total_bytes"] - sum(t.bytes[0] for t in tables)
     return ProxyTable(candidates=cands, layers=tables, fixed_bytes=fixed, fp16_bytes=st["fp16_bytes"],
-                      skip=tuple(skip), seconds=time.perf_counter() - t0)
+                      skip=tuple(skip))
+
+
+def measure(model: nn.Module, candidates=None, skip=DEFAULT_SKIP, sample_rows: int | None = 256,
+            proxy_iters: int | None = 4, progress: bool = True, device=None,
+            table: ProxyTable | None = None) -> ProxyTable:
+    """Sizes and proxy errors of every candidate on every quantizable layer (the slow part)."""
+    from tqdm.auto import tqdm
+
+    table = table or candidate_table(model, candidates, skip)
+    t0 = time.perf_counter()
+    for t in tqdm(table.layers, desc="solver proxy", unit="layer", disable=not progress):
+        measure_layer(t, model.get_submodule(t.name).weight, table.candidates, sample_rows, proxy_iters, device)
+    table.seconds = time.perf_counter() - t0
+    return table
 
 
 # --- 3. the multiple-choice knapsack ------------------------------------------------------
@@ -531,7 +548,25 @@ def achievable_range(table: ProxyTable) -> dict:
             "size_fraction_of_fp16": ((lo + fx) / F, (hi + fx) / F)}
 
 
-def solve(model: nn.Module, target_bits: float | None = None, target_size: float | None = None,
+def check_budget(table: ProxyTable, target_bits: float | None = None,
+                 target_size: float | None = None) -> tuple[int, int, str, float]:
+    """`budget_bounds`, refusing a budget outside the achievable range (sizes only: no
+    measured errors needed) with a message that gives the range."""
+    lo, hi, kind, value = budget_bounds(table, target_bits, target_size)
+    a, b = achievable_range(table)["bits_per_weight" if kind == "bits" else "size_fraction_of_fp16"]
+    unit = "bits per weight" if kind == "bits" else "of FP16"
+    fmt = (lambda x: f"{x:.3f}") if kind == "bits" else (lambda x: f"{100 * x:.2f}%")
+    if hi < sum(min(t.bytes) for t in table.layers):
+        raise BudgetError(f"target {kind}={value} is below the smallest achievable size with these "
+                          f"candidates: achievable range {fmt(a)} to {fmt(b)} {unit}")
+    if lo > sum(max(t.bytes) for t in table.layers):
+        raise BudgetError(f"target {kind}={value} is above the largest achievable size with these "
+                          f"candidates: achievable range {fmt(a)} to {fmt(b)} {unit}; use a smaller "
+                          "target or add larger candidates")
+    return lo, hi, kind, value
+
+
+def solve(model: nn.Module | None, target_bits: float | None = None, target_size: float | None = None,
           candidates=None, skip=DEFAULT_SKIP, progress: bool = True, importance: str = "rel",
           sample_rows: int | None = 256, proxy_iters: int | None = 4, table: ProxyTable | None = None,
           device=None) -> tuple[QuantConfig, SolveReport]:
@@ -543,21 +578,14 @@ def solve(model: nn.Module, target_bits: float | None = None, target_size: float
     candidates and skip) so several budgets cost one proxy measurement.
     """
     if table is None:
-        table = measure(model, candidates, skip, sample_rows, proxy_iters, progress, device)
+        table = candidate_table(model, candidates, skip)
+        check_budget(table, target_bits, target_size)  # before the slow measurement
+        measure(model, sample_rows=sample_rows, proxy_iters=proxy_iters, progress=progress, device=device,
+                table=table)
     elif candidates is not None and list(candidates) != table.candidates:
         raise ValueError("`table` was measured with other candidates")
-    lo, hi, kind, value = budget_bounds(table, target_bits, target_size)
+    lo, hi, kind, value = check_budget(table, target_bits, target_size)
     rng = achievable_range(table)
-    key, unit = ("bits_per_weight", "bits per weight") if kind == "bits" else ("size_fraction_of_fp16", "of FP16")
-    a, b = rng[key]
-    fmt = (lambda x: f"{x:.3f}") if kind == "bits" else (lambda x: f"{100 * x:.2f}%")
-    if hi < sum(min(t.bytes) for t in table.layers):
-        raise BudgetError(f"target {kind}={value} is below the smallest achievable size with these "
-                          f"candidates: achievable range {fmt(a)} to {fmt(b)} {unit}")
-    if lo > sum(max(t.bytes) for t in table.layers):
-        raise BudgetError(f"target {kind}={value} is above the largest achievable size with these "
-                          f"candidates: achievable range {fmt(a)} to {fmt(b)} {unit}; use a smaller "
-                          "target or add larger candidates")
     errs = table.errors(importance)
     t0 = time.perf_counter()
     pick = knapsack([t.bytes for t in table.layers], errs, hi, lo)

@@ -33,7 +33,7 @@ from ..model import (INDEX_NAME, MANIFEST_NAME, REPORT_NAME, WEIGHTS_NAME, _repl
                      check_output_dir)
 from ..ops import dequantize
 from ..quantize import error_report, quantize_weight
-from .readers import open_reader
+from .readers import StreamingUnsupported, open_reader
 
 STATE_NAME = "fasq_stream_state.json"
 STORE_DTYPE = torch.float16  # unquantized floats, codebooks, scales: as save_quantized writes them
@@ -59,8 +59,8 @@ def linear_modules(reader, qcfg: QuantConfig, config) -> list[str]:
     is neither skipped nor an embedding (the rule `quantizable_linears` follows on a built
     model, read off the tensor names)."""
     if _model_type(config) in CONV1D_MODEL_TYPES:
-        raise ConfigError(f"model type {_model_type(config)!r} keeps its projections in Conv1D modules (W "
-                          "transposed); quantize it with the in-memory path (`fasq quantize --in-memory`)")
+        raise StreamingUnsupported(f"model type {_model_type(config)!r} keeps its projections in Conv1D "
+                                   "modules (W transposed), which tensor names do not tell apart")
     out = []
     for _, names in reader.groups:
         for n in names:
@@ -347,11 +347,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def _write_tokenizer(plan: Plan, folder: Path) -> None:
     """The tokenizer as transformers saves it; for a folder transformers cannot read, its files."""
-    from transformers import AutoTokenizer
-
     path, kw = plan.reader.tokenizer_source
     try:
-        AutoTokenizer.from_pretrained(path, **kw).save_pretrained(folder)
+        plan.reader.load_tokenizer().save_pretrained(folder)
     except (OSError, ValueError, KeyError):
         for f in TOKENIZER_FILES:
             if (Path(path) / f).is_file() and not kw:

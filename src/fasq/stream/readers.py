@@ -12,6 +12,7 @@ for architectures this transformers does not know) and the tokenizer source.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ INDEX_FILE = "model.safetensors.index.json"
 # GGUF files are one file: their tensors are cut into output shards of about this many
 # input bytes (dequantized to fp32), which is also the granularity of resuming.
 GGUF_GROUP_BYTES = 2 << 30
+
+
+class StreamingUnsupported(ModelSourceError):
+    """This source cannot be streamed (no safetensors, Conv1D layers): load it whole instead."""
 
 
 @dataclass(frozen=True)
@@ -61,9 +66,8 @@ class SafetensorsReader:
         elif (self.folder / SINGLE_FILE).is_file():
             files = [SINGLE_FILE]
         else:
-            raise ModelSourceError(f"{self.folder} has neither {SINGLE_FILE} nor {INDEX_FILE}: streaming "
-                                   "quantization reads safetensors (use the Python API's in-memory path "
-                                   "for other formats)")
+            raise StreamingUnsupported(f"{self.folder} has neither {SINGLE_FILE} nor {INDEX_FILE}: streaming "
+                                       "quantization reads safetensors")
         self.files = files
         self._info: dict[str, TensorInfo] = {}
         self._where: dict[str, str] = {}
@@ -105,6 +109,11 @@ class SafetensorsReader:
     def load_config(self):
         return load_config(str(self.folder), {})
 
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.folder))
+
     tokenizer_source = property(lambda self: (str(self.folder), {}))
 
 
@@ -116,17 +125,15 @@ class GGUFTensorReader:
 
     def __init__(self, path: str | os.PathLike):
         from gguf import GGUFReader
-        from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                               get_gguf_hf_weights_map, load_gguf_checkpoint,
-                                                               read_field)
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, read_field
 
         self.path = Path(path)
         self.reader = GGUFReader(str(self.path))
-        parsed = load_gguf_checkpoint(str(self.path), return_tensors=False)
+        with self._parsed_once():
+            self.config = load_config(str(self.path.parent), {"gguf_file": self.path.name})
         arch = read_field(self.reader, "general.architecture")[0]
-        self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed.get("config", {}))
-        self.config = self.load_config()
-        self.mapping = get_gguf_hf_weights_map(_meta_model(self.config), self.processor)
+        self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=self.config.to_dict())
+        self.mapping = _gguf_to_hf_names(self.config, self.processor)
         self._tensors, self._info = {}, {}
         for t in self.reader.tensors:
             hf = self.mapping.get(t.name)
@@ -159,7 +166,31 @@ class GGUFTensorReader:
         return {"path": str(self.path.resolve()), "files": {self.path.name: [st.st_size, st.st_mtime_ns]}}
 
     def load_config(self):
-        return load_config(str(self.path.parent), {"gguf_file": self.path.name})
+        return self.config
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        with self._parsed_once():
+            return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+
+    @contextlib.contextmanager
+    def _parsed_once(self):
+        """transformers parses the GGUF file again for the config and the tokenizer (seconds
+        each: the vocabulary is a list of strings); hand it the reader parsed already."""
+        import gguf
+
+        original = gguf.GGUFReader
+
+        def reuse(path, *args, **kwargs):
+            same = not args and not kwargs and Path(path).resolve() == self.path.resolve()
+            return self.reader if same else original(path, *args, **kwargs)
+
+        gguf.GGUFReader = reuse
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = original
 
     tokenizer_source = property(lambda self: (str(self.path.parent), {"gguf_file": self.path.name}))
 
@@ -178,11 +209,24 @@ def _size_groups(names: list[str], info: dict[str, TensorInfo], limit: int) -> l
     return [(f"part{i}", g) for i, g in enumerate(groups)]
 
 
-def _meta_model(config):
+def _gguf_to_hf_names(config, processor) -> dict[str, str]:
+    """transformers' GGUF -> HF tensor name map, from a meta-device model skeleton. Its
+    walk over every submodule rebuilds gguf's name table each time (~30 ms x hundreds of
+    modules); the table is built once here (same arguments, same table)."""
+    import functools
+
+    import gguf
     from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        skeleton = AutoModelForCausalLM.from_config(config)
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        return get_gguf_hf_weights_map(skeleton, processor)
+    finally:
+        gguf.get_tensor_name_map = original
 
 
 def load_config(path: str, kw: dict):

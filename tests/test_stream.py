@@ -1,0 +1,250 @@
+"""Streaming quantization (fasq.stream): same checkpoint as the in-memory path, sharded,
+resumable, GGUF, unknown architectures, the streaming solver."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from fasq.config import ConfigError, PQConfig, QuantConfig, RTNConfig
+from fasq.model import INDEX_NAME, MANIFEST_NAME, load_quantized, quantize_model, save_quantized, verify_checkpoint
+from fasq.stream import make_plan, quantize_streaming
+from fasq.stream import pipeline
+from fasq.stream.readers import StreamingUnsupported
+
+FAST = dict(kmeans_iters=2, kmeans_sample=2048)  # small k-means: these tests check plumbing
+
+
+def _qcfg(**kw):
+    return QuantConfig(layer=PQConfig(d=2, K=16, codebook_group=8, scale_group=16, **{**FAST, **kw}))
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory):
+    """A tiny Llama in bf16 with biases, saved in several safetensors shards."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fasq.sources import default_model_file
+
+    f = default_model_file()
+    tok = AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                      attention_bias=True, mlp_bias=True, max_position_embeddings=128)
+    d = tmp_path_factory.mktemp("sharded") / "model"
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d, max_shard_size="3MB")
+    tok.save_pretrained(d)
+    assert (d / INDEX_NAME).is_file() and len(list(d.glob("*.safetensors"))) >= 3
+    return d
+
+
+def _tensors(folder):
+    """name -> (dtype, shape, raw bytes) over every safetensors file of a folder."""
+    res = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                t = h.get_tensor(k)
+                res[k] = (t.dtype, tuple(t.shape), t.contiguous().view(torch.uint8).numpy().tobytes())
+    return res
+
+
+def _in_memory(source, out, qcfg):
+    from fasq.sources import load_model
+
+    model, tok = load_model(str(source))
+    report = quantize_model(model, qcfg, progress=False)
+    save_quantized(model, out, tokenizer=tok, report=report)
+    return model
+
+
+def test_streamed_shards_hold_the_in_memory_checkpoints_tensors(sharded_dir, tmp_path):
+    rep = quantize_streaming(str(sharded_dir), tmp_path / "s", _qcfg(), progress=False)
+    _in_memory(sharded_dir, tmp_path / "m", _qcfg())
+    streamed, ref = _tensors(tmp_path / "s"), _tensors(tmp_path / "m")
+    assert streamed.keys() == ref.keys()
+    assert all(streamed[k] == ref[k] for k in ref)
+    # sharded like the input, with an index and a manifest covering every file
+    n_in = len(list(sharded_dir.glob("*.safetensors")))
+    shards = sorted(p.name for p in (tmp_path / "s").glob("*.safetensors"))
+    assert len(shards) == n_in and shards[0] == f"model-00001-of-{n_in:05d}.safetensors"
+    index = json.loads((tmp_path / "s" / INDEX_NAME).read_text())
+    assert set(index["weight_map"]) == set(streamed) and set(index["weight_map"].values()) == set(shards)
+    manifest = json.loads((tmp_path / "s" / MANIFEST_NAME).read_text())
+    assert set(manifest["files"]) == set(shards) | {INDEX_NAME}
+    verify_checkpoint(tmp_path / "s")
+    # same config (modules in natural order), same size accounting
+    cs, cm = (json.loads((tmp_path / x / "config.json").read_text()) for x in ("s", "m"))
+    qs, qm = cs.pop("quantization_config"), cm.pop("quantization_config")
+    assert cs == cm and sorted(qs.pop("modules")) == sorted(qm.pop("modules")) and qs == qm
+    rm = json.loads((tmp_path / "m" / "fasq_report.json").read_text())
+    assert rep["size"] == rm["size"]
+    assert sorted(r["name"] for r in rep["layers"]) == sorted(r["name"] for r in rm["layers"])
+    assert rep["streaming"]["shards"] == n_in and rep["streaming"]["peak_rss_bytes"] > 0
+
+
+def test_single_file_checkpoint_is_byte_identical(tiny_dir, tmp_path):
+    quantize_streaming(str(tiny_dir), tmp_path / "s", _qcfg(), progress=False)
+    _in_memory(tiny_dir, tmp_path / "m", _qcfg())
+    assert (tmp_path / "s/model.safetensors").read_bytes() == (tmp_path / "m/model.safetensors").read_bytes()
+
+
+def test_streamed_sharded_checkpoint_loads_and_computes_the_same(sharded_dir, tmp_path):
+    quantize_streaming(str(sharded_dir), tmp_path / "s", _qcfg(), progress=False)
+    ref = _in_memory(sharded_dir, tmp_path / "m", _qcfg())
+    model = load_quantized(tmp_path / "s")
+    ids = torch.tensor([[1, 5, 17, 42, 99]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_from_the_last_finished_shard(sharded_dir, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    quantize_streaming(str(sharded_dir), full, _qcfg(), progress=False)
+    calls, real, stop = [], pipeline.quantize_layer, [True]
+
+    def flaky(plan, module, W, device=None):
+        calls.append(module)
+        if stop[0] and len(calls) == 6:
+            raise _Stop("interrupted")
+        return real(plan, module, W, device)
+
+    monkeypatch.setattr(pipeline, "quantize_layer", flaky)
+    out = tmp_path / "out"
+    with pytest.raises(_Stop):
+        quantize_streaming(str(sharded_dir), out, _qcfg(), progress=False)
+    assert not out.exists()  # nothing half-written where the checkpoint goes
+    work = pipeline.work_dir(out)
+    done = json.loads((work / pipeline.STATE_NAME).read_text())["done"]
+    assert done  # some shards finished before the stop
+    plan = make_plan(str(sharded_dir), _qcfg())
+    remaining = [m for s, (_, names) in zip(plan.shard_names(), plan.reader.groups) if s not in done
+                 for m in plan.modules if m + ".weight" in names]
+
+    calls.clear()
+    stop[0] = False
+    logs = []
+    rep = quantize_streaming(str(sharded_dir), out, _qcfg(), progress=False, log=logs.append)
+    assert sorted(calls) == sorted(remaining)  # finished shards were not redone
+    assert rep["streaming"]["resumed_shards"] == len(done) and "resuming" in logs[0]
+    assert _tensors(out) == _tensors(full) and not work.exists()
+
+
+def test_changed_settings_start_over(sharded_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setattr(pipeline, "quantize_layer", lambda *a, **k: (_ for _ in ()).throw(_Stop()))
+    with pytest.raises(_Stop):
+        quantize_streaming(str(sharded_dir), out, _qcfg(), progress=False)
+    monkeypatch.undo()
+    logs = []
+    rep = quantize_streaming(str(sharded_dir), out, _qcfg(seed=1), progress=False, log=logs.append)
+    assert rep["streaming"]["resumed_shards"] == 0 and "starting over" in logs[0]
+
+
+def test_rtn_and_skip_lists_stream_too(sharded_dir, tmp_path):
+    qcfg = QuantConfig(layer=RTNConfig(bits=3, group_size=32), skip=("embed_tokens", "lm_head", "down_proj"))
+    quantize_streaming(str(sharded_dir), tmp_path / "s", qcfg, progress=False)
+    _in_memory(sharded_dir, tmp_path / "m", QuantConfig(layer=RTNConfig(bits=3, group_size=32),
+                                                           skip=("embed_tokens", "lm_head", "down_proj")))
+    s = _tensors(tmp_path / "s")
+    assert s == _tensors(tmp_path / "m")
+    assert "model.layers.0.mlp.down_proj.weight" in s and "model.layers.0.mlp.up_proj.codes" in s
+
+
+def test_bad_layer_config_fails_before_any_work(sharded_dir, tmp_path):
+    with pytest.raises(ConfigError, match="not divisible by d=5"):
+        quantize_streaming(str(sharded_dir), tmp_path / "s", QuantConfig(layer=PQConfig(d=5)), progress=False)
+    assert not pipeline.work_dir(tmp_path / "s").exists()
+
+
+def test_unknown_architecture_quantizes_from_names(tmp_path):
+    """No model class is built: a config transformers does not know still quantizes."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "fasq_unknown_arch", "hidden_size": 32}))
+    g = torch.Generator().manual_seed(0)
+    save_file({"tok_embeddings.weight": torch.randn(50, 32, generator=g),
+               "blocks.0.proj.weight": torch.randn(48, 32, generator=g),
+               "blocks.0.proj.bias": torch.randn(48, generator=g),
+               "blocks.0.norm.weight": torch.ones(32)}, str(src / "model.safetensors"))
+    qcfg = QuantConfig(layer=PQConfig(d=2, K=16, **FAST), skip=())
+    rep = quantize_streaming(str(src), tmp_path / "out", qcfg, progress=False)
+    assert [r["name"] for r in rep["layers"]] == ["blocks.0.proj"]  # the embedding is recognised
+    cfg = json.loads((tmp_path / "out/config.json").read_text())
+    assert cfg["model_type"] == "fasq_unknown_arch" and cfg["quantization_config"]["modules"] == ["blocks.0.proj"]
+    t = _tensors(tmp_path / "out")
+    assert t["blocks.0.proj.bias"][0] == torch.float16 and "blocks.0.proj.codes" in t
+    assert rep["size"]["unquantized_params"] == 50 * 32 + 32
+
+
+def test_tied_lm_head_cannot_be_quantized_alone(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    plan = make_plan(str(tmp_path / "m"), QuantConfig(layer=PQConfig(d=2, K=16), skip=("embed_tokens",)))
+    assert "lm_head" not in plan.modules  # a tied model stores no lm_head.weight
+
+
+def test_conv1d_models_are_refused_for_streaming(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(
+        tmp_path / "g")
+    with pytest.raises(StreamingUnsupported, match="Conv1D"):
+        make_plan(str(tmp_path / "g"), QuantConfig())
+
+
+def test_gguf_streams_to_the_in_memory_checkpoint(tmp_path):
+    """The default model from its GGUF: names mapped and llama.cpp's q/k permutation undone
+    exactly as transformers' loader does (same tensors, byte for byte)."""
+    from fasq.sources import default_model_file
+
+    default_model_file()
+    qcfg = lambda: QuantConfig(layer=RTNConfig(bits=4, group_size=64))  # noqa: E731 - fast, deterministic
+    quantize_streaming("default", tmp_path / "s", qcfg(), progress=False)
+    _in_memory("default", tmp_path / "m", qcfg())
+    assert (tmp_path / "s/model.safetensors").read_bytes() == (tmp_path / "m/model.safetensors").read_bytes()
+
+
+# --- the solver on a streamed model ---------------------------------------------------------
+
+def test_streaming_solver_matches_the_in_memory_solver(sharded_dir):
+    from fasq.solver import solve
+    from fasq.sources import load_model
+    from fasq.stream.solve import solve_streaming
+
+    cands = [PQConfig(d=d, K=K, codebook_scope="matrix") for d, K in ((2, 16), (2, 64), (1, 16))]
+    plan = make_plan(str(sharded_dir), QuantConfig())
+    q_s, r_s = solve_streaming(plan, target_bits=4.0, candidates=cands, progress=False)
+    model, _ = load_model(str(sharded_dir))
+    q_m, r_m = solve(model, target_bits=4.0, candidates=cands, progress=False)
+    assert q_s.overrides == q_m.overrides
+    assert r_s.predicted == r_m.predicted
+
+
+def test_budget_outside_the_range_is_refused_before_reading_weights(sharded_dir, monkeypatch):
+    from fasq import solver
+    from fasq.stream import solve as ssolve
+
+    def boom(*a, **k):
+        raise AssertionError("weights were measured")
+
+    monkeypatch.setattr(ssolve, "measure_layer", boom)
+    monkeypatch.setattr(solver, "measure_layer", boom)
+    plan = make_plan(str(sharded_dir), QuantConfig())
+    with pytest.raises(solver.BudgetError, match="achievable range"):
+        ssolve.solve_streaming(plan, target_size=0.05, progress=False)
+    from fasq.sources import load_model
+
+    with pytest.raises(solver.BudgetError, match="achievable range"):
+        solver.solve(load_model(str(sharded_dir))[0], target_size=0.05, progress=False)
