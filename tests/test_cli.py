@@ -125,3 +125,33 @@ def test_bench_times_a_checkpoint_against_its_source(tiny_dir, tmp_path, capsys)
     assert "batch 2" in text and str(out) in text and str(tiny_dir) not in text.split("\n", 2)[2]
     assert main(args + ["--new-tokens", "0"]) == 2
     assert "--new-tokens must be >= 1" in capsys.readouterr().err
+
+
+def test_quantize_streams_with_a_progress_bar_and_resumes(tiny_dir, tmp_path, capsys):
+    from fasq.stream import pipeline
+
+    out = tmp_path / "q"
+    pipeline.work_dir(out).mkdir()  # a stale work folder of some other run: started over
+    assert main(["quantize", str(tiny_dir), "-d", "2", "-K", "16", "--out", str(out)]) == 0
+    cap = capsys.readouterr()
+    assert "quantizing: 100%" in cap.err and ("B/s" in cap.err or "s/B" in cap.err)  # bytes, rate, ETA
+    assert "saved" in cap.out and not pipeline.work_dir(out).exists()
+    assert main(["quantize", str(tiny_dir), "-d", "2", "-K", "16", "--out", str(tmp_path / "m"), "--in-memory",
+                 "--json"]) == 0
+    assert _json(capsys)["quantized_layers"] == 14
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "m" / "model.safetensors").read_bytes()
+
+
+def test_quantize_falls_back_to_in_memory_for_conv1d_models(tmp_path, capsys):
+    """GPT-2 keeps W transposed in Conv1D modules: names alone cannot tell, so the CLI loads
+    the model instead and does what --in-memory does (which quantizes nn.Linear only)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(
+        tmp_path / "g")
+    args = ["quantize", str(tmp_path / "g"), "-d", "2", "-K", "16", "--json"]
+    code = main(args + ["--out", str(tmp_path / "q")])
+    err = capsys.readouterr().err
+    assert "Conv1D" in err and "loading the whole model instead" in err
+    assert code == main(args + ["--out", str(tmp_path / "q2"), "--in-memory"]) == 2
+    assert "no linear layers to quantize" in err and "no linear layers to quantize" in capsys.readouterr().err
