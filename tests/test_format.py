@@ -24,6 +24,16 @@ def test_pack_bit_order_is_little_endian():
     assert packed.tolist() == [[0b00111001]]
 
 
+def test_8_bit_fast_path_matches_the_general_packing():
+
+    codes = torch.randint(0, 256, (9, 11), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    fast = pack_codes(codes, 8)
+    # the general bit loop, reached by packing 8-bit codes as two 4-bit halves per byte
+    lo, hi = codes & 15, codes >> 4
+    general = pack_codes(torch.stack([lo, hi], -1).view(9, 22), 4)
+    assert torch.equal(fast, general) and torch.equal(unpack_codes(fast, 8, 11, torch.uint8), codes)
+
+
 def test_size_accounting_pq_by_hand():
     # W[576, 576], d=2, K=256, a codebook per 96 subspaces, fp16 scales per 96 columns (the default)
     m = PQLinear(576, 576, PQConfig(d=2, K=256), device="meta")

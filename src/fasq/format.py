@@ -29,6 +29,8 @@ def packed_row_bytes(M: int, bits: int) -> int:
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
     """codes [out, M] (values < 2^bits) -> uint8 [out, ceil(M * bits / 8)]."""
     out, M = codes.shape
+    if bits == 8:  # one code per byte: packing is the identity
+        return codes.cpu().to(torch.uint8).contiguous()
     nbytes = packed_row_bytes(M, bits)
     res = torch.empty(out, nbytes, dtype=torch.uint8)
     shifts = torch.arange(bits)
@@ -47,6 +49,8 @@ def unpack_codes(packed: Tensor, bits: int, M: int, dtype: torch.dtype) -> Tenso
     if nbytes != packed_row_bytes(M, bits):
         raise ValueError(f"packed codes have {nbytes} bytes per row, expected "
                          f"{packed_row_bytes(M, bits)} for {M} codes of {bits} bits")
+    if bits == 8:
+        return packed.to(dtype)
     res = torch.empty(out, M, dtype=dtype, device=packed.device)
     shifts8 = torch.arange(8, device=packed.device)
     weights = (1 << torch.arange(bits, device=packed.device)).to(torch.int32)
