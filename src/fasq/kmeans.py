@@ -89,20 +89,34 @@ def init_kmeanspp(points: Tensor, K: int, gen: torch.Generator, backend: str = "
     return _kmeanspp_torch(points, K, first.to(points.device), u.to(points.device))
 
 
+SEED_BLOCK = 256  # as in csrc/kmeans_cpu.cpp
+
+
 def _kmeanspp_torch(points: Tensor, K: int, first: Tensor, u: Tensor) -> Tensor:
+    """The library's procedure (csrc/kmeans_cpu.cpp, seed_one) in torch: fp32 squared
+    distances to the nearest chosen centroid, summed in double per block of SEED_BLOCK
+    points; a draw u * total picks the block, then the point inside it."""
     B, N, d = points.shape
+    nblk = -(-N // SEED_BLOCK)
     ar = torch.arange(B, device=points.device)
-    p64 = points.double()
     cents = torch.empty(B, K, d, dtype=points.dtype, device=points.device)
     cents[:, 0] = points[ar, first]
-    mind = ((p64 - p64[ar, first][:, None]) ** 2).sum(-1)  # [B, N]
+    mind = torch.zeros(B, nblk * SEED_BLOCK, dtype=torch.float32, device=points.device)
+    mind[:, :N] = ((points - cents[:, :1]) ** 2).sum(-1)
     for k in range(1, K):
-        # Sample proportional to squared distance; all-zero rows (duplicates) fall back to uniform.
-        w = torch.where((mind.sum(-1, keepdim=True) > 0), mind, torch.ones_like(mind))
-        cdf = w.cumsum(-1)
-        pick = torch.searchsorted(cdf, (u[:, k] * cdf[:, -1])[:, None], right=True)[:, 0].clamp_(max=N - 1)
+        blocks = mind.view(B, nblk, SEED_BLOCK).double()
+        cb = blocks.sum(-1).cumsum(-1)  # [B, nblk]
+        total = cb[:, -1]
+        target = u[:, k] * total
+        blk = torch.searchsorted(cb, target[:, None], right=True)[:, 0].clamp_(max=nblk - 1)
+        before = torch.where(blk > 0, cb[ar, (blk - 1).clamp(min=0)], torch.zeros_like(total))
+        inside = blocks[ar, blk].cumsum(-1) + before[:, None]  # [B, SEED_BLOCK]
+        at = torch.searchsorted(inside, target[:, None], right=True)[:, 0]
+        last = torch.where(blocks[ar, blk] > 0, torch.arange(SEED_BLOCK, device=points.device), -1).amax(-1)
+        at = torch.where(at < SEED_BLOCK, at, last.clamp(min=0))  # rounding left the block short
+        pick = torch.where(total > 0, blk * SEED_BLOCK + at, (u[:, k] * N).long()).clamp_(max=N - 1)
         cents[:, k] = points[ar, pick]
-        torch.minimum(mind, ((p64 - p64[ar, pick][:, None]) ** 2).sum(-1), out=mind)
+        mind[:, :N] = torch.minimum(mind[:, :N], ((points - cents[:, k:k + 1]) ** 2).sum(-1))
     return cents
 
 

@@ -160,6 +160,106 @@ NearestFn pick(int64_t d) {
   return nearest_for<4>(d);
 }
 
+
+// --- k-means++ seeding ----------------------------------------------------------------------
+// Squared distances to the nearest chosen centroid are kept in fp32 (points transposed to
+// [d, N] so the update vectorises), summed in double per block of SEED_BLOCK points.
+// A draw: target = u * total; the block where the running block sums first exceed it,
+// then the point where the running sum inside that block does (the block's last point
+// with a nonzero distance if rounding leaves it short).
+constexpr int64_t SEED_BLOCK = 256;
+
+__attribute__((always_inline)) inline void seed_one(const float* P, int64_t N, int64_t K, int64_t d,
+                                                     int64_t first, const double* u, float* C) {
+  const int64_t nblk = (N + SEED_BLOCK - 1) / SEED_BLOCK, Np = nblk * SEED_BLOCK;
+  std::vector<float> soa(d * Np, 0.f), mind(Np, 0.f);
+  std::vector<double> bsum(nblk);
+  for (int64_t n = 0; n < N; n++)
+    for (int64_t j = 0; j < d; j++) soa[j * Np + n] = P[n * d + j];
+  auto take = [&](int64_t k, int64_t i) {
+    for (int64_t j = 0; j < d; j++) C[k * d + j] = P[i * d + j];
+    for (int64_t blk = 0; blk < nblk; blk++) {
+      float* m = mind.data() + blk * SEED_BLOCK;
+      const int64_t n0 = blk * SEED_BLOCK, n1 = std::min(N, n0 + SEED_BLOCK);
+      float s[SEED_BLOCK];
+      for (int64_t q = 0; q < SEED_BLOCK; q++) s[q] = 0.f;
+      for (int64_t j = 0; j < d; j++) {
+        const float c = C[k * d + j];
+        const float* x = soa.data() + j * Np + n0;
+#pragma omp simd
+        for (int64_t q = 0; q < SEED_BLOCK; q++) s[q] += (x[q] - c) * (x[q] - c);
+      }
+      const int64_t len = n1 - n0;  // padding points keep distance 0
+      if (k == 0)
+        for (int64_t q = 0; q < len; q++) m[q] = s[q];
+      else
+        for (int64_t q = 0; q < len; q++) m[q] = std::min(m[q], s[q]);
+      double acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t q = 0; q < len; q++) acc += m[q];
+      bsum[blk] = acc;
+    }
+  };
+  take(0, first);
+  for (int64_t k = 1; k < K; k++) {
+    double total = 0;
+    for (int64_t blk = 0; blk < nblk; blk++) total += bsum[blk];
+    int64_t pick = N - 1;
+    if (total <= 0) {  // every point sits on a centroid: uniform
+      pick = std::min<int64_t>(N - 1, (int64_t)(u[k] * N));
+    } else {
+      const double target = u[k] * total;
+      double acc = 0;
+      int64_t blk = nblk - 1;
+      for (int64_t b = 0; b < nblk; b++) {
+        if (acc + bsum[b] > target) {
+          blk = b;
+          break;
+        }
+        acc += bsum[b];
+      }
+      const int64_t n0 = blk * SEED_BLOCK, n1 = std::min(N, n0 + SEED_BLOCK);
+      pick = -1;
+      int64_t last = -1;
+      for (int64_t n = n0; n < n1; n++) {
+        if (mind[n] > 0) last = n;
+        acc += mind[n];
+        if (acc > target) {
+          pick = n;
+          break;
+        }
+      }
+      if (pick < 0) pick = last >= 0 ? last : n0;
+    }
+    take(k, pick);
+  }
+}
+
+typedef void (*SeedFn)(const float*, int64_t, int64_t, int64_t, int64_t, const double*, float*);
+
+void seed_portable(const float* P, int64_t N, int64_t K, int64_t d, int64_t f, const double* u, float* C) {
+  seed_one(P, N, K, d, f, u, C);
+}
+#if FASQ_KM_X86
+FASQ_KM_AVX512 void seed_avx512(const float* P, int64_t N, int64_t K, int64_t d, int64_t f, const double* u,
+                                float* C) {
+  seed_one(P, N, K, d, f, u, C);
+}
+FASQ_KM_AVX2 void seed_avx2(const float* P, int64_t N, int64_t K, int64_t d, int64_t f, const double* u,
+                            float* C) {
+  seed_one(P, N, K, d, f, u, C);
+}
+#endif
+
+SeedFn pick_seed() {
+#if FASQ_KM_X86
+  const int level = fasq_cpu_isa_level();
+  if (level >= 2) return seed_avx512;
+  if (level >= 1) return seed_avx2;
+#endif
+  return seed_portable;
+}
+
 }  // namespace
 
 extern "C" {
@@ -195,45 +295,17 @@ int fasq_cpu_kmeans_assign(const float* points, const float* centroids, int64_t 
 // k-means++ (D^2 sampling) seeding: centroids[b] from points[b] ([B, N, d] -> [B, K, d]).
 // first[b] is the first centroid's point index; u[b, k] (k = 1..K-1) are uniforms in
 // [0, 1) that pick the others, with probability proportional to the squared distance to
-// the nearest centroid chosen so far (uniform when every distance is 0). Sums in double.
+// the nearest centroid chosen so far (uniform when every distance is 0). See seed_one for
+// the exact procedure (the torch code in fasq/kmeans.py follows it step for step).
 int fasq_cpu_kmeanspp(const float* points, int64_t B, int64_t N, int64_t K, int64_t d, const int64_t* first,
                       const double* u, float* centroids, int nthreads) {
-  if (B <= 0 || N <= 0 || K <= 0 || d <= 0) return 1;
+  if (B <= 0 || N <= 0 || K <= 0 || d <= 0 || d > 16) return 1;
+  const SeedFn fn = pick_seed();
   const int nth = (nthreads > 1 && B > 1 && N * K >= (1 << 14)) ? nthreads : 1;
 #pragma omp parallel for num_threads(nth) if (nth > 1) schedule(dynamic, 1)
-  for (int64_t b = 0; b < B; b++) {
-    const float* P = points + b * N * d;
-    float* C = centroids + b * K * d;
-    std::vector<double> mind(N);
-    auto take = [&](int64_t k, int64_t i) {
-      memcpy(C + k * d, P + i * d, d * sizeof(float));
-      for (int64_t n = 0; n < N; n++) {
-        double s = 0;
-        for (int64_t j = 0; j < d; j++) {
-          const double t = (double)P[n * d + j] - C[k * d + j];
-          s += t * t;
-        }
-        mind[n] = k == 0 ? s : std::min(mind[n], s);
-      }
-    };
-    take(0, std::min(std::max<int64_t>(first[b], 0), N - 1));
-    for (int64_t k = 1; k < K; k++) {
-      double total = 0;
-      for (int64_t n = 0; n < N; n++) total += mind[n];
-      const bool flat = total <= 0;  // every point sits on a centroid: pick uniformly
-      const double target = u[b * K + k] * (flat ? (double)N : total);
-      double acc = 0;
-      int64_t pick = N - 1;
-      for (int64_t n = 0; n < N; n++) {
-        acc += flat ? 1.0 : mind[n];
-        if (acc > target) {
-          pick = n;
-          break;
-        }
-      }
-      take(k, pick);
-    }
-  }
+  for (int64_t b = 0; b < B; b++)
+    fn(points + b * N * d, N, K, d, std::min(std::max<int64_t>(first[b], 0), N - 1), u + b * K,
+       centroids + b * K * d);
   return 0;
 }
 
