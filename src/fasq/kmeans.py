@@ -83,9 +83,11 @@ def init_kmeanspp(points: Tensor, K: int, gen: torch.Generator, backend: str = "
     B, N, d = points.shape
     first = torch.randint(N, (B,), generator=gen)
     u = torch.rand(B, K, generator=gen, dtype=torch.float64)
-    lib = _library(points, backend)
+    # K sequential steps of small kernels are launch-bound on a GPU: the seeding points
+    # (8 K per problem) go to the CPU library, which makes the same choices.
+    lib = _library(torch.empty(0), backend)  # whatever device the points are on
     if lib is not None:
-        return lib.kmeanspp(points, K, first, u).to(points.dtype)
+        return lib.kmeanspp(points.cpu(), K, first, u).to(points.device, points.dtype)
     return _kmeanspp_torch(points, K, first.to(points.device), u.to(points.device))
 
 

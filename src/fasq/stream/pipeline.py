@@ -217,12 +217,13 @@ def _natural(name: str):
 def quantize_layer(plan: Plan, module: str, W: torch.Tensor, device=None):
     """(stored tensors, report row) of one linear weight W [out, in]."""
     cfg = plan.qcfg.for_module(module)
+    W = W.to(device or "cpu")  # once: k-means and the error report run where the codes are made
     q = quantize_weight(W, cfg, name=module, device=device)
     What = dequantize(q["codes"], q["codebooks"], q["scales"], q["offsets"], dtype=torch.float32)
     out_f, in_f = W.shape
     row = {"name": module, "out": out_f, "in": in_f,
            "bits_per_weight": stored_layer_size(out_f, in_f, cfg, plan.has_bias(module)).bits_per_weight,
-           **error_report(W, What.to(W.device))}
+           **error_report(W, What)}
     return stored_tensors(module, q, cfg), row
 
 
@@ -330,6 +331,11 @@ def _write_config(plan: Plan, qcfg: QuantConfig, folder: Path) -> None:
         return
     config.quantization_config = qcfg.to_dict()
     config.dtype = STORE_DTYPE
+    if not getattr(config, "architectures", None):  # unset for GGUF sources; serving engines read it
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+        config.architectures = [name] if name else None
     config.save_pretrained(folder)
     from transformers import GenerationConfig
 
