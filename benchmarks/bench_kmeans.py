@@ -95,12 +95,12 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="smollm2-135m", choices=sorted(SHAPES))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backends", default=None, help="comma list of k-means backends (default: library,torch "
-                    "on the CPU, torch elsewhere)")
+                    "on the CPU, auto elsewhere: torch k-means, seeding by the CPU library)")
     ap.add_argument("--reps", type=int, default=2, help="repetitions, best kept (default 2)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     cpu = torch.device(a.device).type == "cpu"
-    backends = (a.backends or ("library,torch" if cpu else "torch")).split(",")
+    backends = (a.backends or ("library,torch" if cpu else "auto")).split(",")
     rows = []
     for b in backends:
         r = profile_layer(SHAPES[a.shapes], a.device, b, a.reps)
