@@ -9,9 +9,10 @@
 //
 // Assignment is the whole cost of fasq's k-means (~90 % in torch, where the [N, K] score
 // block of a d=2 problem is a memory-bound GEMM with an inner size of 2). Here the scores
-// never leave registers: vectors run across centroids (cn + sum_j (-2 c_j) p_j, with the
-// centroids transposed to [d, K]), several points share each centroid load, and each lane
-// keeps its running minimum and index. One template serves AVX-512, AVX2 and portable C
+// never leave registers: vectors run across points (a lane per point), the loop across
+// centroids (score cn + sum_j (-2 c_j) p_j, each centroid's values broadcast once for 32
+// or 64 points), and each lane keeps its running minimum and index: no reduction across
+// lanes. One template serves AVX-512, AVX2 and portable C
 // through GCC/Clang vector extensions, compiled once per instruction set.
 
 #include <stdint.h>
@@ -38,74 +39,76 @@ extern "C" int fasq_cpu_isa_level(void);  // pq_cpu.cpp: 0 portable, 1 AVX2, 2 A
 
 namespace {
 
-constexpr int PTS = 4;  // points per pass: each centroid vector is loaded once for all of them
-
-// The transposed centroids of one problem, padded to a multiple of 16 centroids:
-// neg2[j * Kp + k] = -2 c[k, j], cn[k] = |c_k|^2 (+inf in the padding, never picked).
-struct Cents {
-  int64_t Kp;
-  std::vector<float> neg2, cn;
-
-  Cents(const float* c, int64_t K, int64_t d) : Kp((K + 15) / 16 * 16), neg2(d * Kp, 0.f),
-      cn(Kp, std::numeric_limits<float>::infinity()) {
-    for (int64_t k = 0; k < K; k++) {
-      float s = 0.f;
-      for (int64_t j = 0; j < d; j++) {
-        s += c[k * d + j] * c[k * d + j];
-        neg2[j * Kp + k] = -2.f * c[k * d + j];
-      }
-      cn[k] = s;
-    }
-  }
-};
-
 template <int V>
 struct Vec {  // V lanes of fp32 / int32 (GCC/Clang vector extensions)
   typedef float f __attribute__((vector_size(V * 4)));
   typedef int32_t i __attribute__((vector_size(V * 4)));
 };
 
-// Nearest centroid of points p[0..np) ([np, d], np <= PTS). V lanes, D = d (0: run time).
+// One problem's centroids as the scores need them: neg2[k * d + j] = -2 c[k, j] and
+// cn[k] = |c_k|^2 (score = cn[k] + sum_j neg2[k, j] p_j = |p - c_k|^2 - |p|^2).
+struct Cents {
+  int64_t K;
+  std::vector<float> neg2, cn;
+
+  Cents(const float* c, int64_t K_, int64_t d) : K(K_), neg2(K_ * d), cn(K_) {
+    for (int64_t k = 0; k < K; k++) {
+      float s = 0.f;
+      for (int64_t j = 0; j < d; j++) {
+        s += c[k * d + j] * c[k * d + j];
+        neg2[k * d + j] = -2.f * c[k * d + j];
+      }
+      cn[k] = s;
+    }
+  }
+};
+
+// Point vectors per pass (each centroid's broadcasts serve all of them): 4 with AVX-512's
+// 32 registers, 2 with AVX2's 16.
+template <int V>
+constexpr int rows_for() { return V >= 16 ? 4 : 2; }
+constexpr int MAX_PTS = 64;  // the most points one call takes (AVX-512: 4 x 16)
+
+// Nearest centroid of points p[0..np) ([np, d], np <= rows_for<V>() * V): lanes run across points,
+// the loop across centroids, so no reduction across lanes is needed; a strict < keeps
+// the first minimum. V lanes, D = d (0: known at run time only).
 template <int V, int D>
-__attribute__((always_inline)) inline void nearest(const float* p, int np, int64_t d_rt, const Cents& c, int64_t* code, float* best_out) {
+__attribute__((always_inline)) inline void nearest(const float* p, int np, int64_t d_rt, const Cents& c,
+                                                   int64_t* code, float* best_out) {
   typedef typename Vec<V>::f vf;
   typedef typename Vec<V>::i vi;
+  constexpr int ROWS = rows_for<V>();
+  constexpr int DM = D ? D : 16;
   const int64_t d = D ? D : d_rt;
-  vi lane;
-  for (int i = 0; i < V; i++) lane[i] = i;
-  vf best[PTS];
-  vi idx[PTS];
-  for (int q = 0; q < PTS; q++) {
-    best[q] = vf{} + std::numeric_limits<float>::infinity();
-    idx[q] = vi{};
+  vf x[ROWS][DM];  // x[r][j][lane] = coordinate j of point r * V + lane (missing points: 0)
+  for (int r = 0; r < ROWS; r++)
+    for (int64_t j = 0; j < d; j++)
+      for (int l = 0; l < V; l++) {
+        const int q = r * V + l;
+        x[r][j][l] = q < np ? p[q * d + j] : 0.f;
+      }
+  vf best[ROWS];
+  vi idx[ROWS];
+  for (int r = 0; r < ROWS; r++) {
+    best[r] = vf{} + std::numeric_limits<float>::infinity();
+    idx[r] = vi{};
   }
-  float pq[PTS][16];  // the points' coordinates (d <= 16), missing points repeat the first
-  for (int q = 0; q < PTS; q++)
-    for (int64_t j = 0; j < d; j++) pq[q][j] = p[(q < np ? q : 0) * d + j];
-  for (int64_t k = 0; k < c.Kp; k += V) {
-    vf s[PTS];
-    vf cn;
-    memcpy(&cn, &c.cn[k], sizeof(vf));
-    for (int q = 0; q < PTS; q++) s[q] = cn;
-    for (int64_t j = 0; j < d; j++) {
-      vf m;
-      memcpy(&m, &c.neg2[j * c.Kp + k], sizeof(vf));
-      for (int q = 0; q < PTS; q++) s[q] += m * pq[q][j];
-    }
-    const vi ik = lane + (int32_t)k;
-    for (int q = 0; q < PTS; q++) {
-      const vi lt = s[q] < best[q];  // strict: a lane keeps its first minimum
-      best[q] = lt ? s[q] : best[q];
-      idx[q] = lt ? ik : idx[q];
+  const float* m = c.neg2.data();
+  for (int64_t k = 0; k < c.K; k++, m += d) {
+    vf s[ROWS];
+    for (int r = 0; r < ROWS; r++) s[r] = vf{} + c.cn[k];
+    for (int64_t j = 0; j < d; j++)
+      for (int r = 0; r < ROWS; r++) s[r] += x[r][j] * m[j];
+    const vi kk = vi{} + (int32_t)k;
+    for (int r = 0; r < ROWS; r++) {
+      const vi lt = s[r] < best[r];
+      best[r] = lt ? s[r] : best[r];
+      idx[r] = lt ? kk : idx[r];
     }
   }
-  for (int q = 0; q < np; q++) {  // across lanes: the smallest score, then the smallest index
-    float b = best[q][0];
-    int32_t i = idx[q][0];
-    for (int l = 1; l < V; l++)
-      if (best[q][l] < b || (best[q][l] == b && idx[q][l] < i)) b = best[q][l], i = idx[q][l];
-    code[q] = i;
-    if (best_out) best_out[q] = b;
+  for (int q = 0; q < np; q++) {
+    code[q] = idx[q / V][q % V];
+    if (best_out) best_out[q] = best[q / V][q % V];
   }
 }
 
@@ -150,6 +153,15 @@ NearestFn avx2_for(int64_t d) {
   }
 }
 #endif
+
+int points_per_call() {  // of the path pick() chooses
+#if FASQ_KM_X86
+  const int level = fasq_cpu_isa_level();
+  if (level >= 2) return rows_for<16>() * 16;
+  if (level >= 1) return rows_for<8>() * 8;
+#endif
+  return rows_for<4>() * 4;
+}
 
 NearestFn pick(int64_t d) {
 #if FASQ_KM_X86
@@ -273,6 +285,7 @@ int fasq_cpu_kmeans_assign(const float* points, const float* centroids, int64_t 
   cents.reserve(B);
   for (int64_t b = 0; b < B; b++) cents.emplace_back(centroids + b * K * d, K, d);
   const NearestFn fn = pick(d);
+  const int PTS = points_per_call();
   const int64_t blocks = (N + PTS - 1) / PTS;  // per problem
   const int nth = (nthreads > 1 && B * N * K >= (1 << 16)) ? nthreads : 1;
 #pragma omp parallel for num_threads(nth) if (nth > 1) schedule(static)
@@ -280,7 +293,7 @@ int fasq_cpu_kmeans_assign(const float* points, const float* centroids, int64_t 
     const int64_t b = t / blocks, n0 = (t % blocks) * PTS;
     const int np = (int)std::min<int64_t>(PTS, N - n0);
     const float* p = points + (b * N + n0) * d;
-    float best[PTS];
+    float best[MAX_PTS];
     fn(p, np, d, cents[b], codes + b * N + n0, best);
     if (dist)
       for (int q = 0; q < np; q++) {
