@@ -14,8 +14,8 @@ def tiny_llama():
     return LlamaForCausalLM(cfg).eval()
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def save_tiny_llama(d, dtype=torch.float32, max_shard_size=None, **overrides):
+    """A tiny random Llama with the default model's tokenizer, saved as a HF folder `d`."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from fasq.sources import default_model_file
@@ -23,10 +23,15 @@ def tiny_dir(tmp_path_factory):
     f = default_model_file()
     tok = AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      max_position_embeddings=256)
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    LlamaForCausalLM(cfg).save_pretrained(d)
+    cfg = LlamaConfig(**{**dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                max_position_embeddings=256), **overrides})
+    kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    LlamaForCausalLM(cfg).to(dtype).save_pretrained(d, **kw)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")

@@ -23,19 +23,10 @@ def _qcfg(**kw):
 @pytest.fixture(scope="module")
 def sharded_dir(tmp_path_factory):
     """A tiny Llama in bf16 with biases, saved in several safetensors shards."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from conftest import save_tiny_llama
 
-    from fasq.sources import default_model_file
-
-    f = default_model_file()
-    tok = AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                      attention_bias=True, mlp_bias=True, max_position_embeddings=128)
-    d = tmp_path_factory.mktemp("sharded") / "model"
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d, max_shard_size="3MB")
-    tok.save_pretrained(d)
+    d = save_tiny_llama(tmp_path_factory.mktemp("sharded") / "model", dtype=torch.bfloat16, max_shard_size="3MB",
+                        num_hidden_layers=3, tie_word_embeddings=False, attention_bias=True, mlp_bias=True)
     assert (d / INDEX_NAME).is_file() and len(list(d.glob("*.safetensors"))) >= 3
     return d
 
