@@ -11,7 +11,8 @@ lands within 1 % *below* the budget (the budget is never exceeded):
   plus unquantized parameters at 2 bytes), as `size_table(...)["size_fraction_of_fp16"]`.
 
 Steps
-1. Sizes. The exact stored bytes of a candidate on a layer come from `format.layer_size`
+1. Sizes (from shapes alone: `candidate_table`, so `check_budget` refuses a budget out
+   of range before any weight is read). The exact stored bytes of a candidate on a layer come from `format.layer_size`
    on an empty meta-device `PQLinear` (no tensors, no accounting duplicated here); the
    bytes outside the quantized layers come from `format.size_table` on the model with its
    linears temporarily swapped for such meta modules. So predicted sizes are the sizes
@@ -20,8 +21,9 @@ Steps
    measured by really quantizing with candidate j (`quantize.quantize_weight`) a
    deterministic, evenly spaced sample of at most `sample_rows` (256) rows, with k-means
    cut to `proxy_iters` (4) iterations fitted on at most 32 * K sub-vectors, scaled to
-   the full row count. On SmolLM2-135M (210 layers x 11 candidates) this takes ~4 min on
-   one CPU thread; the estimated relative errors are within ~1-3 % of the full
+   the full row count. On SmolLM2-135M (210 layers x 11 candidates) this took ~4 min on
+   one CPU thread with the torch k-means, ~2 min with the C library's (still ~6x the
+   quantization itself); the estimated relative errors are within ~1-3 % of the full
    quantization's for K <= 512 and within ~5 % for d=4 K=1024 (3 layers checked).
    Default importance: "rel" (1/||W_l||_F^2: every layer's relative error counts the
    same). Measured: with "sq" (importance 1, plain squared error - the expected output
