@@ -42,10 +42,10 @@ def _tensors(folder):
     return res
 
 
-def _in_memory(source, out, qcfg):
+def _in_memory(source, out, qcfg, dtype=torch.float32):
     from fasq.sources import load_model
 
-    model, tok = load_model(str(source))
+    model, tok = load_model(str(source), dtype=dtype)
     report = quantize_model(model, qcfg, progress=False)
     save_quantized(model, out, tokenizer=tok, report=report)
     return model
@@ -80,6 +80,15 @@ def test_single_file_checkpoint_is_byte_identical(tiny_dir, tmp_path):
     quantize_streaming(str(tiny_dir), tmp_path / "s", _qcfg(), progress=False)
     _in_memory(tiny_dir, tmp_path / "m", _qcfg())
     assert (tmp_path / "s/model.safetensors").read_bytes() == (tmp_path / "m/model.safetensors").read_bytes()
+
+
+def test_load_dtype_is_applied_as_the_in_memory_path_does(tiny_dir, tmp_path):
+    plan = make_plan(str(tiny_dir), _qcfg(), dtype=torch.bfloat16)  # fp32 weights rounded to bf16 first
+    quantize_streaming(str(tiny_dir), tmp_path / "s", _qcfg(), progress=False, plan=plan)
+    _in_memory(tiny_dir, tmp_path / "m", _qcfg(), dtype=torch.bfloat16)
+    assert (tmp_path / "s/model.safetensors").read_bytes() == (tmp_path / "m/model.safetensors").read_bytes()
+    quantize_streaming(str(tiny_dir), tmp_path / "f", _qcfg(), progress=False)
+    assert (tmp_path / "f/model.safetensors").read_bytes() != (tmp_path / "m/model.safetensors").read_bytes()
 
 
 def test_streamed_sharded_checkpoint_loads_and_computes_the_same(sharded_dir, tmp_path):

@@ -167,7 +167,7 @@ def _quantize_streaming(a, out, qcfg, cands, targets: bool) -> dict:
     from .stream.readers import StreamingUnsupported
 
     try:
-        plan = make_plan(a.model, qcfg)
+        plan = make_plan(a.model, qcfg, dtype=_dtype(a.dtype))
     except StreamingUnsupported as e:
         print(f"fasq quantize: {e}; loading the whole model instead", file=sys.stderr)
         return _quantize_in_memory(a, out, qcfg, cands, targets)

@@ -88,13 +88,16 @@ def dropped_tensors(reader, config, modules) -> set[str]:
 
 @dataclass
 class Plan:
-    """What a streaming run does: the reader, the modules to quantize and their configs."""
+    """What a streaming run does: the reader, the modules to quantize and their configs.
+    `dtype`: floating tensors are cast to it as read, as loading the model in that dtype
+    would (float32: exact for fp16/bf16 sources)."""
 
     reader: object
     config: object
     qcfg: QuantConfig
     modules: list[str]
     dropped: set[str] = field(default_factory=set)
+    dtype: torch.dtype = torch.float32
 
     def shard_names(self) -> list[str]:
         n = len(self.reader.groups)
@@ -107,7 +110,7 @@ class Plan:
         return any(module + ".bias" in g for _, g in self.reader.groups)
 
 
-def make_plan(source: str, qcfg: QuantConfig, reader=None) -> Plan:
+def make_plan(source: str, qcfg: QuantConfig, reader=None, dtype: torch.dtype = torch.float32) -> Plan:
     """Open the source, find the layers to quantize and check every one against its config
     (all or nothing, before any work)."""
     reader = reader or open_reader(source)
@@ -118,7 +121,7 @@ def make_plan(source: str, qcfg: QuantConfig, reader=None) -> Plan:
     for m in modules:
         out_f, in_f = reader.info(m + ".weight").shape
         qcfg.for_module(m).check_shape(out_f, in_f, m)
-    return Plan(reader, config, qcfg, modules, dropped_tensors(reader, config, modules))
+    return Plan(reader, config, qcfg, modules, dropped_tensors(reader, config, modules), dtype)
 
 
 def stored_tensors(module: str, q: dict[str, torch.Tensor | None], cfg) -> dict[str, torch.Tensor]:
@@ -161,6 +164,7 @@ def fingerprint(plan: Plan, device) -> dict:
 
     return {"fasq": fasq.__version__, "format_version": FORMAT_VERSION, "source": plan.reader.fingerprint(),
             "quantization_config": plan.qcfg.to_dict(), "device": torch.device(device or "cpu").type,
+            "dtype": str(plan.dtype),
             "shards": plan.shard_names()}
 
 
@@ -237,6 +241,8 @@ def write_shard(plan: Plan, names: list[str], path: Path, device, bar) -> dict:
         if name not in plan.dropped:
             bar.set_postfix_str(name, refresh=False)
             t = plan.reader.read(name)
+            if t.is_floating_point():
+                t = t.to(plan.dtype)
             module, _, leaf = name.rpartition(".")
             if leaf == "weight" and module in modules:
                 t0 = time.perf_counter()

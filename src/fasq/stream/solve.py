@@ -50,7 +50,7 @@ def measure(plan: Plan, table: ProxyTable, progress: bool = True, device=None, *
             for n in names:
                 t = by_name.get(n[: -len(".weight")]) if n.endswith(".weight") else None
                 if t is not None:
-                    measure_layer(t, plan.reader.read(n), table.candidates, device=device, **proxy)
+                    measure_layer(t, plan.reader.read(n).to(plan.dtype), table.candidates, device=device, **proxy)
                     bar.update(1)
             plan.reader.close()
     table.seconds = time.perf_counter() - t0
