@@ -15,7 +15,8 @@ def test_export_writes_a_loadable_hf_folder(tiny_dir, tmp_path, capsys):
     tensors = load_file(out / "model.safetensors")
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
     assert "lm_head.weight" not in tensors  # tied to embed_tokens: stored once
-    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
     ref = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     ids = torch.arange(10)[None]

@@ -36,6 +36,7 @@ def export_dense(source: str, out_dir: str | os.PathLike, dtype: str = "float32"
         # tied tensors (lm_head = embed_tokens) are written once, as transformers does
         save_file(_state_for_saving(model, tdtype), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         model.config.dtype = tdtype
+        model.config.architectures = [type(model).__name__]  # unset for GGUF sources; vLLM reads it
         if hasattr(model.config, "quantization_config"):  # the GGUF origin: the weights are dense now
             del model.config.quantization_config
         model.config.save_pretrained(tmp)
