@@ -52,14 +52,14 @@ def _span(cfg: LayerConfig, in_features: int) -> int:
     return M // cfg.num_codebooks(in_features)
 
 
-def _split(unit: int, part: int, start: int, what: str) -> tuple[int, int] | str:
+def _split(unit: int, part: int, start: int, what: str, units: str) -> tuple[int, int] | str:
     """(first block, blocks) of `unit`-sized blocks covering [start, start + part), when the
     shard is whole blocks or lies inside one (replicated); else the reason it cannot."""
     if part % unit == 0:
         return start // unit, part // unit
     if unit % part == 0:
         return start // unit, 1
-    return f"a {what} covers {unit} and the shard {part}"
+    return f"a {what} covers {unit} {units} and a shard {part}"
 
 
 def _input_shard(cfg: LayerConfig, in_features: int, tp_size: int, rank: int) -> InputShard | str:
@@ -69,13 +69,13 @@ def _input_shard(cfg: LayerConfig, in_features: int, tp_size: int, rank: int) ->
     if part % cfg.d:
         return f"a shard of {part} columns is not a whole number of d={cfg.d} sub-vectors"
     M_part, m0 = part // cfg.d, col0 // cfg.d
-    cb = _split(_span(cfg, in_features), M_part, m0, "codebook (in subspaces)")
+    cb = _split(_span(cfg, in_features), M_part, m0, "codebook", "subspaces")
     if isinstance(cb, str):
         return cb
     has_scales, _ = PQLinear.scale_kinds(cfg)
     sg = (0, 0)
     if has_scales:
-        sg = _split(cfg.scale_group_size(in_features), part, col0, "scale group (in columns)")
+        sg = _split(cfg.scale_group_size(in_features), part, col0, "scale group", "columns")
         if isinstance(sg, str):
             return sg
     return InputShard(cfg.d, in_features // cfg.d, m0, M_part, cb[0], cb[1], sg[0], sg[1])
