@@ -11,6 +11,7 @@ so GPUs run the fasq kernels and CPUs the fasq CPU kernel.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from .. import ops  # noqa: F401 - registers fasq::pq_linear
 from .. import kernels  # noqa: F401 - and its CPU / CUDA implementations
 from ..config import QUANT_METHOD, ConfigError, LayerConfig, QuantConfig
+from ..model import verify_checkpoint
 from ..module import PQLinear
 from . import sharding
 
@@ -56,6 +58,12 @@ class FasqVllmConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "FasqVllmConfig":
         return cls(QuantConfig.from_dict(config))
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
+        # called once, in vLLM's front-end process: check a local checkpoint's manifest
+        # (sizes, sha256) before any worker starts, as `fasq.load_quantized` does
+        if Path(model_name).is_dir():
+            verify_checkpoint(model_name)
 
     def is_quantized(self, name: str) -> bool:
         if self.qcfg.modules:
