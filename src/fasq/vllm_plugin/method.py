@@ -151,8 +151,8 @@ class FasqLinearMethod(LinearMethodBase):
             if kind == "codebooks":
                 t, dst = sharding.shard_codebooks(loaded, cols), param.data[j * cols.C:(j + 1) * cols.C]
             else:
-                r0, n = rows[j]
-                dst = param.data[sum(sizes[:j]):sum(sizes[:j]) + n]
+                dst0 = sum(sizes[:j])  # the sub-matrix's first row in the merged layer
+                dst = param.data[dst0:dst0 + rows[j][1]]
                 t = (sharding.shard_codes(loaded, self.cfg, rows[j], cols, name) if kind == "codes"
                      else sharding.shard_scales(loaded, rows[j], cols))
             if t.shape != dst.shape:
@@ -167,8 +167,8 @@ class FasqLinearMethod(LinearMethodBase):
         # so the kernels' per-layer preparation (keyed by tensor) is reused call after call
         C, parts, r = layer.fasq_cols.C, [], 0
         for j, n in enumerate(layer.fasq_out_sizes):
-            rows = lambda name: None if getattr(layer, name, None) is None else getattr(layer, name).data[r:r + n]  # noqa: E731,B023
-            parts.append((rows("codes"), layer.codebooks.data[j * C:(j + 1) * C], rows("scales"), rows("offsets")))
+            parts.append((_rows(layer, "codes", r, n), layer.codebooks.data[j * C:(j + 1) * C],
+                          _rows(layer, "scales", r, n), _rows(layer, "offsets", r, n)))
             r += n
         layer.fasq_parts = parts
 
@@ -178,6 +178,12 @@ class FasqLinearMethod(LinearMethodBase):
             return torch.ops.fasq.pq_linear(x, *parts[0], bias)
         y = torch.cat([torch.ops.fasq.pq_linear(x, *p, None) for p in parts], dim=-1)  # [tokens, out]
         return y if bias is None else y + bias
+
+
+def _rows(layer, name: str, r: int, n: int) -> torch.Tensor | None:
+    """Rows r..r+n of a layer's parameter `name` (None when the config has no such tensor)."""
+    p = getattr(layer, name, None)
+    return None if p is None else p.data[r:r + n]
 
 
 def _row_ranges(layer, sizes: list[int], output_size: int) -> list[tuple[int, int]]:
