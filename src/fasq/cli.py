@@ -1,4 +1,4 @@
-"""The `fasq` command line: quantize, eval, info, generate."""
+"""The `fasq` command line: quantize, eval, info, generate, export."""
 
 from __future__ import annotations
 
@@ -113,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "both models alike (on a GPU with CUDA graphs; default on)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     _add_model_opts(s)
+
+    x = sub.add_parser("export", help="save an unquantized model (e.g. the GGUF default) as a plain HF "
+                       "folder, for serving engines such as vLLM")
+    x.add_argument("model", help="'default', a HF folder, a .gguf file or a Hub id")
+    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the saved weights (default %(default)s)")
+    x.add_argument("--overwrite", action="store_true")
 
     g = sub.add_parser("generate", help="greedy generation from a prompt")
     g.add_argument("model")
@@ -356,6 +364,14 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from .export import export_dense
+
+    out = export_dense(a.model, a.out, dtype=a.dtype, overwrite=a.overwrite)
+    print(f"saved {out} ({a.dtype}, unquantized)")
+    return 0
+
+
 def cmd_generate(a) -> int:
     from .sources import load_model
 
@@ -375,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate,
-                "baseline": cmd_baseline, "bench": cmd_bench}[a.cmd](a)
+                "baseline": cmd_baseline, "bench": cmd_bench,
+                "export": cmd_export}[a.cmd](a)
     except (BaselineError, ConfigError, CheckpointError, ModelSourceError, FileExistsError, FileNotFoundError, ValueError) as e:
         # TaskDataError (missing zero-shot files) is a FileNotFoundError
         print(f"fasq {a.cmd}: error: {e}", file=sys.stderr)

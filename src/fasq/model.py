@@ -143,6 +143,8 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
     with atomic_output_dir(out_dir, overwrite) as tmp:
         save_file(_state_for_saving(model, dtype), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         model.config.dtype = dtype
+        if not getattr(model.config, "architectures", None):  # unset for GGUF sources; vLLM reads it
+            model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
