@@ -214,6 +214,10 @@ def test_gguf_streams_to_the_in_memory_checkpoint(tmp_path):
     quantize_streaming("default", tmp_path / "s", qcfg(), progress=False)
     _in_memory("default", tmp_path / "m", qcfg())
     assert (tmp_path / "s/model.safetensors").read_bytes() == (tmp_path / "m/model.safetensors").read_bytes()
+    cs, cm = (json.loads((tmp_path / x / "config.json").read_text()) for x in ("s", "m"))
+    qs, qm = cs.pop("quantization_config"), cm.pop("quantization_config")
+    assert cs == cm and cs["architectures"] == ["LlamaForCausalLM"]  # GGUF configs have none: named
+    assert sorted(qs.pop("modules")) == sorted(qm.pop("modules")) and qs == qm
 
 
 # --- the solver on a streamed model ---------------------------------------------------------
