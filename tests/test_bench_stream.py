@@ -3,6 +3,7 @@
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def test_synthetic_checkpoint_is_sharded_with_llama_shapes(bench, tmp_path):
     with safe_open(str(tmp_path / "m" / index["weight_map"]["model.layers.1.mlp.down_proj.weight"]), "pt") as f:
         t = f.get_tensor("model.layers.1.mlp.down_proj.weight")
     assert tuple(t.shape) == (128, 384) and 0.015 < t.float().std().item() < 0.025
-    assert total == 2 * sum(int(__import__("math").prod(s)) for _, s in bench.tensor_shapes(2))
+    assert total == 2 * sum(math.prod(s) for _, s in bench.tensor_shapes(2))
 
 
 def test_bench_quantizes_and_reports_memory(bench, tmp_path):

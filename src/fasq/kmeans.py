@@ -30,12 +30,22 @@ def _chunk_rows(B: int, K: int, device: torch.device) -> int:
 
 
 def _library(points: Tensor, backend: str):
-    """The CPU library's k-means module when it should run this call, else None."""
+    """The CPU library's k-means module when it should run this call on `points`, else None."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown k-means backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "torch" or points.device.type != "cpu":
+    if points.device.type != "cpu" and backend != "torch":
         if backend == "library":
             raise ValueError("the k-means library backend runs on CPU tensors only")
+        return None
+    return _cpu_library(backend)
+
+
+def _cpu_library(backend: str):
+    """The CPU library's k-means module unless `backend` is "torch" or it is unavailable
+    (an error then if `backend` is "library")."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown k-means backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "torch":
         return None
     from .kernels import cpu_kmeans
 
@@ -85,7 +95,7 @@ def init_kmeanspp(points: Tensor, K: int, gen: torch.Generator, backend: str = "
     u = torch.rand(B, K, generator=gen, dtype=torch.float64)
     # K sequential steps of small kernels are launch-bound on a GPU: the seeding points
     # (8 K per problem) go to the CPU library, which makes the same choices.
-    lib = _library(torch.empty(0), backend)  # whatever device the points are on
+    lib = _cpu_library(backend)  # whatever device the points are on
     if lib is not None:
         return lib.kmeanspp(points.cpu(), K, first, u).to(points.device, points.dtype)
     return _kmeanspp_torch(points, K, first.to(points.device), u.to(points.device))

@@ -111,9 +111,8 @@ class BudgetError(ValueError):
 
 # --- 1. sizes ---------------------------------------------------------------------------
 
-def candidate_size(out_features: int, in_features: int, cfg: LayerConfig, bias: bool = False):
-    """Exact `format.LayerSize` of a layer stored with `cfg` (raises ConfigError if it does not fit)."""
-    return stored_layer_size(out_features, in_features, cfg, bias)
+# Exact `format.LayerSize` of a layer stored with a candidate (ConfigError if it does not fit)
+candidate_size = stored_layer_size
 
 
 def _fits(out_features: int, in_features: int, cfg: LayerConfig) -> bool:

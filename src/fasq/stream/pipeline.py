@@ -16,6 +16,7 @@ finished checkpoint replaces the output folder in one rename, as `save_quantized
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -44,22 +45,18 @@ EMBEDDING_NAMES = ("embed", "wte", "wpe", "word_embeddings", "position_embedding
                    "shared")
 
 
-def _model_type(config) -> str:
-    return config.get("model_type", "") if isinstance(config, dict) else getattr(config, "model_type", "")
-
-
-def _tied(config) -> bool:
-    if isinstance(config, dict):
-        return bool(config.get("tie_word_embeddings", False))
-    return bool(getattr(config, "tie_word_embeddings", False))
+def _config_value(config, key: str, default=None):
+    """A config field, from a `PretrainedConfig` or a raw config.json dict."""
+    return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
 
 
 def linear_modules(reader, qcfg: QuantConfig, config) -> list[str]:
     """Names of the modules whose `.weight` is quantized: every 2-D floating `.weight` that
     is neither skipped nor an embedding (the rule `quantizable_linears` follows on a built
     model, read off the tensor names)."""
-    if _model_type(config) in CONV1D_MODEL_TYPES:
-        raise StreamingUnsupported(f"model type {_model_type(config)!r} keeps its projections in Conv1D "
+    model_type = _config_value(config, "model_type", "")
+    if model_type in CONV1D_MODEL_TYPES:
+        raise StreamingUnsupported(f"model type {model_type!r} keeps its projections in Conv1D "
                                    "modules (W transposed), which tensor names do not tell apart")
     out = []
     for _, names in reader.groups:
@@ -78,7 +75,7 @@ def linear_modules(reader, qcfg: QuantConfig, config) -> list[str]:
 def dropped_tensors(reader, config, modules) -> set[str]:
     """Tensors the loader ignores: a tied lm_head stored beside the embeddings."""
     names = {n for _, g in reader.groups for n in g}
-    if _tied(config) and "lm_head.weight" in names:
+    if _config_value(config, "tie_word_embeddings", False) and "lm_head.weight" in names:
         if "lm_head" in modules:
             raise ConfigError("lm_head is tied to the input embeddings; it cannot be quantized separately "
                               "(keep it in --skip)")
@@ -106,8 +103,13 @@ class Plan:
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {m: self.reader.info(m + ".weight").shape for m in self.modules}
 
+    @functools.cached_property
+    def names(self) -> frozenset[str]:
+        """Every tensor of the input."""
+        return frozenset(n for _, g in self.reader.groups for n in g)
+
     def has_bias(self, module: str) -> bool:
-        return any(module + ".bias" in g for _, g in self.reader.groups)
+        return module + ".bias" in self.names
 
 
 def make_plan(source: str, qcfg: QuantConfig, reader=None, dtype: torch.dtype = torch.float32) -> Plan:

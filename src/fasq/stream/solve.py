@@ -4,6 +4,7 @@ the weights to measure the candidates' proxy errors, then the knapsack (`fasq.so
 
 from __future__ import annotations
 
+import math
 import time
 
 from ..solver import DEFAULT_CANDIDATES, ProxyTable, check_budget, layer_sizes, measure_layer, solve
@@ -26,17 +27,10 @@ def candidate_table(plan: Plan, candidates=None) -> ProxyTable:
             if n in plan.dropped or module in modules and leaf in ("weight", "bias"):
                 continue
             if info.dtype.is_floating_point:
-                other += _numel(info.shape)
+                other += math.prod(info.shape)
     qweights = sum(t.weights for t in tables)
     return ProxyTable(candidates=cands, layers=tables, fixed_bytes=2 * other + sum(t.bias_bytes for t in tables),
                       fp16_bytes=2 * (qweights + other), skip=plan.qcfg.skip)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def measure(plan: Plan, table: ProxyTable, progress: bool = True, device=None, **proxy) -> ProxyTable:
