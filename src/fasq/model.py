@@ -3,18 +3,15 @@
 A checkpoint folder holds `config.json` (with the versioned `quantization_config`),
 `model.safetensors` (tensors only), the tokenizer, `fasq_report.json` (per-layer errors
 and sizes, informational) and `fasq_manifest.json` (byte counts and sha256 of the
-tensor file, checked on load). Writes go to a temporary folder renamed into place at
-the end, so a failed or interrupted run never leaves a checkpoint that loads.
+tensor file, and the quantization_config; checked on load: see `manifest.py`). Writes go
+to a temporary folder renamed into place at the end, so a failed or interrupted run never
+leaves a checkpoint that loads.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,19 +20,13 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import FORMAT_VERSION, QuantConfig
+from .config import QuantConfig
 from .format import layer_size, size_table
+from .manifest import (INDEX_NAME, MANIFEST_NAME, REPORT_NAME, WEIGHTS_NAME, CheckpointError,  # noqa: F401
+                       file_record, is_checkpoint, verify_checkpoint, write_manifest)
 from .module import PQLinear
+from .outdir import atomic_output_dir, check_output_dir  # noqa: F401 - re-exported
 from .quantize import error_report, quantize_weight
-
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"  # sharded checkpoints (written by fasq.stream)
-MANIFEST_NAME = "fasq_manifest.json"
-REPORT_NAME = "fasq_report.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint folder is missing, incomplete, corrupted or of an unknown version."""
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -93,14 +84,6 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig, device=None, progress: b
     return {"seconds": time.perf_counter() - t0, "layers": report, "size": size_table(model)}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _state_for_saving(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Tensors to save: packed codes, fp16 floats, tied tensors once."""
     tensors, seen = {}, set()
@@ -115,32 +98,11 @@ def _state_for_saving(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
     return tensors
 
 
-def is_checkpoint(path: str | os.PathLike) -> bool:
-    """True for a folder whose config.json declares a fasq quantization_config."""
-    f = Path(path) / "config.json"
-    try:
-        qdict = json.loads(f.read_text()).get("quantization_config") or {}
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(qdict, dict) and qdict.get("quant_method") == "fasq"
-
-
-def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an output path that is a file, or a folder with files unless `overwrite`."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder; choose another --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        what = "a checkpoint" if is_checkpoint(out) else "files"
-        raise FileExistsError(f"{out} already holds {what}; pass --overwrite to replace it, "
-                              "or choose another --out")
-    return out
-
-
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, report: dict | None = None,
-                   overwrite: bool = False, dtype: torch.dtype = torch.float16) -> Path:
-    """Write a checkpoint atomically: temporary sibling folder, then rename."""
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+                   overwrite: bool = False, dtype: torch.dtype = torch.float16, inputs=()) -> Path:
+    """Write a checkpoint atomically: temporary sibling folder, then rename. `inputs`: local
+    paths the model was read from (an output on top of them is refused)."""
+    with atomic_output_dir(out_dir, overwrite, inputs) as tmp:
         save_file(_state_for_saving(model, dtype), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         model.config.dtype = dtype
         if not getattr(model.config, "architectures", None):  # unset for GGUF sources; vLLM reads it
@@ -152,71 +114,10 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
             tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1))
-        w = tmp / WEIGHTS_NAME
-        manifest = {"format_version": FORMAT_VERSION,
-                    "files": {WEIGHTS_NAME: {"bytes": w.stat().st_size, "sha256": _sha256(w)}}}
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+        qc = model.config.quantization_config
+        write_manifest(tmp, {WEIGHTS_NAME: file_record(tmp / WEIGHTS_NAME)},
+                       qc.to_dict() if hasattr(qc, "to_dict") else qc)
     return Path(out_dir)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool):
-    """Yield a temporary sibling folder to fill; on success it replaces `out_dir`, on any
-    error it is removed and `out_dir` is left as it was."""
-    out = check_output_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move `new` to `out`; an existing `out` is kept until the new one is in place."""
-    if not out.exists():
-        os.replace(new, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    try:
-        os.replace(new, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def verify_checkpoint(path: str | os.PathLike) -> dict:
-    """Check the manifest (sizes, sha256) and config; return the quantization_config dict."""
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise CheckpointError(f"{p} has no config.json: not a model folder")
-    try:
-        cfg = json.loads((p / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p / 'config.json'} is not valid JSON ({e}); the checkpoint is corrupted") from e
-    qdict = cfg.get("quantization_config")
-    if not qdict or qdict.get("quant_method") != "fasq":
-        raise CheckpointError(f"{p} is not a fasq checkpoint (no fasq quantization_config)")
-    QuantConfig.from_dict(qdict)  # raises on unknown/newer format versions
-    mpath = p / MANIFEST_NAME
-    if not mpath.is_file():  # e.g. written by transformers' save_pretrained: nothing to check against
-        return qdict
-    manifest = json.loads(mpath.read_text())
-    for fname, meta in manifest["files"].items():
-        f = p / fname
-        if not f.is_file():
-            raise CheckpointError(f"{f} is missing: the checkpoint is incomplete")
-        if f.stat().st_size != meta["bytes"]:
-            raise CheckpointError(f"{f} has {f.stat().st_size} bytes, expected {meta['bytes']}: "
-                                  "the checkpoint is truncated; re-run `fasq quantize`")
-        if _sha256(f) != meta["sha256"]:
-            raise CheckpointError(f"{f} does not match its sha256 checksum: the checkpoint is "
-                                  "corrupted; re-run `fasq quantize`")
-    return qdict
 
 
 def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"):

@@ -52,6 +52,15 @@ def resolve(source: str) -> tuple[str, dict]:
     return source, {}  # a Hub id
 
 
+def local_paths(source: str) -> list[Path]:
+    """The local files or folders a model argument reads (none for a Hub id): what an output
+    folder must never replace or contain."""
+    if source == "default":
+        return [default_model_file()]
+    p = Path(source).expanduser()
+    return [p] if p.exists() else []
+
+
 def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, tokenizer) from any supported source; fasq checkpoints are verified first."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

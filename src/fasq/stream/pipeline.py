@@ -30,10 +30,11 @@ from safetensors.torch import save_file
 
 from ..config import FORMAT_VERSION, ConfigError, QuantConfig
 from ..format import pack_codes, size_summary, stored_layer_size
-from ..model import (INDEX_NAME, MANIFEST_NAME, REPORT_NAME, WEIGHTS_NAME, _replace_dir, _sha256,
-                     check_output_dir)
+from ..manifest import INDEX_NAME, REPORT_NAME, WEIGHTS_NAME, file_record, sha256, write_manifest
+from ..outdir import check_output_dir, output_lock, replace_dir
 from ..ops import dequantize
 from ..quantize import error_report, quantize_weight
+from ..sources import local_paths
 from .readers import StreamingUnsupported, open_reader
 
 STATE_NAME = "fasq_stream_state.json"
@@ -187,7 +188,7 @@ class State:
             except ValueError:
                 saved = {}
             if saved.get("fingerprint") == fp:
-                st.done = {k: v for k, v in saved.get("done", {}).items() if st._intact(k, v)}
+                st.done = {k: v for k, v in saved.get("done", {}).items() if st._intact(k, v, log)}
                 if st.done:
                     log(f"resuming: {len(st.done)} of {len(fp['shards'])} shards already done in {folder}")
                 return st
@@ -197,9 +198,13 @@ class State:
         st.save()
         return st
 
-    def _intact(self, shard: str, rec: dict) -> bool:
+    def _intact(self, shard: str, rec: dict, log) -> bool:
+        """A finished shard is trusted only if its size and sha256 are the recorded ones."""
         f = self.folder / shard
-        return f.is_file() and f.stat().st_size == rec["bytes"]
+        if f.is_file() and f.stat().st_size == rec["bytes"] and sha256(f) == rec["sha256"]:
+            return True
+        log(f"{f} does not match the checksum recorded when it was written: redoing it")
+        return False
 
     def finish(self, shard: str, rec: dict) -> None:
         self.done[shard] = rec
@@ -262,7 +267,7 @@ def write_shard(plan: Plan, names: list[str], path: Path, device, bar) -> dict:
     tmp = path.with_name(path.name + ".tmp")
     save_file(stored, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path), "layers": rows, "other_elements": other,
+    return {**file_record(path), "layers": rows, "other_elements": other,
             "seconds": seconds, "tensors": {k: v.numel() * v.element_size() for k, v in stored.items()}}
 
 
@@ -274,12 +279,17 @@ def quantize_streaming(source: str, out_dir: str | os.PathLike, qcfg: QuantConfi
     """Quantize `source` ('default', a HF folder, a .gguf file, a Hub id) into the checkpoint
     folder `out_dir`, tensor by tensor; returns the report (as `quantize_model` + `save_quantized`
     would write it, plus a "streaming" entry). Resumes an interrupted run of the same command."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    out = check_output_dir(out_dir, overwrite, local_paths(source))  # fail before the slow part
+    plan = plan or make_plan(source, qcfg)
+    with output_lock(out):  # one run per output: a second one would share the work folder
+        check_output_dir(out, overwrite, local_paths(source))  # a run that held the lock may have written it
+        return _run(plan, source, out, device, progress, extra_report, log)
+
+
+def _run(plan: Plan, source: str, out: Path, device, progress: bool, extra_report, log) -> dict:
     from tqdm.auto import tqdm
 
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    out = check_output_dir(out_dir, overwrite)  # fail before the slow part
-    plan = plan or make_plan(source, qcfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
     work = work_dir(out)
     state = State.open(work, fingerprint(plan, device), log)
     shards = plan.shard_names()
@@ -325,10 +335,10 @@ def _finish(plan: Plan, state: State, work: Path, out: Path, report: dict) -> No
     (work / REPORT_NAME).write_text(json.dumps(report, indent=1))
     files = {s: {"bytes": state.done[s]["bytes"], "sha256": state.done[s]["sha256"]} for s in shards}
     if len(shards) > 1:
-        files[INDEX_NAME] = {"bytes": (work / INDEX_NAME).stat().st_size, "sha256": _sha256(work / INDEX_NAME)}
-    (work / MANIFEST_NAME).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))
+        files[INDEX_NAME] = file_record(work / INDEX_NAME)
+    write_manifest(work, files, qcfg.to_dict())
     (work / STATE_NAME).unlink()
-    _replace_dir(work, out)
+    replace_dir(work, out)
 
 
 def _write_config(plan: Plan, qcfg: QuantConfig, folder: Path) -> None:

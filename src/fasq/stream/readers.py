@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
+from ..manifest import INDEX_NAME as INDEX_FILE
+from ..manifest import WEIGHTS_NAME as SINGLE_FILE
+from ..manifest import read_safetensors_header, tensor_files
 from ..sources import ModelSourceError, resolve
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 # GGUF files are one file: their tensors are cut into output shards of about this many
 # input bytes (dequantized to fp32), which is also the granularity of resuming.
 GGUF_GROUP_BYTES = 2 << 30
@@ -45,27 +46,13 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-def _safetensors_header(path: Path) -> dict:
-    """A safetensors file's header (names, dtypes, shapes) without reading its tensors."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
-
-
 class SafetensorsReader:
     """A Hugging Face folder: model.safetensors, or shards listed in model.safetensors.index.json."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        index = self.folder / INDEX_FILE
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = list(dict.fromkeys(weight_map.values()))  # first-seen order
-        elif (self.folder / SINGLE_FILE).is_file():
-            files = [SINGLE_FILE]
-        else:
+        files = tensor_files(self.folder)  # index order; a broken index or missing shard is named
+        if not files:
             raise StreamingUnsupported(f"{self.folder} has neither {SINGLE_FILE} nor {INDEX_FILE}: streaming "
                                        "quantization reads safetensors")
         self.files = files
@@ -73,7 +60,7 @@ class SafetensorsReader:
         self._where: dict[str, str] = {}
         self.groups: list[tuple[str, list[str]]] = []
         for fname in files:
-            header = _safetensors_header(self.folder / fname)
+            header = read_safetensors_header(self.folder / fname)  # every file checked before any work
             names = sorted(header)
             for n in names:
                 h = header[n]
@@ -128,7 +115,11 @@ class GGUFTensorReader:
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, read_field
 
         self.path = Path(path)
-        self.reader = GGUFReader(str(self.path))
+        try:
+            self.reader = GGUFReader(str(self.path))
+        except (ValueError, OSError, IndexError, KeyError) as e:  # what gguf raises on a cut or foreign file
+            raise ModelSourceError(f"{self.path} is not a readable GGUF file ({type(e).__name__}: {e}); "
+                                   "it is truncated or corrupted: copy or download it again") from None
         with self._parsed_once():
             self.config = load_config(str(self.path.parent), {"gguf_file": self.path.name})
         arch = read_field(self.reader, "general.architecture")[0]
