@@ -275,11 +275,13 @@ def write_dense(model: nn.Module, tok, folder: str | Path) -> None:
     tok.save_pretrained(folder)
 
 
-def save_baseline(model: nn.Module, tok, info: dict, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """write_dense + fasq_baseline.json, atomically (temporary sibling folder, then rename)."""
-    from .model import atomic_output_dir
+def save_baseline(model: nn.Module, tok, info: dict, out_dir: str | Path, overwrite: bool = False,
+                  inputs=()) -> Path:
+    """write_dense + fasq_baseline.json, atomically (temporary sibling folder, then rename);
+    refused on top of `inputs` (the local paths the model was read from)."""
+    from .outdir import atomic_output_dir
 
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, inputs) as tmp:
         write_dense(model, tok, tmp)
         (tmp / INFO_NAME).write_text(json.dumps(info, indent=1))
     return Path(out_dir)

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "folder, for serving engines such as vLLM")
     x.add_argument("model", help="'default', a HF folder, a .gguf file or a Hub id")
     x.add_argument("--out", required=True, help="output folder")
-    x.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    x.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="dtype of the saved weights (default %(default)s)")
     x.add_argument("--overwrite", action="store_true")
 
@@ -141,13 +141,60 @@ def _layer_config(a):
                     kmeans_sample=a.kmeans_sample, seed=a.seed)
 
 
+def _check_device(name: str) -> None:
+    """A clear refusal of a device this torch cannot use, before any work."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {name!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise ValueError(f"--device {name!r} is not supported: use cpu, cuda or cuda:N")
+    if torch.version.cuda is None and torch.version.hip is None:
+        raise ValueError(f"--device {name}: this torch ({torch.__version__}) is a CPU build without CUDA; "
+                         "install a CUDA build of torch, or use --device cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible to torch; use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible "
+                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+
+
+def _check_source(model: str) -> list:
+    """The local paths a quantize/export/baseline reads; refuses a fasq checkpoint as input."""
+    from .model import is_checkpoint
+    from .sources import local_paths, resolve
+
+    if is_checkpoint(resolve(model)[0]):
+        raise ValueError(f"{model} is already a fasq checkpoint; quantize the model it was made from "
+                         f"(`fasq info {model}` names it)")
+    return local_paths(model)
+
+
+def _warn_unmatched_skips(patterns, module_names) -> None:
+    """--skip patterns that match no module: most likely a typo (`lm_heed`), which would
+    quantize the layer the user meant to keep."""
+    from .config import DEFAULT_SKIP, QuantConfig
+
+    for pat in patterns:
+        if pat not in DEFAULT_SKIP and not any(QuantConfig(skip=(pat,)).is_skipped(n) for n in module_names):
+            print(f"fasq quantize: warning: --skip {pat!r} matches no module of the model, so it skips "
+                  "nothing (module names look like model.layers.0.mlp.down_proj)", file=sys.stderr)
+
+
 def cmd_quantize(a) -> int:
     from .config import DEFAULT_SKIP, QuantConfig
     from .format import format_size_table
     from .model import check_output_dir
     from .solver import parse_candidates
 
-    out = check_output_dir(a.out, a.overwrite)  # fail before the slow part
+    _check_device(a.device)
+    inputs = _check_source(a.model)
+    out = check_output_dir(a.out, a.overwrite, inputs)  # fail before the slow part
+    a.inputs = inputs
     skip = tuple(a.skip) if a.skip is not None else DEFAULT_SKIP
     targets = (a.target_bits is not None) + (a.target_size is not None)
     if targets > 1 or (targets and a.method == "rtn"):
@@ -164,7 +211,10 @@ def cmd_quantize(a) -> int:
         print(json.dumps({"out": str(out), "total_seconds": report["total_seconds"], **_summary(report),
                           **({"streaming": report["streaming"]} if "streaming" in report else {})}))
     else:
-        print(f"saved {out}  (quantization {report['seconds']:.1f}s, total {report['total_seconds']:.1f}s)")
+        resumed = report.get("streaming", {}).get("resumed_shards")
+        earlier = " over this and earlier runs" if resumed else ""
+        print(f"saved {out}  (quantization {report['seconds']:.1f}s{earlier}, this run "
+              f"{report['total_seconds']:.1f}s)")
         print(format_size_table(report["size"]))
     return 0
 
@@ -179,6 +229,8 @@ def _quantize_streaming(a, out, qcfg, cands, targets: bool) -> dict:
     except StreamingUnsupported as e:
         print(f"fasq quantize: {e}; loading the whole model instead", file=sys.stderr)
         return _quantize_in_memory(a, out, qcfg, cands, targets)
+    if a.skip:
+        _warn_unmatched_skips(a.skip, {n.rsplit(".", 1)[0] for n in plan.names})
     extra = None
     if targets:
         from .stream.solve import solve_streaming
@@ -188,8 +240,14 @@ def _quantize_streaming(a, out, qcfg, cands, targets: bool) -> dict:
         if not a.json:
             print(solved.format())
         extra = {"solver": solved.to_dict()}
-    return quantize_streaming(a.model, out, plan.qcfg, device=a.device, overwrite=a.overwrite,
-                              progress=not a.json, plan=plan, extra_report=extra)
+    try:
+        return quantize_streaming(a.model, out, plan.qcfg, device=a.device, overwrite=a.overwrite,
+                                  progress=not a.json, plan=plan, extra_report=extra)
+    except KeyboardInterrupt:
+        from .stream.pipeline import work_dir
+
+        raise Interrupted(f"interrupted; the shards finished so far are kept in {work_dir(out)}: run the "
+                          "same command again to resume") from None
 
 
 def _quantize_in_memory(a, out, qcfg, cands, targets: bool) -> dict:
@@ -198,6 +256,8 @@ def _quantize_in_memory(a, out, qcfg, cands, targets: bool) -> dict:
     from .sources import load_model
 
     model, tok = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
+    if a.skip:
+        _warn_unmatched_skips(a.skip, {n for n, _ in model.named_modules()})
     solved = None
     if targets:
         from .solver import solve
@@ -210,7 +270,7 @@ def _quantize_in_memory(a, out, qcfg, cands, targets: bool) -> dict:
     if solved is not None:
         report["solver"] = solved.to_dict()
     report["source"] = a.model
-    save_quantized(model, out, tokenizer=tok, report=report, overwrite=a.overwrite)
+    save_quantized(model, out, tokenizer=tok, report=report, overwrite=a.overwrite, inputs=a.inputs)
     return report
 
 
@@ -253,6 +313,14 @@ def _print_eval(res: dict) -> None:
 
 
 def cmd_eval(a) -> int:
+    _check_device(a.device)
+    if a.windows < 0:
+        raise ValueError(f"--windows must be >= 0 (0 = the whole text), got {a.windows}")
+    if a.seqlen < 2:
+        raise ValueError(f"--seqlen must be >= 2 tokens, got {a.seqlen}")
+    for name in ("limit", "batch_size"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     res = _evaluate(a.model, a)
     if a.compare:
         ref = _evaluate(a.compare, a)
@@ -272,18 +340,22 @@ def cmd_eval(a) -> int:
 
 def cmd_info(a) -> int:
     from .format import format_size_table
-    from .model import REPORT_NAME, CheckpointError, verify_checkpoint
+    from .manifest import check_checkpoint
+    from .model import REPORT_NAME, CheckpointError
 
-    qdict = verify_checkpoint(a.checkpoint)
+    check = check_checkpoint(a.checkpoint)
+    qdict = check.qdict
     rpath = Path(a.checkpoint) / REPORT_NAME
     if not rpath.is_file():
         raise CheckpointError(f"{a.checkpoint} has no {REPORT_NAME} (it is written by `fasq quantize`; "
                               "a checkpoint saved by transformers' save_pretrained has none)")
     report = json.loads(rpath.read_text())
     if a.json:
-        print(json.dumps({"quantization_config": qdict, **_summary(report), "layers": report["layers"]}))
+        print(json.dumps({"quantization_config": qdict, "verified": check.manifest and check.config_covered,
+                          "verification": check.status, **_summary(report), "layers": report["layers"]}))
         return 0
     print(f"checkpoint {a.checkpoint} (format version {qdict['format_version']}, source {report.get('source')})")
+    print(check.status)
     print("layer config: " + ", ".join(f"{k}={v}" for k, v in qdict["layer"].items()))
     print(f"skipped: {', '.join(qdict['skip'])}; overrides: {len(qdict['overrides'])}")
     print(format_size_table(report["size"]))
@@ -298,10 +370,11 @@ def cmd_baseline(a) -> int:
     from .baselines import quantize_baseline, save_baseline
     from .model import check_output_dir
 
-    check_output_dir(a.out, a.overwrite)  # fail before the slow part
+    inputs = _check_source(a.model)
+    check_output_dir(a.out, a.overwrite, inputs)  # fail before the slow part
     model, tok, info = quantize_baseline(a.model, a.method, a.bits, a.group_size, data_dir=a.data_dir,
                                          calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen)
-    out = save_baseline(model, tok, info, a.out, overwrite=a.overwrite)
+    out = save_baseline(model, tok, info, a.out, overwrite=a.overwrite, inputs=inputs)
     if a.json:
         print(json.dumps({"out": str(out), **info}))
     else:
@@ -337,6 +410,7 @@ def cmd_bench(a) -> int:
 
     from .model import REPORT_NAME, is_checkpoint
 
+    _check_device(a.device)
     for name in ("batch", "prompt_len", "new_tokens"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -367,19 +441,29 @@ def cmd_bench(a) -> int:
 def cmd_export(a) -> int:
     from .export import export_dense
 
-    out = export_dense(a.model, a.out, dtype=a.dtype, overwrite=a.overwrite)
-    print(f"saved {out} ({a.dtype}, unquantized)")
+    dtype = DTYPES[a.dtype]
+    out = export_dense(a.model, a.out, dtype=dtype, overwrite=a.overwrite)
+    print(f"saved {out} ({dtype}, unquantized)")
     return 0
 
 
 def cmd_generate(a) -> int:
     from .sources import load_model
 
+    _check_device(a.device)
+    if a.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     model, tok = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
     ids = tok(a.prompt, return_tensors="pt").input_ids.to(a.device)
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt is empty (it has no tokens); give some text to continue")
     out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=False)
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return 0
+
+
+class Interrupted(Exception):
+    """Ctrl-C, with what it left behind and how to carry on."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -393,10 +477,17 @@ def main(argv: list[str] | None = None) -> int:
         return {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate,
                 "baseline": cmd_baseline, "bench": cmd_bench,
                 "export": cmd_export}[a.cmd](a)
-    except (BaselineError, ConfigError, CheckpointError, ModelSourceError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (BaselineError, ConfigError, CheckpointError, ModelSourceError, FileExistsError, FileNotFoundError,
+            ValueError) as e:
         # TaskDataError (missing zero-shot files) is a FileNotFoundError
         print(f"fasq {a.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Interrupted) as e:
+        # outputs are written to temporary folders renamed at the end: nothing half-written is left
+        writes = a.cmd in ("quantize", "export", "baseline")
+        print(f"fasq {a.cmd}: {e or ('interrupted; nothing was written' if writes else 'interrupted')}",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

