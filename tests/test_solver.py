@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fasq.config import PQConfig, QuantConfig
-from fasq.format import layer_size, size_table
+from fasq.format import layer_size
+from fasq.module import size_table
 from fasq.model import quantize_model
 from fasq.module import PQLinear
 from fasq.quantize import quantize_weight

@@ -10,6 +10,7 @@ from . import kernels  # noqa: F401 - its CUDA implementation (triton imported o
 from .config import ConfigError, PQConfig, QuantConfig, RTNConfig
 from .model import CheckpointError, load_quantized, quantize_model, save_quantized
 from .module import PQLinear
+from .version import __version__
 
 try:  # transformers is a dependency, but keep the core usable without it
     from . import hf as _hf  # noqa: F401
@@ -18,4 +19,3 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["PQConfig", "RTNConfig", "QuantConfig", "ConfigError", "CheckpointError", "PQLinear",
            "quantize_model", "save_quantized", "load_quantized"]
-__version__ = "0.1.0"

@@ -110,6 +110,13 @@ class PQConfig:
         4096, 112 for 14336); `in` (one scale per row) for scale_group 0."""
         return _divisor_at_least(in_features, self.scale_group, self.d) if self.scale_group else in_features
 
+    def scale_kinds(self) -> tuple[bool, bool]:
+        """(has scales, has offsets)."""
+        return self.scale != "none", self.scale == "minmax"
+
+    def num_scale_groups(self, in_features: int) -> int:
+        return in_features // self.scale_group_size(in_features)
+
     def check_shape(self, out_features: int, in_features: int, name: str = "weight") -> None:
         """Raise ConfigError if a [out, in] weight cannot be stored with this config."""
         if in_features % self.d:
@@ -158,6 +165,12 @@ class RTNConfig:
 
     def scale_group_size(self, in_features: int) -> int:
         return self.group_size or in_features
+
+    def scale_kinds(self) -> tuple[bool, bool]:
+        return True, True  # a scale and a minimum per group
+
+    def num_scale_groups(self, in_features: int) -> int:
+        return in_features // self.scale_group_size(in_features)
 
     def check_shape(self, out_features: int, in_features: int, name: str = "weight") -> None:
         if self.group_size and in_features % self.group_size:

@@ -81,26 +81,22 @@ class LayerSize:
         return 8 * (self.codes + self.codebooks + self.scales) / self.weights
 
 
-def layer_size(module) -> LayerSize:
-    """Exact stored size of a `PQLinear` (2 bytes per fp16 element)."""
-    cfg = module.config
-    M = module.in_features // cfg.d
-    el = lambda t: 0 if t is None else t.numel() * 2  # noqa: E731 - fp16 on disk
+def stored_layer_size(out_features: int, in_features: int, cfg, bias: bool = False) -> LayerSize:
+    """Exact stored bytes of a [out, in] layer stored with `cfg` (fp16: 2 bytes per element)."""
+    has_scales, has_offsets = cfg.scale_kinds()
+    scales = out_features * cfg.num_scale_groups(in_features) * 2
     return LayerSize(
-        weights=module.out_features * module.in_features,
-        codes=module.out_features * packed_row_bytes(M, cfg.code_bits),
-        codebooks=el(module.codebooks),
-        scales=el(module.scales) + el(module.offsets),
-        bias=el(module.bias),
+        weights=out_features * in_features,
+        codes=out_features * packed_row_bytes(in_features // cfg.d, cfg.code_bits),
+        codebooks=cfg.num_codebooks(in_features) * cfg.K * cfg.d * 2,
+        scales=scales * (has_scales + has_offsets),
+        bias=out_features * 2 if bias else 0,
     )
 
 
-def stored_layer_size(out_features: int, in_features: int, cfg, bias: bool = False) -> LayerSize:
-    """`layer_size` of a layer stored with `cfg`, from its shape alone (an empty meta-device
-    module: no tensors, no accounting duplicated here)."""
-    from .module import PQLinear
-
-    return layer_size(PQLinear(in_features, out_features, cfg, bias=bias, device="meta"))
+def layer_size(module) -> LayerSize:
+    """Exact stored size of a `PQLinear` (the same arithmetic as its buffers' shapes)."""
+    return stored_layer_size(module.out_features, module.in_features, module.config, module.bias is not None)
 
 
 def _persistent_buffers(model):
@@ -120,18 +116,6 @@ def unquantized_elements(model, is_quantized) -> int:
         seen.add(t.data_ptr())
         n += t.numel()
     return n
-
-
-def size_table(model) -> dict:
-    """Whole-model size accounting against the FP16 model (2 bytes per parameter).
-
-    Tied parameters are counted once. Unquantized parameters and buffers count at 2 bytes
-    per element, as they are saved in fp16.
-    """
-    from .module import PQLinear
-
-    q = {name: layer_size(m) for name, m in model.named_modules() if isinstance(m, PQLinear)}
-    return size_summary(q, unquantized_elements(model, lambda name: name.rsplit(".", 1)[0] in q))
 
 
 def size_summary(q: dict[str, LayerSize], other: int) -> dict:

@@ -14,6 +14,9 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .config import QUANT_METHOD, QuantConfig
+from .convert import replace_linears
+from .manifest import verify_checkpoint
+from .module import PQLinear
 
 
 class FasqHfConfig(QuantizationConfigMixin):
@@ -42,16 +45,12 @@ class FasqHfQuantizer(HfQuantizer):
         pass
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        from .model import replace_linears, verify_checkpoint
-
         if checkpoint_files:
             verify_checkpoint(Path(checkpoint_files[0]).parent)
         qcfg = self.quantization_config.qcfg
         replace_linears(model, qcfg, qcfg.modules, packed_codes=True)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from .module import PQLinear
-
         for m in model.modules():
             if isinstance(m, PQLinear):
                 m.unpack_codes_()

@@ -21,34 +21,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
-from .format import layer_size, size_table
+from .convert import quantizable_linears, replace_linears, set_module  # noqa: F401 - re-exported
+from .format import layer_size
 from .manifest import (INDEX_NAME, MANIFEST_NAME, REPORT_NAME, WEIGHTS_NAME, CheckpointError,  # noqa: F401
                        file_record, is_checkpoint, verify_checkpoint, write_manifest)
-from .module import PQLinear
+from .module import PQLinear, size_table
 from .outdir import atomic_output_dir, check_output_dir  # noqa: F401 - re-exported
 from .quantize import error_report, quantize_weight
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def quantizable_linears(model: nn.Module, qcfg: QuantConfig) -> list[tuple[str, nn.Linear]]:
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not qcfg.is_skipped(n)]
-
-
-def replace_linears(model: nn.Module, qcfg: QuantConfig, names, device=None, dtype=torch.float16,
-                    packed_codes: bool = False) -> None:
-    """Swap the named nn.Linear modules for empty PQLinear ones (meta device works)."""
-    for name in names:
-        lin = model.get_submodule(name)
-        pq = PQLinear(lin.in_features, lin.out_features, qcfg.for_module(name), bias=lin.bias is not None,
-                      device=device if device is not None else lin.weight.device, dtype=dtype)
-        if packed_codes:
-            pq.expect_packed_codes()
-        set_module(model, name, pq)
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .config import LayerConfig
-from .format import pack_codes, packed_row_bytes, unpack_codes
+from .format import layer_size, pack_codes, packed_row_bytes, size_summary, unpack_codes, unquantized_elements
 
 
 class PQLinear(nn.Module):
@@ -33,13 +33,11 @@ class PQLinear(nn.Module):
     @staticmethod
     def scale_kinds(config: LayerConfig) -> tuple[bool, bool]:
         """(has scales, has offsets) for a config."""
-        if config.method == "rtn":
-            return True, True
-        return config.scale != "none", config.scale == "minmax"
+        return config.scale_kinds()
 
     @staticmethod
     def num_scale_groups(config: LayerConfig, in_features: int) -> int:
-        return in_features // config.scale_group_size(in_features)
+        return config.num_scale_groups(in_features)
 
     # --- codes are bit-packed in state dicts (the storage format), unpacked in memory ---
 
@@ -90,3 +88,13 @@ class PQLinear(nn.Module):
         knobs = f"bits={c.bits}, group_size={c.group_size}" if c.method == "rtn" else (
             f"d={c.d}, K={c.K}, scope={c.codebook_scope}, scale={c.scale}")
         return f"in_features={self.in_features}, out_features={self.out_features}, {c.method}: {knobs}"
+
+
+def size_table(model: nn.Module) -> dict:
+    """Whole-model size accounting against the FP16 model (2 bytes per parameter).
+
+    Tied parameters are counted once. Unquantized parameters and buffers count at 2 bytes
+    per element, as they are saved in fp16.
+    """
+    q = {name: layer_size(m) for name, m in model.named_modules() if isinstance(m, PQLinear)}
+    return size_summary(q, unquantized_elements(model, lambda name: name.rsplit(".", 1)[0] in q))

@@ -6,7 +6,7 @@ candidate set to minimise a calibration-free proxy of the loss while the checkpo
 lands within 1 % *below* the budget (the budget is never exceeded):
 
 - `target_bits`: bits per quantized weight, all overhead counted (codes, codebooks,
-  scales, offsets), as `format.size_table(...)["bits_per_weight"]`;
+  scales, offsets), as `module.size_table(...)["bits_per_weight"]`;
 - `target_size`: fraction of the FP16 model for the whole checkpoint (quantized layers
   plus unquantized parameters at 2 bytes), as `size_table(...)["size_fraction_of_fp16"]`.
 
@@ -14,7 +14,7 @@ Steps
 1. Sizes (from shapes alone: `candidate_table`, so `check_budget` refuses a budget out
    of range before any weight is read). The exact stored bytes of a candidate on a layer come from `format.layer_size`
    on an empty meta-device `PQLinear` (no tensors, no accounting duplicated here); the
-   bytes outside the quantized layers come from `format.size_table` on the model with its
+   bytes outside the quantized layers come from `module.size_table` on the model with its
    linears temporarily swapped for such meta modules. So predicted sizes are the sizes
    `quantize_model` + `size_table` report, byte for byte.
 2. Proxy. Per layer l and candidate j: err[l, j] = importance_l * ||W_l - Q_j(W_l)||_F^2,
@@ -62,10 +62,11 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_SKIP, ConfigError, LayerConfig, PQConfig, QuantConfig
-from .format import size_table as model_size_table, stored_layer_size
+from .format import stored_layer_size
+from .module import size_table as model_size_table
 from .module import PQLinear
 from .ops import dequantize
-from .model import quantizable_linears, set_module
+from .convert import quantizable_linears, set_module
 from .quantize import quantize_weight
 
 TOLERANCE = 0.01  # land within 1 % below the budget

@@ -35,6 +35,7 @@ from ..outdir import check_output_dir, output_lock, replace_dir
 from ..ops import dequantize
 from ..quantize import error_report, quantize_weight
 from ..sources import local_paths
+from ..version import __version__
 from .readers import StreamingUnsupported, open_reader
 
 STATE_NAME = "fasq_stream_state.json"
@@ -163,9 +164,7 @@ def work_dir(out: Path) -> Path:
 
 def fingerprint(plan: Plan, device) -> dict:
     """What must not change between a run and its resumption."""
-    import fasq
-
-    return {"fasq": fasq.__version__, "format_version": FORMAT_VERSION, "source": plan.reader.fingerprint(),
+    return {"fasq": __version__, "format_version": FORMAT_VERSION, "source": plan.reader.fingerprint(),
             "quantization_config": plan.qcfg.to_dict(), "device": torch.device(device or "cpu").type,
             "dtype": str(plan.dtype),
             "shards": plan.shard_names()}
