@@ -155,3 +155,20 @@ def test_quantize_falls_back_to_in_memory_for_conv1d_models(tmp_path, capsys):
     assert "Conv1D" in err and "loading the whole model instead" in err
     assert code == main(args + ["--out", str(tmp_path / "q2"), "--in-memory"]) == 2
     assert "no linear layers to quantize" in err and "no linear layers to quantize" in capsys.readouterr().err
+
+
+def test_tensor_parallel_picks_groups_that_split_every_layer(tiny_dir, tmp_path, capsys):
+    from fasq.config import QuantConfig
+    from fasq.tensor_parallel import splits
+
+    out = tmp_path / "tp"
+    # codebooks of >= 13 subspaces: 16 in the 64-wide layers, 16 in the 96-wide down_proj,
+    # whose 2 shards of 24 subspaces would cut one in two; 12 splits both
+    args = ["quantize", str(tiny_dir), "-K", "16", "--codebook-group", "13", "--kmeans-iters", "2"]
+    assert main([*args, "--tensor-parallel", "2", "--out", str(out)]) == 0
+    assert "--tensor-parallel 2: using --codebook-group 12 --scale-group" in capsys.readouterr().err
+    qcfg = QuantConfig.from_dict(json.loads((out / "config.json").read_text())["quantization_config"])
+    assert qcfg.layer.codebook_group == 12
+    assert all(splits(qcfg.layer, w, 2) for w in (64, 96))
+    assert main([*args, "--tensor-parallel", "3", "--out", str(tmp_path / "tp3")]) == 2
+    assert "cannot be split into 3 shards" in capsys.readouterr().err

@@ -11,7 +11,7 @@ LAYERS = [
     ("fasq.version", "fasq.config", "fasq.format"),                     # configs, storage format
     ("fasq.ops",),                                                      # reference ops
     ("fasq.kernels",),                                                  # kernels beside their references
-    ("fasq.module", "fasq.kmeans", "fasq.quantize"),                    # PQLinear; the algorithm
+    ("fasq.module", "fasq.kmeans", "fasq.quantize", "fasq.tensor_parallel"),  # PQLinear; the algorithm
     ("fasq.convert", "fasq.manifest", "fasq.outdir", "fasq.solver"),    # conversion, checkpoint files
     ("fasq.model", "fasq.hf", "fasq.sources", "fasq.export"),           # models, transformers
     ("fasq.stream",),                                                   # streaming quantization
@@ -61,7 +61,8 @@ def _layer(name: str) -> int:
     best = (-1, None)
     for i, group in enumerate(LAYERS):
         for prefix in group:
-            if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best[0]:
+            inside = name.startswith(prefix + ".") and prefix != "fasq"  # the package itself: its __init__ only
+            if (name == prefix or inside) and len(prefix) > best[0]:
                 best = (len(prefix), i)
     assert best[1] is not None, f"{name} is in no layer: add it to LAYERS"
     return best[1]

@@ -57,15 +57,18 @@ def _env(tp: int = 1) -> dict:
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory, vllm_python) -> dict[str, Path]:
-    """The default model quantized by fasq (d=2, K=256, codebooks of 32 subspaces, scales per
-    64 columns, absmax) and by RTN (4 bits, groups of 64), and one RTN checkpoint whose groups of 96
-    straddle the tp=3 shards of down_proj (1536 / 3 = 512 columns)."""
+    """The default model quantized by fasq with `--tensor-parallel 3` (d=2, K=256, absmax; it
+    picks codebooks of 32 subspaces and scales per 64 columns, which split every layer at tp 3)
+    and by RTN (4 bits, groups of 64), and one RTN checkpoint whose groups of 96 straddle the
+    tp=3 shards of down_proj (1536 / 3 = 512 columns)."""
     d = tmp_path_factory.mktemp("vllm")
     q = {"fasq": d / "fasq", "rtn": d / "rtn", "rtn-g96": d / "rtn-g96"}
     # k-means fitted on 4096 sub-vectors per codebook in 4 iterations (the default: 32768,
     # 10): ~4x faster, and the tests compare engines on the same checkpoint, not its quality
-    assert main(["quantize", "default", "--out", str(q["fasq"]), "--codebook-group", "32", "--scale-group", "64",
+    assert main(["quantize", "default", "--out", str(q["fasq"]), "--tensor-parallel", "3",
                  "--kmeans-sample", "4096", "--kmeans-iters", "4", "--json"]) == 0
+    layer = json.loads((q["fasq"] / "config.json").read_text())["quantization_config"]["layer"]
+    assert (layer["codebook_group"], layer["scale_group"]) == (32, 64)
     assert main(["quantize", "default", "--method", "rtn", "--group-size", "64", "--out", str(q["rtn"]), "--json"]) == 0
     assert main(["quantize", "default", "--method", "rtn", "--group-size", "96", "--out", str(q["rtn-g96"]),
                  "--json"]) == 0
@@ -102,8 +105,10 @@ def _margin(top2: list) -> float:
 def compare(name: str, a: list[list[int]], b: list[list[int]], margins_a, margins_b) -> list[str]:
     """Per prompt: identical, or where the first difference is and both sides' logit gaps there.
     Fails unless every difference starts at a near-tie (gap < NEAR_TIE on both sides)."""
+    assert len(a) == len(b) == len(PROMPTS), f"{name}: {len(a)} / {len(b)} results for {len(PROMPTS)} prompts"
     lines, bad = [], []
     for i, (x, y) in enumerate(zip(a, b)):
+        assert len(x) == len(y) == STEPS, f"{name} prompt {i}: {len(x)} / {len(y)} tokens, expected {STEPS}"
         k = first_difference(x, y)
         if k is None:
             lines.append(f"{name} prompt {i}: {len(x)} tokens identical (min gap {min(margins_a[i]):.4f})")
@@ -147,7 +152,8 @@ def test_straddling_groups_fail_clearly_in_vllm(checkpoints, vllm_python, tmp_pa
     assert r.returncode != 0
     log = r.stdout + r.stderr
     assert "ShardingError: fasq layer model.layers.0.mlp.down_proj (in_features=1536" in log
-    assert "tensor parallel size 3" in log and "--group-size 64" in log
+    assert "tensor parallel size 3" in log and "--tensor-parallel 3" in log
+    assert "for every layer of this model: --group-size 64" in log  # not advice that fails on another layer
 
 
 def _free_port() -> int:

@@ -72,14 +72,45 @@ def test_straddling_codebook_is_a_clear_error():
         sharding.input_shard(cfg, 1536, 3, 0, "model.layers.0.mlp.down_proj")
     msg = str(e.value)
     assert "model.layers.0.mlp.down_proj" in msg and "tensor parallel size 3" in msg
-    assert "[1, 2, 4, 8, 16]" in msg and "straddle" in msg
-    assert "--codebook-group 64 --scale-group 64" in msg  # 64 subspaces, 64 columns divide 512
-    # the hint is per layer; groups of 32 subspaces and 64 columns fit both row-parallel
-    # widths of the default model at tp 3 (o_proj 576, down_proj 1536): the tests' checkpoint
+    assert "[1, 2, 4, 8, 16]" in msg and "straddle" in msg and "--tensor-parallel 3" in msg
+    # without the model's widths the advice fits this layer: the largest groups up to 96 that
+    # divide 512-column shards (64 subspaces, 64 columns)
+    assert "(for this layer: --codebook-group 64 --scale-group 64)" in msg
+    # with them it fits every layer (o_proj 576 and down_proj 1536 at tp 3): following the
+    # per-layer advice used to fail on o_proj next
+    with pytest.raises(sharding.ShardingError) as e:
+        sharding.input_shard(cfg, 1536, 3, 0, "model.layers.0.mlp.down_proj", widths=(576, 1536))
+    assert "(for every layer of this model: --codebook-group 32 --scale-group 64)" in str(e.value)
     fixed = PQConfig(d=2, K=256, codebook_group=32, scale_group=64)
     assert 3 in sharding.working_tp_sizes(fixed, 1536) and 3 in sharding.working_tp_sizes(fixed, 576)
     assert sharding.requantize_hint(RTNConfig(bits=4, group_size=128), 1536, 3) == "--group-size 128"
     assert sharding.requantize_hint(RTNConfig(bits=4, group_size=96), 576, 3) == "--group-size 96"
+    assert sharding.requantize_hint(RTNConfig(bits=4, group_size=96), 1536, 3, widths=(576,)) == "--group-size 64"
+
+
+@pytest.mark.parametrize("cfg", [PQConfig(d=2, K=256), PQConfig(d=4, K=256, codebook_group=50, scale_group=100),
+                                 PQConfig(d=1, K=16, scale="minmax", scale_group=40), RTNConfig(bits=4, group_size=96),
+                                 PQConfig(d=2, K=64, codebook_scope="matrix", scale_group=0)])
+@pytest.mark.parametrize("tp", [2, 3, 4, 6])
+def test_fit_config_splits_every_layer_at_the_asked_size(cfg, tp):
+    from fasq.tensor_parallel import fit_config, splits
+
+    shapes = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # the default model's q, k/v, gate/up, down
+    fitted = fit_config(cfg, shapes, tp)
+    assert all(splits(fitted, w, tp) for _, w in shapes)
+    for out, w in shapes:
+        fitted.check_shape(out, w)
+    assert (fitted.d, fitted.K, fitted.method) == (cfg.d, cfg.K, cfg.method)
+    if all(splits(cfg, w, tp) for _, w in shapes):
+        assert fitted == cfg  # nothing changes when nothing needs to
+
+
+def test_fit_config_refuses_widths_that_cannot_split():
+    from fasq.config import ConfigError
+    from fasq.tensor_parallel import fit_config
+
+    with pytest.raises(ConfigError, match="cannot be split into 5 shards"):
+        fit_config(PQConfig(d=2, K=256), [(576, 576)], 5)
 
 
 def test_codes_that_do_not_match_the_config_are_refused():

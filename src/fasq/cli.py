@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--candidates", default=None, metavar="d2K256,d3K512,...",
                    help="the solver's per-layer choices (matrix codebooks, absmax scales); "
                         "default: fasq.solver.DEFAULT_CANDIDATES")
+    q.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="choose the largest codebook and scale groups up to the ones asked that split "
+                        "evenly across N ranks in every layer, for serving with vLLM at tensor parallel N")
     q.add_argument("--skip", nargs="*", default=None, help="module name patterns left unquantized "
                    "(default: embed_tokens lm_head)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
@@ -201,6 +204,8 @@ def cmd_quantize(a) -> int:
         raise ValueError("give at most one of --target-bits / --target-size, and not with --method rtn")
     if a.candidates is not None and not targets:
         raise ValueError("--candidates only applies with --target-bits or --target-size")
+    if a.tensor_parallel < 1:
+        raise ValueError(f"--tensor-parallel must be >= 1, got {a.tensor_parallel}")
     cands = None if a.candidates is None else parse_candidates(a.candidates)  # fail before the slow part
     qcfg = QuantConfig(layer=_layer_config(a), skip=skip)
     t0 = time.perf_counter()
@@ -231,6 +236,8 @@ def _quantize_streaming(a, out, qcfg, cands, targets: bool) -> dict:
         return _quantize_in_memory(a, out, qcfg, cands, targets)
     if a.skip:
         _warn_unmatched_skips(a.skip, {n.rsplit(".", 1)[0] for n in plan.names})
+    if a.tensor_parallel > 1:
+        plan.qcfg, cands = _fit_tensor_parallel(plan.qcfg, cands, list(plan.shapes().values()), a)
     extra = None
     if targets:
         from .stream.solve import solve_streaming
@@ -258,6 +265,11 @@ def _quantize_in_memory(a, out, qcfg, cands, targets: bool) -> dict:
     model, tok = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
     if a.skip:
         _warn_unmatched_skips(a.skip, {n for n, _ in model.named_modules()})
+    if a.tensor_parallel > 1:
+        from .convert import quantizable_linears
+
+        shapes = [(lin.out_features, lin.in_features) for _, lin in quantizable_linears(model, qcfg)]
+        qcfg, cands = _fit_tensor_parallel(qcfg, cands, shapes, a)
     solved = None
     if targets:
         from .solver import solve
@@ -272,6 +284,28 @@ def _quantize_in_memory(a, out, qcfg, cands, targets: bool) -> dict:
     report["source"] = a.model
     save_quantized(model, out, tokenizer=tok, report=report, overwrite=a.overwrite, inputs=a.inputs)
     return report
+
+
+def _fit_tensor_parallel(qcfg, cands, shapes, a):
+    """The config (and solver candidates) with groups that split at --tensor-parallel ranks."""
+    from .config import ConfigError, QuantConfig
+    from .solver import DEFAULT_CANDIDATES
+    from .tensor_parallel import fit_config, group_options
+
+    tp = a.tensor_parallel
+    layer = fit_config(qcfg.layer, shapes, tp)
+    if layer != qcfg.layer and not a.json:
+        print(f"fasq quantize: --tensor-parallel {tp}: using {group_options(layer)} (asked: "
+              f"{group_options(qcfg.layer)}) so that every layer splits evenly", file=sys.stderr)
+    fitted = None
+    if a.target_bits is not None or a.target_size is not None:
+        fitted = []
+        for c in cands or DEFAULT_CANDIDATES:
+            try:
+                fitted.append(fit_config(c, shapes, tp))
+            except ConfigError as e:
+                print(f"fasq quantize: candidate d{c.d}K{c.K} left out: {e}", file=sys.stderr)
+    return QuantConfig(layer=layer, skip=qcfg.skip, overrides=qcfg.overrides), fitted
 
 
 def _summary(report: dict) -> dict:

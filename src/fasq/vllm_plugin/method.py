@@ -24,7 +24,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from .. import ops  # noqa: F401 - registers fasq::pq_linear
 from .. import kernels  # noqa: F401 - and its CPU / CUDA implementations
 from ..config import QUANT_METHOD, ConfigError, LayerConfig, QuantConfig
-from ..model import verify_checkpoint
+from ..manifest import verify_checkpoint
 from ..module import PQLinear
 from . import sharding
 
@@ -37,6 +37,7 @@ class FasqVllmConfig(QuantizationConfig):
     def __init__(self, qcfg: QuantConfig):
         super().__init__()
         self.qcfg = qcfg
+        self.widths: tuple[int, ...] = ()  # the model's linear input widths, for sharding advice
 
     def __repr__(self) -> str:
         return f"FasqVllmConfig({self.qcfg.layer}, {len(self.qcfg.modules)} modules)"
@@ -64,6 +65,7 @@ class FasqVllmConfig(QuantizationConfig):
         # (sizes, sha256) before any worker starts, as `fasq.load_quantized` does
         if Path(model_name).is_dir():
             verify_checkpoint(model_name)
+        self.widths = model_widths(hf_config)
 
     def is_quantized(self, name: str) -> bool:
         if self.qcfg.modules:
@@ -95,15 +97,27 @@ class FasqVllmConfig(QuantizationConfig):
                 f"with different configs ({', '.join(str(c.to_dict()) for c in cfgs)}); the vLLM "
                 f"plugin needs one config per merged layer: re-quantize without per-layer "
                 f"overrides for these modules, or serve the checkpoint with transformers")
-        return FasqLinearMethod(cfgs[0], names, prefix)
+        return FasqLinearMethod(cfgs[0], names, prefix, self.widths)
+
+
+def model_widths(hf_config) -> tuple[int, ...]:
+    """Input widths of a decoder's linear layers from its config (hidden size, MLP size,
+    attention output), so that sharding advice fits every layer; () when unknown."""
+    if hf_config is None:
+        return ()
+    cfg = getattr(hf_config, "get_text_config", lambda: hf_config)()
+    hidden, heads = getattr(cfg, "hidden_size", None), getattr(cfg, "num_attention_heads", None)
+    head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    widths = (hidden, getattr(cfg, "intermediate_size", None), heads * head_dim if heads and head_dim else None)
+    return tuple(sorted({w for w in widths if isinstance(w, int) and w > 0}))
 
 
 class FasqLinearMethod(LinearMethodBase):
     """One vLLM linear layer stored in the fasq format: `names` are the checkpoint modules it
     holds (one, or q/k/v, gate/up for merged layers), all quantized with `cfg`."""
 
-    def __init__(self, cfg: LayerConfig, names: list[str], prefix: str):
-        self.cfg, self.names, self.prefix = cfg, names, prefix
+    def __init__(self, cfg: LayerConfig, names: list[str], prefix: str, widths=()):
+        self.cfg, self.names, self.prefix, self.widths = cfg, names, prefix, tuple(widths)
 
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
                        output_partition_sizes: list[int], input_size: int, output_size: int,
@@ -115,7 +129,8 @@ class FasqLinearMethod(LinearMethodBase):
         if input_size % cfg.d:
             raise ConfigError(f"{self.prefix}: in_features={input_size} is not divisible by d={cfg.d}")
         tp_in = input_size // input_size_per_partition  # > 1 only for row-parallel layers
-        cols = sharding.input_shard(cfg, input_size, tp_in, layer.tp_rank if tp_in > 1 else 0, self.prefix)
+        cols = sharding.input_shard(cfg, input_size, tp_in, layer.tp_rank if tp_in > 1 else 0, self.prefix,
+                                    self.widths)
         rows = _row_ranges(layer, output_partition_sizes, output_size)
         layer.fasq_cols, layer.fasq_out_sizes = cols, list(output_partition_sizes)
         out, parts = sum(output_partition_sizes), len(self.names)

@@ -7,10 +7,9 @@ by all rows) and scales/offsets [out, S] (one per row and group of `in / S` colu
 - Column parallelism splits `out`: each rank takes its rows of codes, scales and offsets,
   and keeps every codebook.
 - Row parallelism splits `in`: each rank takes a run of subspaces (columns of codes), the
-  codebooks serving them and the scale groups covering them. That works when a shard is
-  a whole number of codebooks and scale groups, or lies inside one codebook (scale group),
-  which is then replicated (RTN, "matrix" scope, per-row scales). Anything else would need
-  a codebook or scale group cut in two: `ShardingError` says which sizes work.
+  codebooks serving them and the scale groups covering them (when that works: see
+  `fasq.tensor_parallel`); anything else would need a codebook or scale group cut in two:
+  `ShardingError` says which sizes and settings work.
 """
 
 from __future__ import annotations
@@ -20,102 +19,44 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..config import LayerConfig
+from ..config import ConfigError, LayerConfig
 from ..format import packed_row_bytes, unpack_codes
-from ..module import PQLinear
 from ..ops import code_dtype
+from ..tensor_parallel import InputShard, fit_config, group_options, input_shard_or_reason, working_tp_sizes
 
-MAX_TP_LISTED = 16  # the tensor-parallel sizes an error message considers
-
+__all__ = ["InputShard", "ShardingError", "input_shard", "requantize_hint", "shard_codebooks", "shard_codes",
+           "shard_scales", "working_tp_sizes"]
 
 class ShardingError(ValueError):
     """A fasq layer cannot be split at the requested tensor-parallel size."""
 
 
-@dataclass(frozen=True)
-class InputShard:
-    """One rank's share of a layer's input columns, in the units of each tensor."""
-
-    d: int
-    M_full: int  # subspaces of the whole layer
-    m0: int  # first subspace of this rank
-    M: int  # subspaces of this rank
-    c0: int  # first codebook it uses
-    C: int  # codebooks it holds
-    s0: int  # first scale group
-    S: int  # scale groups it holds (0 without scales)
+def requantize_hint(cfg: LayerConfig, in_features: int, tp_size: int, widths=()) -> str:
+    """`fasq quantize` options whose codebooks and scale groups fit shards of in / tp columns,
+    in this layer and in every layer of `widths` (the model's input widths, when known)."""
+    try:
+        fitted = fit_config(cfg, [(None, w) for w in {in_features, *widths}], tp_size)
+    except ConfigError as e:
+        return str(e)
+    return group_options(fitted)
 
 
-def _span(cfg: LayerConfig, in_features: int) -> int:
-    """Subspaces per codebook."""
-    M = in_features // cfg.d
-    return M // cfg.num_codebooks(in_features)
-
-
-def _split(unit: int, part: int, start: int, what: str, units: str) -> tuple[int, int] | str:
-    """(first block, blocks) of `unit`-sized blocks covering [start, start + part), when the
-    shard is whole blocks or lies inside one (replicated); else the reason it cannot."""
-    if part % unit == 0:
-        return start // unit, part // unit
-    if unit % part == 0:
-        return start // unit, 1
-    return f"a {what} covers {unit} {units} and a shard {part}"
-
-
-def _input_shard(cfg: LayerConfig, in_features: int, tp_size: int, rank: int) -> InputShard | str:
-    if in_features % tp_size:
-        return f"in_features={in_features} is not divisible by {tp_size}"
-    part, col0 = in_features // tp_size, rank * (in_features // tp_size)
-    if part % cfg.d:
-        return f"a shard of {part} columns is not a whole number of d={cfg.d} sub-vectors"
-    M_part, m0 = part // cfg.d, col0 // cfg.d
-    cb = _split(_span(cfg, in_features), M_part, m0, "codebook", "subspaces")
-    if isinstance(cb, str):
-        return cb
-    has_scales, _ = PQLinear.scale_kinds(cfg)
-    sg = (0, 0)
-    if has_scales:
-        sg = _split(cfg.scale_group_size(in_features), part, col0, "scale group", "columns")
-        if isinstance(sg, str):
-            return sg
-    return InputShard(cfg.d, in_features // cfg.d, m0, M_part, cb[0], cb[1], sg[0], sg[1])
-
-
-def working_tp_sizes(cfg: LayerConfig, in_features: int) -> list[int]:
-    """The row-parallel sizes (up to MAX_TP_LISTED) at which this layer can be split."""
-    return [t for t in range(1, MAX_TP_LISTED + 1)
-            if not isinstance(_input_shard(cfg, in_features, t, 0), str)]
-
-
-def _largest_divisor(n: int, at_most: int, step: int = 1) -> int:
-    return max(g for g in range(step, min(n, at_most) + 1, step) if n % g == 0)
-
-
-def requantize_hint(cfg: LayerConfig, in_features: int, tp_size: int) -> str:
-    """`fasq quantize` options whose codebooks and scale groups fit shards of in / tp columns."""
-    part = in_features // tp_size
-    if in_features % tp_size or part % cfg.d:
-        return f"in_features / {tp_size} must be a whole number of d={cfg.d} sub-vectors"
-    if cfg.method == "rtn":
-        return f"--group-size {_largest_divisor(part, cfg.scale_group_size(in_features))}"
-    hint = f"--codebook-group {_largest_divisor(part // cfg.d, _span(cfg, in_features))}"
-    if PQLinear.scale_kinds(cfg)[0]:
-        hint += f" --scale-group {_largest_divisor(part, cfg.scale_group_size(in_features), cfg.d)}"
-    return hint
-
-
-def input_shard(cfg: LayerConfig, in_features: int, tp_size: int, rank: int, name: str) -> InputShard:
+def input_shard(cfg: LayerConfig, in_features: int, tp_size: int, rank: int, name: str,
+                widths=()) -> InputShard:
     """This rank's share of the input columns of layer `name`, or a ShardingError that
-    names the layer, the reason and the sizes that would work."""
-    shard = _input_shard(cfg, in_features, tp_size, rank)
+    names the layer, the reason and the settings that would work (for every layer of
+    `widths`, the model's input widths, when known)."""
+    shard = input_shard_or_reason(cfg, in_features, tp_size, rank)
     if isinstance(shard, str):
+        scope = "every layer of this model" if widths else "this layer"
         raise ShardingError(
             f"fasq layer {name} (in_features={in_features}, {cfg.method} d={cfg.d}) cannot be split "
             f"across its input at tensor parallel size {tp_size}: {shard}, so a codebook or scale "
             f"group would straddle a shard boundary. Tensor parallel sizes that work for this "
-            f"layer: {working_tp_sizes(cfg, in_features)}; or re-quantize with codebook and scale "
-            f"groups that divide the shard, e.g. `fasq quantize ... "
-            f"{requantize_hint(cfg, in_features, tp_size)}`")
+            f"layer: {working_tp_sizes(cfg, in_features)}; or re-quantize with "
+            f"`fasq quantize SOURCE --tensor-parallel {tp_size}`, which picks codebook and scale groups "
+            f"that split every layer (for {scope}: "
+            f"{requantize_hint(cfg, in_features, tp_size, widths)})")
     return shard
 
 
