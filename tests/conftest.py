@@ -1,5 +1,26 @@
+import importlib
+import os
+
 import pytest
 import torch
+
+# `make test` sets FASQ_STRICT=1: everything it installs (triton, lm-eval, the default model,
+# a C++ compiler for the CPU library) must be there, so a test that would skip fails instead
+# of silently vanishing from the run.
+STRICT = os.environ.get("FASQ_STRICT") == "1"
+
+
+def skip_or_fail(msg: str, module_level: bool = False):
+    if STRICT:
+        pytest.fail(f"{msg} (FASQ_STRICT=1: make test requires it)", pytrace=False)
+    pytest.skip(msg, allow_module_level=module_level)
+
+
+def require(module: str, reason: str | None = None):
+    """`pytest.importorskip`, except that under FASQ_STRICT a missing module fails."""
+    if STRICT:
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=reason)
 
 
 @pytest.fixture

@@ -72,7 +72,9 @@ def test_cli_errors_are_clear_and_keep_existing_output(tiny_dir, tmp_path, capsy
 
 
 def test_eval_zero_shot_tasks_from_local_files(tiny_dir, tmp_path, capsys):
-    pytest.importorskip("lm_eval")
+    from conftest import require
+
+    require("lm_eval")
     (tmp_path / "arc").mkdir()
     rows = [{"id": f"q{i}", "answerKey": "B",
              "question": {"stem": f"Question {i}?", "choices": [{"text": "red", "label": "A"},

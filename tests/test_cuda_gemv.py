@@ -70,7 +70,9 @@ def test_gpu_matches_oracle(case, tokens, dtype):
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     cb, scales, offsets = cast(cb), cast(scales), cast(offsets)
     x, bias = torch.randn(tokens, case[1], device="cuda").to(dtype), torch.randn(case[0], device="cuda").to(dtype)
-    y = cuda_gemv.pq_linear_cuda_gemv(x, codes, cb, scales, offsets, bias)
+    poisoned = torch.full((tokens, case[0]), float("nan"), dtype=dtype, device="cuda")
+    y = cuda_gemv.pq_linear_cuda_gemv(x, codes, cb, scales, offsets, bias, out=poisoned)
+    assert y.data_ptr() == poisoned.data_ptr() and not torch.isnan(y).any(), "unwritten outputs"
     ref = _dense_ref(x.cpu(), codes.cpu(), cb.cpu(), None if scales is None else scales.cpu(),
                      None if offsets is None else offsets.cpu(), bias.cpu())
     err = float((y.double().cpu() - ref).abs().max() / ref.abs().max())

@@ -5,6 +5,7 @@ Runs on CPU in about a minute; the full 10-window protocol is in benchmarks/ppl_
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -23,7 +24,10 @@ def default_model():
 @pytest.fixture(scope="module")
 def wiki_ids(default_model):
     if default_data_dir() is None:
-        pytest.skip("no evaluation data: set FASQ_DATA_DIR or put ../shared/data beside the checkout")
+        msg = "no evaluation data: set FASQ_DATA_DIR or put ../shared/data beside the checkout"
+        if os.environ.get("FASQ_REQUIRE_DATA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
     return tokenize_text(default_model[1], wikitext2_test())[: 4 * 512]
 
 
@@ -45,7 +49,7 @@ def test_default_config_end_to_end(default_model, wiki_ids, tmp_path):
     assert 0.35 < size["size_fraction_of_fp16"] < 0.45
     assert min(r["sqnr_db"] for r in report["layers"]) > 15
     ppl = perplexity(q, wiki_ids, seqlen=512, progress=False)["perplexity"]
-    assert math.isfinite(ppl) and ref < ppl < 1.6 * ref, (ref, ppl)
+    assert math.isfinite(ppl) and ref < ppl < 1.5 * ref, (ref, ppl)
     # the saved checkpoint reloads to the same function (fp16 storage of the other tensors)
     fasq.save_quantized(q, tmp_path / "ck", tokenizer=tok, report=report)
     loaded = fasq.load_quantized(tmp_path / "ck")

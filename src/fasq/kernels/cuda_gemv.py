@@ -222,8 +222,12 @@ def supports(x: Tensor, codes: Tensor, codebooks: Tensor) -> bool:
 
 
 def pq_linear_cuda_gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = None,
-                        offsets: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-    """y[..., out] = x[..., in] @ dequantize(codes, codebooks, scales, offsets).T + bias."""
+                        offsets: Tensor | None = None, bias: Tensor | None = None,
+                        out: Tensor | None = None) -> Tensor:
+    """y[..., out] = x[..., in] @ dequantize(codes, codebooks, scales, offsets).T + bias.
+
+    x: [..., in] fp16/bf16; codes: [out, M]; codebooks: [C, K, d]; scales, offsets: [out, S];
+    bias: [out]; out: optional contiguous [T, out] of x's dtype to write into (tests poison it)."""
     out_f, M = codes.shape
     C, K, d = codebooks.shape
     if not supports(x, codes, codebooks):
@@ -245,7 +249,9 @@ def pq_linear_cuda_gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Ten
     p = plan(out_f, M, C, K, d)
     fns = _functions(x.device)
     y32 = torch.zeros(T, out_f, dtype=torch.float32, device=x.device)
-    y = torch.empty(T, out_f, dtype=dt, device=x.device)
+    y = torch.empty(T, out_f, dtype=dt, device=x.device) if out is None else out
+    if y.shape != (T, out_f) or y.dtype != dt or not y.is_contiguous() or y.device != x.device:
+        raise ValueError(f"out must be a contiguous [{T}, {out_f}] {dt} tensor on {x.device}")
     ptr = lambda t: ctypes.c_void_p(0 if t is None else t.data_ptr())  # noqa: E731
     i32 = ctypes.c_int
     fn = fns[kernel_name(d, nt, CODE_TYPES[codes.dtype], IN_TYPES[dt])]
