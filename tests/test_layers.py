@@ -8,7 +8,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fasq"
 
 # lowest first; a module's layer is that of the longest prefix listed
 LAYERS = [
-    ("fasq.version", "fasq.config", "fasq.format"),                     # configs, storage format
+    ("fasq.version", "fasq.transforms", "fasq.config", "fasq.format"),  # configs, storage format
     ("fasq.ops",),                                                      # reference ops
     ("fasq.kernels",),                                                  # kernels beside their references
     ("fasq.module", "fasq.kmeans", "fasq.quantize", "fasq.tensor_parallel"),  # PQLinear; the algorithm

@@ -16,6 +16,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .transforms import TRANSFORMS
+
 FORMAT_VERSION = 1
 QUANT_METHOD = "fasq"  # the name transformers knows our checkpoints by
 
@@ -28,6 +30,11 @@ TOP_LEVEL_FIELDS = {"quant_method", "format_version", "layer", "skip", "override
 
 class ConfigError(ValueError):
     """A quantization setting is invalid; the message says which and what to use."""
+
+
+def _check_transform(name) -> None:
+    if name not in TRANSFORMS:
+        raise ConfigError(f"transform must be one of {sorted(TRANSFORMS)}, got {name!r}")
 
 
 def _divisor_at_least(n: int, minimum: int, step: int) -> int:
@@ -64,6 +71,7 @@ class PQConfig:
     kmeans_init: str = "kmeans++"
     kmeans_sample: int = 32768  # sub-vectors per codebook used for fitting (0 = all)
     seed: int = 0
+    transform: str = "none"  # input transform folded into W (see `transforms.py`)
     method: str = field(default="pq", init=False)
 
     def __post_init__(self):
@@ -89,6 +97,7 @@ class PQConfig:
             raise ConfigError(f"kmeans_init must be one of {INITS}, got {self.kmeans_init!r}")
         if self.kmeans_sample < 0:
             raise ConfigError(f"kmeans_sample must be >= 0 (0 = all), got {self.kmeans_sample}")
+        _check_transform(self.transform)
 
     @property
     def code_bits(self) -> int:
@@ -140,13 +149,19 @@ class RTNConfig:
 
     bits: int = 4
     group_size: int = 64  # input columns per (scale, minimum); 0 = one per output row
+    transform: str = "none"  # input transform folded into W (see `transforms.py`)
     method: str = field(default="rtn", init=False)
+
+    @property
+    def seed(self) -> int:
+        return 0  # RTN is deterministic; a transform's state is made with this seed
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
             raise ConfigError(f"RTN bits must be an integer in 1..8, got {self.bits!r}")
         if not isinstance(self.group_size, int) or self.group_size < 0:
             raise ConfigError(f"RTN group_size must be >= 0 (0 = per row), got {self.group_size!r}")
+        _check_transform(self.transform)
 
     @property
     def d(self) -> int:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .transforms import get_transform
+
 
 # Pack at most this many rows at once (bounds the [rows, M, b] bit tensor).
 _PACK_ROWS = 4096
@@ -70,27 +72,30 @@ class LayerSize:
     codebooks: int
     scales: int
     bias: int = 0
+    transform: int = 0  # an input transform's per-layer tensors (0 for none)
 
     @property
     def total(self) -> int:
-        return self.codes + self.codebooks + self.scales + self.bias
+        return self.codes + self.codebooks + self.scales + self.transform + self.bias
 
     @property
     def bits_per_weight(self) -> float:
-        """All overhead (codes, codebooks, scales, offsets) over the quantized weights."""
-        return 8 * (self.codes + self.codebooks + self.scales) / self.weights
+        """All overhead (codes, codebooks, scales, offsets, transform) over the quantized weights."""
+        return 8 * (self.total - self.bias) / self.weights
 
 
 def stored_layer_size(out_features: int, in_features: int, cfg, bias: bool = False) -> LayerSize:
     """Exact stored bytes of a [out, in] layer stored with `cfg` (fp16: 2 bytes per element)."""
     has_scales, has_offsets = cfg.scale_kinds()
     scales = out_features * cfg.num_scale_groups(in_features) * 2
+    specs = get_transform(cfg.transform).tensor_specs(in_features).values()
     return LayerSize(
         weights=out_features * in_features,
         codes=out_features * packed_row_bytes(in_features // cfg.d, cfg.code_bits),
         codebooks=cfg.num_codebooks(in_features) * cfg.K * cfg.d * 2,
         scales=scales * (has_scales + has_offsets),
         bias=out_features * 2 if bias else 0,
+        transform=sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs),
     )
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from .config import ConfigError, QuantConfig
 from .format import packed_row_bytes
 from .module import PQLinear
+from .transforms import get_transform
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"  # sharded checkpoints (written by fasq.stream)
@@ -240,6 +241,11 @@ def _layer_problem(m: str, cfg, header: dict) -> str | None:
         return f"{m}: codes {list(codes)} / codebooks {list(books)} are not the fasq layout"
     if books[1:] != (cfg.K, cfg.d):
         return f"{m}.codebooks is {list(books)}, but the config says K={cfg.K}, d={cfg.d}"
+    specs = get_transform(cfg.transform).tensor_specs
+    have_t = {n[len(m) + 1:] for n in header if n.startswith(f"{m}.transform_")}
+    if have_t != {f"transform_{k}" for k in specs(1)}:
+        return (f"{m} has input-transform tensors {sorted(have_t)}, but its config's transform "
+                f"{cfg.transform!r} stores {sorted(f'transform_{k}' for k in specs(1))}")
     want_scales, want_offsets = PQLinear.scale_kinds(cfg)
     for key, want, got in (("scales", want_scales, scales), ("offsets", want_offsets, offsets)):
         if want != (got is not None):
@@ -254,7 +260,9 @@ def _layer_problem(m: str, cfg, header: dict) -> str | None:
         except ConfigError:
             continue
         S = PQLinear.num_scale_groups(cfg, in_f)
-        if books[0] == cfg.num_codebooks(in_f) and all(t is None or t == (out, S) for t in (scales, offsets)):
+        shapes_ok = all(tuple(header[f"{m}.transform_{k}"]["shape"]) == shape for k, (shape, _) in specs(in_f).items())
+        if (books[0] == cfg.num_codebooks(in_f) and all(t is None or t == (out, S) for t in (scales, offsets))
+                and shapes_ok):
             return None
     return (f"{m}: codes {list(codes)}, codebooks {list(books)}, scales {list(scales or [])} fit no layer "
             f"width with its config ({_knobs(cfg)})")

@@ -27,7 +27,7 @@ from .manifest import (INDEX_NAME, MANIFEST_NAME, REPORT_NAME, WEIGHTS_NAME, Che
                        file_record, is_checkpoint, verify_checkpoint, write_manifest)
 from .module import PQLinear, size_table
 from .outdir import atomic_output_dir, check_output_dir  # noqa: F401 - re-exported
-from .quantize import error_report, quantize_weight
+from .quantize import error_report, quantize_transformed
 
 
 @torch.no_grad()
@@ -46,7 +46,7 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig, device=None, progress: b
     for name, lin in tqdm(layers, desc="quantizing", unit="layer", disable=not progress):
         cfg = qcfg.for_module(name)
         W = lin.weight.detach()
-        tensors = quantize_weight(W, cfg, name=name, device=device)
+        tensors, _ = quantize_transformed(W, cfg, name=name, device=device)
         pq = PQLinear(lin.in_features, lin.out_features, cfg, bias=lin.bias is not None,
                       device=W.device, dtype=torch.float16)
         for key, t in tensors.items():
@@ -54,7 +54,7 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig, device=None, progress: b
                 getattr(pq, key).copy_(t)
         if lin.bias is not None:
             pq.bias.copy_(lin.bias)
-        err = error_report(W, pq.dequantize(torch.float32))
+        err = error_report(W, pq.effective_weight(torch.float32))
         report.append({"name": name, "out": lin.out_features, "in": lin.in_features,
                        "bits_per_weight": layer_size(pq).bits_per_weight, **err})
         set_module(model, name, pq)

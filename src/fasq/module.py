@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from . import ops
 from .config import LayerConfig
 from .format import layer_size, pack_codes, packed_row_bytes, size_summary, unpack_codes, unquantized_elements
+from .transforms import get_transform, is_identity
 
 
 class PQLinear(nn.Module):
@@ -29,6 +30,10 @@ class PQLinear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, S, dtype=dtype, device=device) if has_scales else None)
         self.register_buffer("offsets", torch.empty(out_features, S, dtype=dtype, device=device) if has_offsets else None)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        # an input transform's per-layer tensors (none for the identity): transform_<key>
+        self.transform = get_transform(config.transform)
+        for key, (shape, tdtype) in self.transform.tensor_specs(in_features).items():
+            self.register_buffer(f"transform_{key}", torch.empty(shape, dtype=tdtype, device=device))
 
     @staticmethod
     def scale_kinds(config: LayerConfig) -> tuple[bool, bool]:
@@ -76,12 +81,21 @@ class PQLinear(nn.Module):
             state_dict[key] = self._unpack_if_packed(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def transform_state(self) -> dict[str, Tensor]:
+        return {k: getattr(self, f"transform_{k}") for k in self.transform.tensor_specs(self.in_features)}
+
     def forward(self, x: Tensor) -> Tensor:
+        if not is_identity(self.config.transform):
+            x = self.transform.apply(x, self.transform_state())
         return torch.ops.fasq.pq_linear(x, self.codes, self.codebooks, self.scales, self.offsets, self.bias)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        """W[out, in] as a dense tensor."""
+        """The stored W'[out, in] as a dense tensor (the weight the kernels multiply)."""
         return ops.dequantize(self.codes, self.codebooks, self.scales, self.offsets, dtype=dtype)
+
+    def effective_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """W[out, in] with the input transform undone: forward(x) = x @ W.T + bias."""
+        return self.transform.unfold(self.dequantize(dtype), self.transform_state())
 
     def extra_repr(self) -> str:
         c = self.config

@@ -14,6 +14,7 @@ from torch import Tensor
 from . import ops
 from .config import LayerConfig, PQConfig, RTNConfig
 from .kmeans import assign, kmeans
+from .transforms import get_transform
 
 STORE_DTYPE = torch.float16  # codebooks, scales and offsets are stored as fp16
 
@@ -154,3 +155,16 @@ def error_report(W: Tensor, W_hat: Tensor, rows: int = 1024) -> dict[str, float]
     rel = num / den if den > 0 else 0.0
     sqnr = math.inf if num == 0 else 20 * math.log10(den / num)
     return {"rel_error": rel, "sqnr_db": sqnr}
+
+
+def quantize_transformed(W: Tensor, cfg: LayerConfig, name: str = "weight", device=None) -> tuple[dict, Tensor]:
+    """`quantize_weight` of W [out, in] behind the config's input transform: the transform's
+    state is made, W folded, quantized; returns (the layer's tensors, with the transform's as
+    `transform_<key>`; the effective weight [out, in] in float32, to measure the error on)."""
+    T = get_transform(cfg.transform)
+    state = T.make(W, cfg.seed)
+    q = quantize_weight(T.fold(W, state), cfg, name=name, device=device)
+    W_hat = T.unfold(ops.dequantize(q["codes"], q["codebooks"], q["scales"], q["offsets"], dtype=torch.float32),
+                     state)
+    q.update({f"transform_{k}": v for k, v in state.items()})
+    return q, W_hat

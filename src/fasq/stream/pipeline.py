@@ -32,8 +32,7 @@ from ..config import FORMAT_VERSION, ConfigError, QuantConfig
 from ..format import pack_codes, size_summary, stored_layer_size
 from ..manifest import INDEX_NAME, REPORT_NAME, WEIGHTS_NAME, file_record, sha256, write_manifest
 from ..outdir import check_output_dir, output_lock, replace_dir
-from ..ops import dequantize
-from ..quantize import error_report, quantize_weight
+from ..quantize import error_report, quantize_transformed
 from ..sources import local_paths
 from ..version import __version__
 from .readers import StreamingUnsupported, open_reader
@@ -132,9 +131,9 @@ def stored_tensors(module: str, q: dict[str, torch.Tensor | None], cfg) -> dict[
     """A quantized layer's tensors as a checkpoint stores them (`PQLinear`'s state dict):
     codes bit-packed, floats in fp16."""
     out = {f"{module}.codes": pack_codes(q["codes"].cpu(), cfg.code_bits)}
-    for key in ("codebooks", "scales", "offsets"):
-        if q[key] is not None:
-            out[f"{module}.{key}"] = q[key].to("cpu", STORE_DTYPE).contiguous()
+    for key, t in q.items():  # codebooks, scales, offsets, an input transform's tensors
+        if key != "codes" and t is not None:
+            out[f"{module}.{key}"] = _stored_plain(t.cpu())
     return out
 
 
@@ -228,8 +227,7 @@ def quantize_layer(plan: Plan, module: str, W: torch.Tensor, device=None):
     """(stored tensors, report row) of one linear weight W [out, in]."""
     cfg = plan.qcfg.for_module(module)
     W = W.to(device or "cpu")  # once: k-means and the error report run where the codes are made
-    q = quantize_weight(W, cfg, name=module, device=device)
-    What = dequantize(q["codes"], q["codebooks"], q["scales"], q["offsets"], dtype=torch.float32)
+    q, What = quantize_transformed(W, cfg, name=module, device=device)
     out_f, in_f = W.shape
     row = {"name": module, "out": out_f, "in": in_f,
            "bits_per_weight": stored_layer_size(out_f, in_f, cfg, plan.has_bias(module)).bits_per_weight,

@@ -26,6 +26,7 @@ from .. import kernels  # noqa: F401 - and its CPU / CUDA implementations
 from ..config import QUANT_METHOD, ConfigError, LayerConfig, QuantConfig
 from ..manifest import verify_checkpoint
 from ..module import PQLinear
+from ..transforms import get_transform, is_identity
 from . import sharding
 
 QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
@@ -142,6 +143,15 @@ class FasqLinearMethod(LinearMethodBase):
         for kind, present in (("scales", has_scales), ("offsets", has_offsets)):
             if present:
                 specs[kind] = ((out, cols.S), params_dtype, {"output_dim": 0, "input_dim": 1})
+        # an input transform's tensors, one set per sub-matrix (none for the identity)
+        layer.fasq_transform = get_transform(cfg.transform)
+        tspecs = layer.fasq_transform.tensor_specs(input_size)
+        if tspecs and tp_in > 1:
+            raise ConfigError(f"{self.prefix}: the input transform {cfg.transform!r} mixes all input features, "
+                              f"so it cannot run on row-parallel shards (tensor parallel {tp_in}); serve at "
+                              "tensor parallel 1, or quantize without the transform")
+        for key, (shape, tdtype) in tspecs.items():
+            specs[f"transform_{key}"] = ((parts, *shape), tdtype, {"is_metadata": True})
         for kind, (shape, dtype, attrs) in specs.items():
             p = Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
             # the loader gets whole checkpoint tensors and slices them itself (codes are
@@ -165,6 +175,8 @@ class FasqLinearMethod(LinearMethodBase):
             name = self.names[j]
             if kind == "codebooks":
                 t, dst = sharding.shard_codebooks(loaded, cols), param.data[j * cols.C:(j + 1) * cols.C]
+            elif kind.startswith("transform_"):  # the whole input: never sharded
+                t, dst = loaded, param.data[j]
             else:
                 dst0 = sum(sizes[:j])  # the sub-matrix's first row in the merged layer
                 dst = param.data[dst0:dst0 + rows[j][1]]
@@ -186,12 +198,18 @@ class FasqLinearMethod(LinearMethodBase):
                           _rows(layer, "scales", r, n), _rows(layer, "offsets", r, n)))
             r += n
         layer.fasq_parts = parts
+        keys = layer.fasq_transform.tensor_specs(1)
+        layer.fasq_states = [{k: getattr(layer, f"transform_{k}").data[j] for k in keys} for j in range(len(parts))]
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         parts = layer.fasq_parts  # x: [tokens, in / tp for row-parallel]
+        if not is_identity(self.cfg.transform):  # as PQLinear.forward: T x, per sub-matrix's own T
+            xs = [layer.fasq_transform.apply(x, st) for st in layer.fasq_states]
+        else:
+            xs = [x] * len(parts)
         if len(parts) == 1:
-            return torch.ops.fasq.pq_linear(x, *parts[0], bias)
-        y = torch.cat([torch.ops.fasq.pq_linear(x, *p, None) for p in parts], dim=-1)  # [tokens, out]
+            return torch.ops.fasq.pq_linear(xs[0], *parts[0], bias)
+        y = torch.cat([torch.ops.fasq.pq_linear(xj, *p, None) for xj, p in zip(xs, parts)], dim=-1)  # [tokens, out]
         return y if bias is None else y + bias
 
 
