@@ -1,4 +1,4 @@
-"""The `fasq` command line: quantize, eval, info, generate, export."""
+"""The `fasq` command line: quantize, eval, info, baseline, bench, export, generate."""
 
 from __future__ import annotations
 

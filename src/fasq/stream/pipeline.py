@@ -32,13 +32,12 @@ from ..config import FORMAT_VERSION, ConfigError, QuantConfig
 from ..format import pack_codes, size_summary, stored_layer_size
 from ..manifest import INDEX_NAME, REPORT_NAME, WEIGHTS_NAME, file_record, sha256, write_manifest
 from ..outdir import check_output_dir, output_lock, replace_dir
-from ..quantize import error_report, quantize_transformed
+from ..quantize import STORE_DTYPE, error_report, quantize_transformed  # fp16, as save_quantized writes
 from ..sources import local_paths
 from ..version import __version__
 from .readers import StreamingUnsupported, open_reader
 
 STATE_NAME = "fasq_stream_state.json"
-STORE_DTYPE = torch.float16  # unquantized floats, codebooks, scales: as save_quantized writes them
 # Architectures whose 2-D weights are not nn.Linear (GPT-2's Conv1D stores W transposed):
 # the name rules below would misread them; the in-memory path handles them.
 CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "decision_transformer", "imagegpt")
