@@ -3,7 +3,7 @@ random bf16 weights (fixed seed) in real Llama shapes, with the default model's 
 and vocabulary, as a Hugging Face folder and as GGUF files for llama.cpp.
 
     python benchmarks/bench_models.py llama-1b [--runs-dir runs/bench-models]
-        [--llama-cpp-python .venv-llamacpp/bin/python]
+        [--llama-cpp-python .venv-llamacpp/bin/python] [--bench]
 
 Makes (reused when present) in RUNS/NAME/:
   hf/              the model (bf16 safetensors, config, tokenizer)
@@ -13,8 +13,10 @@ Makes (reused when present) in RUNS/NAME/:
   model-Q4_0.gguf, model-Q4_K_M.gguf, model-IQ4_XS.gguf
                    quantized by llama.cpp's own quantizer (through llama-cpp-python; no
                    importance matrix), when --llama-cpp-python is given
-Timing does not depend on the values, so random weights time exactly like trained ones;
-`benchmarks/bench_decode.py --model NAME` uses these files.
+Timing does not depend on the values, so random weights time exactly like trained ones.
+With --bench it also times decode at batch 1 (bf16, fasq d2K256 / d2K64 / d1K16, RTN
+4-bit g64, llama.cpp Q4_0 / Q4_K_M / IQ4_XS; same threads, interleaved rounds, best round
+each) and writes benchmarks/results/decode-cpu-MODEL.json.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -177,16 +180,124 @@ def make_all(name: str, runs: Path, llama_python: str | None = None) -> dict[str
     return files
 
 
+# fasq checkpoints timed against the bf16 model and llama.cpp (fasq quantize arguments);
+# RTN groups of 64 columns: the 4-bit point llama.cpp's Q4 types sit at (Q4_0: 32)
+FASQ_CONFIGS = [("fasq-d2k256", []), ("fasq-d2k64", ["-d", "2", "-K", "64"]),
+                ("fasq-d1k16", ["-d", "1", "-K", "16"]), ("rtn-w4g64", ["--method", "rtn", "--group-size", "64"])]
+
+LLAMA_CPP_DECODE = r"""
+import json, sys, time
+from llama_cpp import Llama
+path, threads, prompt_len, new_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=prompt_len + new_tokens + 8,
+            verbose=False)
+ids = (llm.tokenize(b"The capital of France is") * prompt_len)[:prompt_len]
+runs = []
+for rep in range(2):  # the first pass warms up
+    llm.reset()
+    t0 = time.perf_counter(); llm.eval(ids); t1 = time.perf_counter()
+    for _ in range(new_tokens):
+        llm.eval([llm.sample(temp=0.0)])
+    runs.append((t1 - t0, time.perf_counter() - t1))
+print(json.dumps({"prefill_s": runs[-1][0], "decode_s": runs[-1][1]}))
+"""
+
+
+def _fasq_checkpoint(hf: Path, out: Path, args: list[str]) -> Path:
+    from fasq.model import is_checkpoint
+
+    if not is_checkpoint(out):
+        print(f"  quantizing {out.name}", flush=True)
+        r = subprocess.run([sys.executable, "-m", "fasq.cli", "quantize", str(hf), "--out", str(out), "--overwrite",
+                            *args], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"fasq quantize {out.name} failed:\n{r.stderr[-2000:]}")
+    return out
+
+
+def _llama_cpp_round(python: str, path: Path, prompt_len: int, new_tokens: int) -> tuple[float, float]:
+    r = subprocess.run([python, "-c", LLAMA_CPP_DECODE, str(path), str(torch.get_num_threads()), str(prompt_len),
+                        str(new_tokens)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"llama.cpp on {path.name} failed:\n{r.stderr[-2000:]}")
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    return res["prefill_s"], res["decode_s"]
+
+
+def bench(name: str, runs: Path, llama_python: str | None, rounds: int = 3, prompt_len: int = 128,
+          new_tokens: int = 32, compile: bool = False) -> list[dict]:
+    """Decode tok/s at batch 1 of the bf16 model, its fasq/RTN checkpoints and llama.cpp's
+    types, on the same threads: every round times each model in turn (llama.cpp in a fresh
+    process per round, after a warm-up pass); each row reports its best round."""
+    from fasq import speed
+    from fasq.sources import load_model
+
+    files = make_all(name, runs, llama_python)
+    cases = [("bf16", files["hf"])] + [(c, _fasq_checkpoint(files["hf"], runs / name / c, args))
+                                         for c, args in FASQ_CONFIGS]
+    runners = {}
+    for config, path in cases:
+        model, tok = load_model(str(path), dtype=torch.bfloat16)
+        ids = tok("The capital of France is", return_tensors="pt").input_ids[0]
+        runners[config] = speed.DecodeRunner(model, ids, prompt_len=prompt_len, new_tokens=new_tokens,
+                                             compile=compile)
+        runners[config].warm_up()
+    ggufs = {f"llama.cpp-{k}": files[k] for k in LLAMA_CPP_TYPES if k in files}
+    timed = {c: [] for c in [*runners, *ggufs]}
+    for r in range(rounds):
+        for config, runner in runners.items():
+            timed[config].append(runner.run())
+        for config, path in ggufs.items():
+            timed[config].append(_llama_cpp_round(llama_python, path, prompt_len, new_tokens))
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{c} {new_tokens / t[-1][1]:.1f}" for c, t in timed.items()),
+              flush=True)
+    rows = []
+    for config, t in timed.items():
+        path = files[config.removeprefix("llama.cpp-")] if config in ggufs else dict(cases)[config]
+        size = path.stat().st_size if path.is_file() else speed.weight_bytes(runners[config].model)
+        rows.append({"config": config, "model": name, "batch": 1, "compiled": compile if config in runners else None,
+                     "tok_s": round(new_tokens / min(d for _, d in t), 2),
+                     "prefill_tok_s": round(prompt_len / min(p for p, _ in t), 1), "weight_bytes": size,
+                     "decode_tok_s_rounds": [round(new_tokens / d, 2) for _, d in t]})
+    base = next(r["tok_s"] for r in rows if r["config"] == "bf16")
+    for row in rows:
+        row["speedup_vs_bf16"] = round(row["tok_s"] / base, 3)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", choices=sorted(SHAPES))
     ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench-models"))
     ap.add_argument("--llama-cpp-python", default=None, help="a Python with llama-cpp-python (make llamacpp-env)")
+    ap.add_argument("--bench", action="store_true", help="also time decode (bf16, fasq, RTN, llama.cpp) and write "
+                    "benchmarks/results/decode-cpu-MODEL.json")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the torch models' decode step")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode-cpu-MODEL.json)")
     a = ap.parse_args(argv)
     files = make_all(a.model, Path(a.runs_dir), a.llama_cpp_python)
     for kind, path in files.items():
         size = sum(p.stat().st_size for p in path.rglob("*")) if path.is_dir() else path.stat().st_size
         print(f"{kind:<8} {size / 1e9:6.2f} GB  {path}")
+    if not a.bench:
+        return 0
+    rows = bench(a.model, Path(a.runs_dir), a.llama_cpp_python, rounds=a.rounds, new_tokens=a.new_tokens,
+                 compile=a.compile)
+    print(f"{'config':<18}{'decode tok/s':>13}{'x bf16':>8}{'prefill tok/s':>15}{'MB':>9}")
+    for r in rows:
+        print(f"{r['config']:<18}{r['tok_s']:>13.2f}{r['speedup_vs_bf16']:>8.2f}{r['prefill_tok_s']:>15.1f}"
+              f"{r['weight_bytes'] / 1e6:>9.0f}")
+    from fasq.kernels import cpu
+
+    res = {"model": a.model, "shape": SHAPES[a.model], "threads": torch.get_num_threads(), "isa": cpu.isa(),
+           "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/bench_models.py " + " ".join(
+               argv if argv is not None else sys.argv[1:]), "rows": rows}
+    out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"decode-cpu-{a.model}.json"
+    out.with_suffix(".tmp").write_text(json.dumps(res, indent=1))
+    out.with_suffix(".tmp").replace(out)
+    print(f"wrote {out}")
     return 0
 
 
