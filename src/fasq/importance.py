@@ -1,0 +1,95 @@
+"""Data-free importance of each linear layer's input channels (no text, no dataset).
+
+A layer y = W x pays for a weight error dW with the output error E||dW x||^2 =
+sum_o dW_o^T E[x x^T] dW_o; keeping the diagonal, column i of W weighs E[x_i^2]. Massive
+activations make this very uneven (on SmolLM2-135M 68 % of layer 28's down_proj input energy
+sits in one channel), and plain k-means on the weights cannot see it. Estimates:
+
+- "random-tokens": E[x_i^2] at every linear layer's input over a forward pass of random
+  token ids (`RANDOM_BATCH` sequences of `RANDOM_SEQLEN` ids drawn uniformly from the
+  vocabulary by a `torch.Generator` seeded with `RANDOM_SEED`). No text is read: the
+  statistics come from the model's own weights, driven by noise. Massive activations show
+  up on such inputs too (the channel carrying layer 28's is the same as on WikiText-2).
+- "norm": the square of the RMSNorm/LayerNorm weight in front of a layer (q/k/v and
+  gate/up in Llama-style blocks), 1 elsewhere; weights only, no forward pass.
+
+`weights_from_stats` turns statistics into column weights for `quantize.quantize_pq`:
+normalised to mean 1, raised to `power` (1 = the diagonal output error), floored.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+ESTIMATES = ("random-tokens", "norm")
+RANDOM_SEED = 0
+RANDOM_BATCH = 16
+RANDOM_SEQLEN = 64
+FLOOR = 1e-3  # smallest column weight, relative to the mean
+
+
+@torch.no_grad()
+def random_token_stats(model: nn.Module, names: list[str], batch: int = RANDOM_BATCH,
+                       seqlen: int = RANDOM_SEQLEN, seed: int = RANDOM_SEED) -> dict[str, Tensor]:
+    """Mean squared input per channel [in] of each named linear module over a forward pass
+    of uniformly random token ids (deterministic: a generator seeded with `seed`)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(vocab, (batch, seqlen), generator=torch.Generator().manual_seed(seed))
+    device = next(model.parameters()).device
+    sums: dict[str, Tensor] = {}
+    hooks = []
+    for name in names:
+        def hook(mod, inp, name=name):
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + (x * x).sum(0).cpu()
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        model(ids.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: (sums[n] / ids.numel()).float() for n in names}
+
+
+def norm_stats(model: nn.Module, names: list[str]) -> dict[str, Tensor]:
+    """Squared weight of the norm module feeding each named linear (Llama-style names:
+    input_layernorm -> self_attn.{q,k,v}_proj, post_attention_layernorm -> mlp.{gate,up}_proj);
+    ones for layers with no norm in front."""
+    feeds = {"input_layernorm": ("q_proj", "k_proj", "v_proj"),
+             "post_attention_layernorm": ("gate_proj", "up_proj")}
+    out = {}
+    for name in names:
+        parent = name.rsplit(".", 2)[0]  # model.layers.i
+        leaf = name.rsplit(".", 1)[-1]
+        in_f = model.get_submodule(name).in_features
+        out[name] = torch.ones(in_f)
+        for norm, leaves in feeds.items():
+            if leaf in leaves:
+                try:
+                    w = model.get_submodule(f"{parent}.{norm}").weight.detach().float().cpu()
+                except AttributeError:
+                    continue
+                if w.shape == (in_f,):
+                    out[name] = w * w
+    return out
+
+
+def weights_from_stats(stats: Tensor, power: float = 1.0, floor: float = FLOOR) -> Tensor:
+    """Column weights from E[x_i^2]: mean 1, to the power `power`, at least `floor`."""
+    s = stats.double().clamp_min(0)
+    s = s / s.mean().clamp_min(1e-300)
+    s = s.pow(power)
+    s = s / s.mean()
+    return s.clamp_min(floor).float()
+
+
+def estimate(model: nn.Module, method: str, names: list[str] | None = None, power: float = 1.0,
+             floor: float = FLOOR) -> dict[str, Tensor]:
+    """Column weights [in] for every named linear module (default: all nn.Linear)."""
+    if method not in ESTIMATES:
+        raise ValueError(f"unknown importance estimate {method!r}; choose one of {ESTIMATES}")
+    if names is None:
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    stats = random_token_stats(model, names) if method == "random-tokens" else norm_stats(model, names)
+    return {n: weights_from_stats(stats[n], power, floor) for n in names}
