@@ -25,7 +25,7 @@ def _add_model_opts(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import PQConfig
+    from .config import IMPORTANCE, PQConfig, QuantConfig
 
     dflt = PQConfig()
     ap = argparse.ArgumentParser(prog="fasq", description="Calibration-free product quantization of LLMs.")
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--candidates", default=None, metavar="d2K256,d3K512,...",
                    help="the solver's per-layer choices (matrix codebooks, absmax scales); "
                         "default: fasq.solver.DEFAULT_CANDIDATES")
+    q.add_argument("--importance", choices=list(IMPORTANCE), default=QuantConfig().importance,
+                   help="input-channel importance weighting the k-means and scale fits, from the "
+                        "model alone, no text (see fasq.importance; default %(default)s)")
     q.add_argument("--skip", nargs="*", default=None, help="module name patterns left unquantized "
                    "(default: embed_tokens lm_head)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
@@ -155,7 +158,7 @@ def cmd_quantize(a) -> int:
     if a.candidates is not None and not targets:
         raise ValueError("--candidates only applies with --target-bits or --target-size")
     cands = None if a.candidates is None else parse_candidates(a.candidates)  # fail before the slow part
-    qcfg = QuantConfig(layer=_layer_config(a), skip=skip)
+    qcfg = QuantConfig(layer=_layer_config(a), skip=skip, importance=a.importance)
     t0 = time.perf_counter()
     run = _quantize_in_memory if a.in_memory else _quantize_streaming
     report = run(a, out, qcfg, cands, bool(targets))
@@ -185,6 +188,7 @@ def _quantize_streaming(a, out, qcfg, cands, targets: bool) -> dict:
 
         plan.qcfg, solved = solve_streaming(plan, target_bits=a.target_bits, target_size=a.target_size,
                                             candidates=cands, progress=not a.json, device=a.device)
+        plan.qcfg.importance = qcfg.importance
         if not a.json:
             print(solved.format())
         extra = {"solver": solved.to_dict()}
@@ -202,8 +206,10 @@ def _quantize_in_memory(a, out, qcfg, cands, targets: bool) -> dict:
     if targets:
         from .solver import solve
 
+        importance = qcfg.importance
         qcfg, solved = solve(model, target_bits=a.target_bits, target_size=a.target_size, skip=qcfg.skip,
                              candidates=cands, progress=not a.json, device=a.device)
+        qcfg.importance = importance
         if not a.json:
             print(solved.format())
     report = quantize_model(model, qcfg, device=a.device, progress=not a.json)

@@ -27,6 +27,7 @@ RANDOM_SEED = 0
 RANDOM_BATCH = 16
 RANDOM_SEQLEN = 64
 FLOOR = 1e-3  # smallest column weight, relative to the mean
+POWER = 1.0  # column weight = (E[x_i^2] / mean)^POWER
 
 
 @torch.no_grad()
@@ -52,27 +53,35 @@ def random_token_stats(model: nn.Module, names: list[str], batch: int = RANDOM_B
     return {n: (sums[n] / ids.numel()).float() for n in names}
 
 
-def norm_stats(model: nn.Module, names: list[str]) -> dict[str, Tensor]:
-    """Squared weight of the norm module feeding each named linear (Llama-style names:
-    input_layernorm -> self_attn.{q,k,v}_proj, post_attention_layernorm -> mlp.{gate,up}_proj);
-    ones for layers with no norm in front."""
-    feeds = {"input_layernorm": ("q_proj", "k_proj", "v_proj"),
-             "post_attention_layernorm": ("gate_proj", "up_proj")}
+NORM_FEEDS = {"input_layernorm": ("q_proj", "k_proj", "v_proj"),
+              "post_attention_layernorm": ("gate_proj", "up_proj")}
+
+
+def norm_stats_from(get, shapes: dict[str, tuple[int, int]]) -> dict[str, Tensor]:
+    """Squared weight of the norm feeding each linear (Llama-style names: input_layernorm ->
+    self_attn.{q,k,v}_proj, post_attention_layernorm -> mlp.{gate,up}_proj), ones for layers
+    with no norm in front. `get(tensor_name)` returns a tensor or None; `shapes`: name ->
+    (out, in) of each linear."""
     out = {}
-    for name in names:
-        parent = name.rsplit(".", 2)[0]  # model.layers.i
-        leaf = name.rsplit(".", 1)[-1]
-        in_f = model.get_submodule(name).in_features
+    for name, (_, in_f) in shapes.items():
+        parts = name.split(".")
         out[name] = torch.ones(in_f)
-        for norm, leaves in feeds.items():
+        if len(parts) < 3:
+            continue
+        block, leaf = ".".join(parts[:-2]), parts[-1]
+        for norm, leaves in NORM_FEEDS.items():
             if leaf in leaves:
-                try:
-                    w = model.get_submodule(f"{parent}.{norm}").weight.detach().float().cpu()
-                except AttributeError:
-                    continue
-                if w.shape == (in_f,):
-                    out[name] = w * w
+                w = get(f"{block}.{norm}.weight")
+                if w is not None and tuple(w.shape) == (in_f,):
+                    out[name] = w.detach().float().cpu() ** 2
     return out
+
+
+def norm_stats(model: nn.Module, names: list[str]) -> dict[str, Tensor]:
+    """`norm_stats_from` on a built model."""
+    params = dict(model.named_parameters())
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
+    return norm_stats_from(params.get, shapes)
 
 
 def weights_from_stats(stats: Tensor, power: float = 1.0, floor: float = FLOOR) -> Tensor:
@@ -84,12 +93,35 @@ def weights_from_stats(stats: Tensor, power: float = 1.0, floor: float = FLOOR) 
     return s.clamp_min(floor).float()
 
 
-def estimate(model: nn.Module, method: str, names: list[str] | None = None, power: float = 1.0,
-             floor: float = FLOOR) -> dict[str, Tensor]:
-    """Column weights [in] for every named linear module (default: all nn.Linear)."""
+def _check(method: str) -> None:
     if method not in ESTIMATES:
         raise ValueError(f"unknown importance estimate {method!r}; choose one of {ESTIMATES}")
+
+
+def estimate(model: nn.Module, method: str, names: list[str] | None = None, power: float = POWER,
+             floor: float = FLOOR) -> dict[str, Tensor]:
+    """Column weights [in] for every named linear module (default: all nn.Linear)."""
+    _check(method)
     if names is None:
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     stats = random_token_stats(model, names) if method == "random-tokens" else norm_stats(model, names)
     return {n: weights_from_stats(stats[n], power, floor) for n in names}
+
+
+def estimate_streaming(source: str, method: str, reader, shapes: dict[str, tuple[int, int]],
+                       dtype: torch.dtype = torch.float32, power: float = POWER,
+                       floor: float = FLOOR) -> dict[str, Tensor]:
+    """`estimate` for the streaming pipeline, equal to it on the same model: "norm" reads
+    the norm tensors through `reader`; "random-tokens" needs the forward pass, so it loads
+    the model from `source` (its memory for the duration; the quantization then streams)."""
+    _check(method)
+    if method == "norm":
+        names = {n for _, g in reader.groups for n in g}
+        stats = norm_stats_from(lambda n: reader.read(n).to(dtype) if n in names else None, shapes)
+    else:
+        from .sources import load_model
+
+        model, _ = load_model(source, dtype=dtype)
+        stats = random_token_stats(model, list(shapes))
+        del model
+    return {n: weights_from_stats(stats[n], power, floor) for n in shapes}

@@ -60,6 +60,15 @@ def replace_linears(model: nn.Module, qcfg: QuantConfig, names, device=None, dty
         set_module(model, name, pq)
 
 
+def layer_importance(model: nn.Module, qcfg: QuantConfig, names: list[str]) -> dict[str, torch.Tensor]:
+    """Column weights per named layer for `qcfg.importance` ({} for "none")."""
+    if qcfg.importance == "none":
+        return {}
+    from .importance import estimate
+
+    return estimate(model, qcfg.importance, names)
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, qcfg: QuantConfig, device=None, progress: bool = True) -> dict:
     """Quantize every non-skipped linear layer in place; returns the report.
@@ -73,10 +82,11 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig, device=None, progress: b
     for name, lin in layers:  # validate every layer first: all or nothing
         qcfg.for_module(name).check_shape(lin.out_features, lin.in_features, name)
     report, t0 = [], time.perf_counter()
+    imp = layer_importance(model, qcfg, [n for n, _ in layers])  # before any layer changes
     for name, lin in tqdm(layers, desc="quantizing", unit="layer", disable=not progress):
         cfg = qcfg.for_module(name)
         W = lin.weight.detach()
-        tensors = quantize_weight(W, cfg, name=name, device=device)
+        tensors = quantize_weight(W, cfg, name=name, device=device, importance=imp.get(name))
         pq = PQLinear(lin.in_features, lin.out_features, cfg, bias=lin.bias is not None,
                       device=W.device, dtype=torch.float16)
         for key, t in tensors.items():

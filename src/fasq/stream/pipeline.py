@@ -95,6 +95,7 @@ class Plan:
     modules: list[str]
     dropped: set[str] = field(default_factory=set)
     dtype: torch.dtype = torch.float32
+    importance: dict[str, torch.Tensor] = field(default_factory=dict)  # column weights per module
 
     def shard_names(self) -> list[str]:
         n = len(self.reader.groups)
@@ -224,7 +225,7 @@ def quantize_layer(plan: Plan, module: str, W: torch.Tensor, device=None):
     """(stored tensors, report row) of one linear weight W [out, in]."""
     cfg = plan.qcfg.for_module(module)
     W = W.to(device or "cpu")  # once: k-means and the error report run where the codes are made
-    q = quantize_weight(W, cfg, name=module, device=device)
+    q = quantize_weight(W, cfg, name=module, device=device, importance=plan.importance.get(module))
     What = dequantize(q["codes"], q["codebooks"], q["scales"], q["offsets"], dtype=torch.float32)
     out_f, in_f = W.shape
     row = {"name": module, "out": out_f, "in": in_f,
@@ -279,6 +280,11 @@ def quantize_streaming(source: str, out_dir: str | os.PathLike, qcfg: QuantConfi
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out = check_output_dir(out_dir, overwrite)  # fail before the slow part
     plan = plan or make_plan(source, qcfg)
+    if plan.qcfg.importance != "none" and not plan.importance:
+        from ..importance import estimate_streaming
+
+        plan.importance = estimate_streaming(source, plan.qcfg.importance, plan.reader, plan.shapes(),
+                                             dtype=plan.dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = work_dir(out)
     state = State.open(work, fingerprint(plan, device), log)
@@ -319,7 +325,7 @@ def _finish(plan: Plan, state: State, work: Path, out: Path, report: dict) -> No
         (work / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
                                                    "weight_map": dict(sorted(weight_map.items()))}, indent=2))
     qcfg = QuantConfig(layer=plan.qcfg.layer, skip=plan.qcfg.skip, overrides=plan.qcfg.overrides,
-                       modules=tuple(sorted(plan.modules, key=_natural)))
+                       modules=tuple(sorted(plan.modules, key=_natural)), importance=plan.qcfg.importance)
     _write_config(plan, qcfg, work)
     _write_tokenizer(plan, work)
     (work / REPORT_NAME).write_text(json.dumps(report, indent=1))
