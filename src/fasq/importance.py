@@ -125,3 +125,4 @@ def estimate_streaming(source: str, method: str, reader, shapes: dict[str, tuple
         stats = random_token_stats(model, list(shapes))
         del model
     return {n: weights_from_stats(stats[n], power, floor) for n in shapes}
+

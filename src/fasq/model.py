@@ -62,7 +62,7 @@ def replace_linears(model: nn.Module, qcfg: QuantConfig, names, device=None, dty
 
 def layer_importance(model: nn.Module, qcfg: QuantConfig, names: list[str]) -> dict[str, torch.Tensor]:
     """Column weights per named layer for `qcfg.importance` ({} for "none")."""
-    if qcfg.importance == "none":
+    if qcfg.importance == "none" or not any(qcfg.for_module(n).method == "pq" for n in names):
         return {}
     from .importance import estimate
 

@@ -16,6 +16,7 @@ finished checkpoint replaces the output folder in one rename, as `save_quantized
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -34,6 +35,7 @@ from ..model import (INDEX_NAME, MANIFEST_NAME, REPORT_NAME, WEIGHTS_NAME, _repl
                      check_output_dir)
 from ..ops import dequantize
 from ..quantize import error_report, quantize_weight
+from ..sources import ModelSourceError
 from .readers import StreamingUnsupported, open_reader
 
 STATE_NAME = "fasq_stream_state.json"
@@ -221,6 +223,28 @@ def _natural(name: str):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
+def set_importance(plan: Plan, source: str, log) -> None:
+    """Fill `plan.importance` as `model.quantize_model` does (nothing for "none" or when no
+    layer is PQ). An architecture transformers cannot build gets the weights-only "norm"
+    estimate instead of "random-tokens", said in the log and in the saved config."""
+    if plan.qcfg.importance == "none" or plan.importance:
+        return
+    if not any(plan.qcfg.for_module(m).method == "pq" for m in plan.modules):
+        return
+    from ..importance import estimate_streaming
+
+    try:
+        plan.importance = estimate_streaming(source, plan.qcfg.importance, plan.reader, plan.shapes(),
+                                             dtype=plan.dtype)
+    except (ModelSourceError, OSError, ValueError, KeyError) as e:
+        if plan.qcfg.importance != "random-tokens":
+            raise
+        log(f"fasq quantize: the random-token importance estimate needs to run the model, which "
+            f"could not be built ({type(e).__name__}: {e}); using the norm-weight estimate (--importance norm)")
+        plan.qcfg = dataclasses.replace(plan.qcfg, importance="norm")
+        plan.importance = estimate_streaming(source, "norm", plan.reader, plan.shapes(), dtype=plan.dtype)
+
+
 def quantize_layer(plan: Plan, module: str, W: torch.Tensor, device=None):
     """(stored tensors, report row) of one linear weight W [out, in]."""
     cfg = plan.qcfg.for_module(module)
@@ -280,11 +304,7 @@ def quantize_streaming(source: str, out_dir: str | os.PathLike, qcfg: QuantConfi
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out = check_output_dir(out_dir, overwrite)  # fail before the slow part
     plan = plan or make_plan(source, qcfg)
-    if plan.qcfg.importance != "none" and not plan.importance:
-        from ..importance import estimate_streaming
-
-        plan.importance = estimate_streaming(source, plan.qcfg.importance, plan.reader, plan.shapes(),
-                                             dtype=plan.dtype)
+    set_importance(plan, source, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = work_dir(out)
     state = State.open(work, fingerprint(plan, device), log)
