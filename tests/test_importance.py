@@ -120,3 +120,15 @@ def test_importance_setting_is_validated_and_saved():
     with pytest.raises(ValueError, match="positive"):
         quantize_pq(torch.randn(32, 64), PQConfig(d=2, K=16, codebook_group=8, scale_group=16),
                     importance=torch.zeros(64))
+
+
+def test_block_by_block_pass_gives_the_whole_models_statistics(tiny_dir):
+    """The streaming pipeline's forward pass (one block's weights in memory at a time)."""
+    from fasq.sources import load_model
+    from fasq.stream import make_plan
+
+    plan = make_plan(str(tiny_dir), QuantConfig())
+    a = importance.random_token_stats_layerwise(str(tiny_dir), plan.reader, plan.modules)
+    model, _ = load_model(str(tiny_dir))
+    b = importance.random_token_stats(model, plan.modules)
+    assert set(a) == set(plan.modules) and all(torch.equal(a[n], b[n]) for n in plan.modules)

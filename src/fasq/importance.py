@@ -37,7 +37,7 @@ def random_token_stats(model: nn.Module, names: list[str], batch: int = RANDOM_B
     of uniformly random token ids (deterministic: a generator seeded with `seed`)."""
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(vocab, (batch, seqlen), generator=torch.Generator().manual_seed(seed))
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device
     sums: dict[str, Tensor] = {}
     hooks = []
     for name in names:
@@ -112,17 +112,91 @@ def estimate_streaming(source: str, method: str, reader, shapes: dict[str, tuple
                        dtype: torch.dtype = torch.float32, power: float = POWER,
                        floor: float = FLOOR) -> dict[str, Tensor]:
     """`estimate` for the streaming pipeline, equal to it on the same model: "norm" reads
-    the norm tensors through `reader`; "random-tokens" needs the forward pass, so it loads
-    the model from `source` (its memory for the duration; the quantization then streams)."""
+    the norm tensors through `reader`; "random-tokens" runs the forward pass block by block
+    (`random_token_stats_layerwise`; if the model's layout defeats that, the whole model is
+    loaded for the pass)."""
     _check(method)
     if method == "norm":
         names = {n for _, g in reader.groups for n in g}
         stats = norm_stats_from(lambda n: reader.read(n).to(dtype) if n in names else None, shapes)
     else:
-        from .sources import load_model
+        try:
+            stats = random_token_stats_layerwise(source, reader, list(shapes), dtype)
+        except (ValueError, KeyError, AttributeError, TypeError, RuntimeError):
+            from .sources import load_model  # a layout the block-by-block pass does not handle
 
-        model, _ = load_model(source, dtype=dtype)
-        stats = random_token_stats(model, list(shapes))
-        del model
+            model, _ = load_model(source, dtype=dtype)
+            stats = random_token_stats(model, list(shapes))
+            del model
     return {n: weights_from_stats(stats[n], power, floor) for n in shapes}
+
+
+def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's list of repeated blocks (the ModuleList holding most parameters)."""
+    best = max(((n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)),
+               key=lambda nm: sum(p.numel() for p in nm[1].parameters()), default=None)
+    if best is None:
+        raise ValueError("the model has no list of blocks")
+    return best
+
+
+def _load_params(module: nn.Module, prefix: str, read) -> None:
+    for pname, _ in list(module.named_parameters(recurse=True)):
+        owner_name, _, leaf = pname.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        owner._parameters[leaf] = nn.Parameter(read(f"{prefix}{pname}"), requires_grad=False)
+
+
+def _drop(block: nn.Module) -> None:
+    block.to("meta")  # returns None: a forward hook's return value would replace the output
+
+
+@torch.no_grad()
+def random_token_stats_layerwise(source: str, reader, names: list[str],
+                                 dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """`random_token_stats` without holding the model: it is built on the meta device, the
+    parts outside its blocks (embeddings, final norm, head) are read in, and each block's
+    weights are read from `reader` just before it runs and dropped after, so memory is
+    about one block (the streaming pipeline's bound). Same computation, same statistics."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .sources import resolve
+
+    path, kw = resolve(source)
+    config = AutoConfig.from_pretrained(path, **kw)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    have = {n for _, g in reader.groups for n in g}
+
+    def read(name: str) -> Tensor:
+        if name not in have and name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+            name = model.get_input_embeddings().weight_name if hasattr(model.get_input_embeddings(),
+                                                                       "weight_name") else None
+        if name is None or name not in have:
+            raise KeyError(f"tensor {name!r} is not in the source")
+        return reader.read(name).to(dtype)
+
+    bname, blocks = _blocks(model)
+    emb = model.get_input_embeddings()
+    emb_name = next(n for n, m in model.named_modules() if m is emb)
+    for mname, mod in model.named_modules():  # everything outside the blocks, now
+        if mname == bname or mname.startswith(bname + "."):
+            continue
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            full = f"{mname}.{pname}" if mname else pname
+            if full == "lm_head.weight" and full not in have and getattr(config, "tie_word_embeddings", False):
+                full = f"{emb_name}.weight"
+            mod._parameters[pname] = nn.Parameter(read(full), requires_grad=False)
+        meta_buffers = [b for b, t in mod.named_buffers(recurse=False) if t.is_meta]
+        if meta_buffers:  # computed at construction (rotary frequencies): construct it again
+            fresh = type(mod)(config=config)
+            for b in meta_buffers:
+                mod._buffers[b] = getattr(fresh, b).to(mod._buffers[b].dtype)
+    for i, block in enumerate(blocks):
+        if any(t.is_meta for t in block.buffers()):
+            raise ValueError("a block has buffers computed at construction")
+        prefix = f"{bname}.{i}."
+        block.register_forward_pre_hook(lambda m, a, prefix=prefix: _load_params(m, prefix, read))
+        block.register_forward_hook(lambda m, a, o: _drop(m))
+    return random_token_stats(model, names)
 
