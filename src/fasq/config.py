@@ -193,11 +193,11 @@ class QuantConfig:
     overrides: dict[str, LayerConfig] = field(default_factory=dict)  # per-module configs
     modules: tuple[str, ...] = ()  # the modules that were quantized (filled in by conversion)
     format_version: int = FORMAT_VERSION
-    # Input-channel importance that weighted k-means, code choice and scale fitting (PQ
-    # layers): "none" (plain weight error), "random-tokens" or "norm" (`fasq.importance`:
-    # from the model's own weights, no text). Informational in a checkpoint: the tensors
-    # are read the same way whatever it says.
-    importance: str = "none"
+    # Input-channel importance that weights k-means, the code choice and the scale fit (PQ
+    # layers): "random-tokens" (default), "norm" or "none" (plain weight error); see
+    # `fasq.importance`: from the model alone, no text. Informational in a checkpoint: the
+    # tensors are read the same way whatever it says. Checkpoints without it: "none".
+    importance: str = "random-tokens"
 
     def __post_init__(self):
         if self.importance not in IMPORTANCE:

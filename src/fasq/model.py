@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -66,7 +67,15 @@ def layer_importance(model: nn.Module, qcfg: QuantConfig, names: list[str]) -> d
         return {}
     from .importance import estimate
 
-    return estimate(model, qcfg.importance, names)
+    try:
+        return estimate(model, qcfg.importance, names)
+    except (AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError) as e:
+        if qcfg.importance != "random-tokens":
+            raise
+        warnings.warn(f"the random-token importance estimate could not run this model ({type(e).__name__}: "
+                      f"{e}); using the norm-weight estimate (importance='norm')", stacklevel=3)
+        qcfg.importance = "norm"
+        return estimate(model, "norm", names)
 
 
 @torch.no_grad()
