@@ -223,7 +223,7 @@ def _quantize_in_memory(a, out, qcfg, cands, targets: bool) -> dict:
 def _summary(report: dict) -> dict:
     layers = report["layers"]
     finite = [r["sqnr_db"] for r in layers if math.isfinite(r["sqnr_db"])]
-    return {**report["size"], "seconds": report["seconds"],
+    return {**report["size"], "seconds": report["seconds"], "importance_seconds": report.get("importance_seconds", 0.0),
             "mean_rel_error": sum(r["rel_error"] for r in layers) / len(layers),
             # lossless layers have infinite SQNR: the mean is over the lossy ones (None if none)
             "mean_sqnr_db": (sum(finite) / len(finite)) if finite else None}

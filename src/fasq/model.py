@@ -92,6 +92,7 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig, device=None, progress: b
         qcfg.for_module(name).check_shape(lin.out_features, lin.in_features, name)
     report, t0 = [], time.perf_counter()
     imp = layer_importance(model, qcfg, [n for n, _ in layers])  # before any layer changes
+    t_imp = time.perf_counter() - t0
     for name, lin in tqdm(layers, desc="quantizing", unit="layer", disable=not progress):
         cfg = qcfg.for_module(name)
         W = lin.weight.detach()
@@ -109,7 +110,8 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig, device=None, progress: b
         set_module(model, name, pq)
     qcfg.modules = tuple(n for n, _ in layers)
     model.config.quantization_config = qcfg.to_dict()
-    return {"seconds": time.perf_counter() - t0, "layers": report, "size": size_table(model)}
+    return {"seconds": time.perf_counter() - t0, "importance_seconds": t_imp, "layers": report,
+            "size": size_table(model)}
 
 
 def _sha256(path: Path) -> str:

@@ -304,7 +304,9 @@ def quantize_streaming(source: str, out_dir: str | os.PathLike, qcfg: QuantConfi
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out = check_output_dir(out_dir, overwrite)  # fail before the slow part
     plan = plan or make_plan(source, qcfg)
+    t_imp = time.perf_counter()
     set_importance(plan, source, log)
+    t_imp = time.perf_counter() - t_imp
     out.parent.mkdir(parents=True, exist_ok=True)
     work = work_dir(out)
     state = State.open(work, fingerprint(plan, device), log)
@@ -318,6 +320,8 @@ def quantize_streaming(source: str, out_dir: str | os.PathLike, qcfg: QuantConfi
             if shard not in state.done:
                 state.finish(shard, write_shard(plan, names, work / shard, device, bar))
     report = _report(plan, state, source, extra_report)
+    report["importance_seconds"] = t_imp  # the estimate, before the first layer (in "seconds" too)
+    report["seconds"] += t_imp
     report["streaming"] = {"shards": len(shards), "resumed_shards": len(resumed),
                            "wall_seconds": time.perf_counter() - t0, "peak_rss_bytes": _peak_rss()}
     if torch.device(device or "cpu").type == "cuda":
