@@ -169,24 +169,24 @@ def random_token_stats_layerwise(source: str, reader, names: list[str],
     have = {n for _, g in reader.groups for n in g}
 
     def read(name: str) -> Tensor:
-        if name not in have and name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
-            name = model.get_input_embeddings().weight_name if hasattr(model.get_input_embeddings(),
-                                                                       "weight_name") else None
-        if name is None or name not in have:
+        if name not in have:
             raise KeyError(f"tensor {name!r} is not in the source")
         return reader.read(name).to(dtype)
 
     bname, blocks = _blocks(model)
     emb = model.get_input_embeddings()
     emb_name = next(n for n, m in model.named_modules() if m is emb)
+    loaded: dict[str, nn.Parameter] = {}
     for mname, mod in model.named_modules():  # everything outside the blocks, now
         if mname == bname or mname.startswith(bname + "."):
             continue
         for pname, p in list(mod.named_parameters(recurse=False)):
             full = f"{mname}.{pname}" if mname else pname
-            if full == "lm_head.weight" and full not in have and getattr(config, "tie_word_embeddings", False):
-                full = f"{emb_name}.weight"
-            mod._parameters[pname] = nn.Parameter(read(full), requires_grad=False)
+            if full not in have and getattr(config, "tie_word_embeddings", False) and mod is model.get_output_embeddings():
+                full = f"{emb_name}.weight"  # a tied head is the embedding matrix
+            if full not in loaded:
+                loaded[full] = nn.Parameter(read(full), requires_grad=False)
+            mod._parameters[pname] = loaded[full]
         meta_buffers = [b for b, t in mod.named_buffers(recurse=False) if t.is_meta]
         if meta_buffers:  # computed at construction (rotary frequencies): construct it again
             fresh = type(mod)(config=config)
