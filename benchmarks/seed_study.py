@@ -55,7 +55,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--windows", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results file (default %(default)s)")
     a = ap.parse_args()
+    results = a.out
     if a.threads:
         torch.set_num_threads(a.threads)
     from fasq.data import wikitext2_test
@@ -68,7 +70,7 @@ def main() -> None:
     model, tok = load_model("default")
     ids = tokenize_text(tok, wikitext2_test())
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    data = json.loads(results.read_text()) if results.exists() else {}
     rows = {(r["config"], r["seed"]): r for r in data.get("rows", [])}
     for name in names:
         for seed in seeds:
@@ -86,17 +88,18 @@ def main() -> None:
                 "what": "WikiText-2 perplexity of the default model against the k-means seed, per config",
                 "protocol": f"WikiText-2 test, first {a.windows} windows of 2048 tokens",
                 "command": "python benchmarks/seed_study.py " + " ".join(
-                    ["--configs", *[repr(n) for n in names], "--seeds", a.seeds, "--windows", str(a.windows)]),
+                    ["--configs", *[repr(n) for n in names], "--seeds", a.seeds, "--windows", str(a.windows)]
+                    + ([] if a.out == RESULTS else ["--out", a.out.name])),
                 "cli": {n: "fasq quantize default " + " ".join(CONFIGS[n][0]) + " --seed S --out CK; "
                         f"fasq eval CK --ppl --windows {a.windows}" for n in CONFIGS},
                 "rows": sorted(rows.values(), key=lambda r: (list(CONFIGS).index(r["config"])
                                                              if r["config"] in CONFIGS else 99, r["seed"])),
             }
             payload["summary"] = summarise(payload["rows"])
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            tmp = RESULTS.with_suffix(".json.tmp")
+            results.parent.mkdir(parents=True, exist_ok=True)
+            tmp = results.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(payload, indent=1))
-            os.replace(tmp, RESULTS)
+            os.replace(tmp, results)
     for name, s in summarise(list(rows.values())).items():
         print(f"{name}: mean {s['mean']:.2f}, spread {s['spread']:.2f} over seeds {s['seeds']}, "
               f"bits/weight {s['bits_per_weight']}")
