@@ -89,7 +89,7 @@ def main() -> None:
                 "protocol": f"WikiText-2 test, first {a.windows} windows of 2048 tokens",
                 "command": "python benchmarks/seed_study.py " + " ".join(
                     ["--configs", *[repr(n) for n in names], "--seeds", a.seeds, "--windows", str(a.windows)]
-                    + ([] if a.out == RESULTS else ["--out", a.out.name])),
+                    + ([] if a.out == RESULTS else ["--out", str(a.out)])),
                 "cli": {n: "fasq quantize default " + " ".join(CONFIGS[n][0]) + " --seed S --out CK; "
                         f"fasq eval CK --ppl --windows {a.windows}" for n in CONFIGS},
                 "rows": sorted(rows.values(), key=lambda r: (list(CONFIGS).index(r["config"])
