@@ -155,3 +155,30 @@ def test_quantize_falls_back_to_in_memory_for_conv1d_models(tmp_path, capsys):
     assert "Conv1D" in err and "loading the whole model instead" in err
     assert code == main(args + ["--out", str(tmp_path / "q2"), "--in-memory"]) == 2
     assert "no linear layers to quantize" in err and "no linear layers to quantize" in capsys.readouterr().err
+
+
+def test_importance_option_is_recorded_and_used(tiny_dir, tmp_path, capsys):
+    """--importance reaches the quantization (other codes than none) and the saved config,
+    through the plain path, the in-memory path and the solver."""
+    from safetensors import safe_open
+
+    def codes(folder):
+        with safe_open(str(folder / "model.safetensors"), "pt") as h:
+            return {k: h.get_tensor(k) for k in h.keys() if k.endswith(".codes")}
+
+    runs = {"none": [], "random-tokens": [], "norm": ["--in-memory"]}
+    for imp, extra in runs.items():
+        out = tmp_path / imp
+        assert main(["quantize", str(tiny_dir), "-d", "2", "-K", "16", "--importance", imp, *extra,
+                     "--out", str(out), "--json"]) == 0
+        assert _json(capsys)["importance_seconds"] >= 0
+        assert json.loads((out / "config.json").read_text())["quantization_config"]["importance"] == imp
+    base = codes(tmp_path / "none")
+    assert any(not torch.equal(base[k], codes(tmp_path / "random-tokens")[k]) for k in base)
+    assert main(["quantize", str(tiny_dir), "--target-bits", "3.5", "--importance", "norm", "--out",
+                 str(tmp_path / "solved"), "--json"]) == 0
+    _json(capsys)
+    assert json.loads((tmp_path / "solved/config.json").read_text())["quantization_config"]["importance"] == "norm"
+    with pytest.raises(SystemExit):
+        main(["quantize", str(tiny_dir), "--importance", "wikitext", "--out", str(tmp_path / "x")])
+    assert "invalid choice" in capsys.readouterr().err
