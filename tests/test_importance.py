@@ -128,7 +128,7 @@ def test_block_by_block_pass_gives_the_whole_models_statistics(tiny_dir):
     from fasq.stream import make_plan
 
     plan = make_plan(str(tiny_dir), QuantConfig())
-    a = importance.random_token_stats_layerwise(str(tiny_dir), plan.reader, plan.modules)
+    a = importance.random_token_stats_layerwise(plan.config, plan.reader, plan.modules)
     model, _ = load_model(str(tiny_dir))
     b = importance.random_token_stats(model, plan.modules)
     assert set(a) == set(plan.modules) and all(torch.equal(a[n], b[n]) for n in plan.modules)

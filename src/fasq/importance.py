@@ -110,7 +110,7 @@ def estimate(model: nn.Module, method: str, names: list[str] | None = None, powe
 
 def estimate_streaming(source: str, method: str, reader, shapes: dict[str, tuple[int, int]],
                        dtype: torch.dtype = torch.float32, power: float = POWER,
-                       floor: float = FLOOR) -> dict[str, Tensor]:
+                       floor: float = FLOOR, config=None) -> dict[str, Tensor]:
     """`estimate` for the streaming pipeline, equal to it on the same model: "norm" reads
     the norm tensors through `reader`; "random-tokens" runs the forward pass block by block
     (`random_token_stats_layerwise`; if the model's layout defeats that, the whole model is
@@ -121,7 +121,8 @@ def estimate_streaming(source: str, method: str, reader, shapes: dict[str, tuple
         stats = norm_stats_from(lambda n: reader.read(n).to(dtype) if n in names else None, shapes)
     else:
         try:
-            stats = random_token_stats_layerwise(source, reader, list(shapes), dtype)
+            stats = random_token_stats_layerwise(config if config is not None else reader.load_config(),
+                                                 reader, list(shapes), dtype)
         except (ValueError, KeyError, AttributeError, TypeError, RuntimeError):
             from .sources import load_model  # a layout the block-by-block pass does not handle
 
@@ -152,18 +153,17 @@ def _drop(block: nn.Module) -> None:
 
 
 @torch.no_grad()
-def random_token_stats_layerwise(source: str, reader, names: list[str],
+def random_token_stats_layerwise(config, reader, names: list[str],
                                  dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """`random_token_stats` without holding the model: it is built on the meta device, the
     parts outside its blocks (embeddings, final norm, head) are read in, and each block's
     weights are read from `reader` just before it runs and dropped after, so memory is
-    about one block (the streaming pipeline's bound). Same computation, same statistics."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    about one block (the streaming pipeline's bound). Same computation, same statistics.
+    `config`: the model's `PretrainedConfig` (the streaming plan's, parsed once)."""
+    from transformers import AutoModelForCausalLM, PretrainedConfig
 
-    from .sources import resolve
-
-    path, kw = resolve(source)
-    config = AutoConfig.from_pretrained(path, **kw)
+    if not isinstance(config, PretrainedConfig):
+        raise ValueError("transformers does not know this architecture")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     have = {n for _, g in reader.groups for n in g}

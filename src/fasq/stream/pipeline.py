@@ -235,7 +235,7 @@ def set_importance(plan: Plan, source: str, log) -> None:
 
     try:
         plan.importance = estimate_streaming(source, plan.qcfg.importance, plan.reader, plan.shapes(),
-                                             dtype=plan.dtype)
+                                             dtype=plan.dtype, config=plan.config)
     except (ModelSourceError, OSError, ValueError, KeyError) as e:
         if plan.qcfg.importance != "random-tokens":
             raise
