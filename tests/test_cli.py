@@ -174,3 +174,30 @@ def test_tensor_parallel_picks_groups_that_split_every_layer(tiny_dir, tmp_path,
     assert all(splits(qcfg.layer, w, 2) for w in (64, 96))
     assert main([*args, "--tensor-parallel", "3", "--out", str(tmp_path / "tp3")]) == 2
     assert "cannot be split into 3 shards" in capsys.readouterr().err
+
+
+def test_importance_option_is_recorded_and_used(tiny_dir, tmp_path, capsys):
+    """--importance reaches the quantization (other codes than none) and the saved config,
+    through the plain path, the in-memory path and the solver."""
+    from safetensors import safe_open
+
+    def codes(folder):
+        with safe_open(str(folder / "model.safetensors"), "pt") as h:
+            return {k: h.get_tensor(k) for k in h.keys() if k.endswith(".codes")}
+
+    runs = {"none": [], "random-tokens": [], "norm": ["--in-memory"]}
+    for imp, extra in runs.items():
+        out = tmp_path / imp
+        assert main(["quantize", str(tiny_dir), "-d", "2", "-K", "16", "--importance", imp, *extra,
+                     "--out", str(out), "--json"]) == 0
+        assert _json(capsys)["importance_seconds"] >= 0
+        assert json.loads((out / "config.json").read_text())["quantization_config"]["importance"] == imp
+    base = codes(tmp_path / "none")
+    assert any(not torch.equal(base[k], codes(tmp_path / "random-tokens")[k]) for k in base)
+    assert main(["quantize", str(tiny_dir), "--target-bits", "3.5", "--importance", "norm", "--out",
+                 str(tmp_path / "solved"), "--json"]) == 0
+    _json(capsys)
+    assert json.loads((tmp_path / "solved/config.json").read_text())["quantization_config"]["importance"] == "norm"
+    with pytest.raises(SystemExit):
+        main(["quantize", str(tiny_dir), "--importance", "wikitext", "--out", str(tmp_path / "x")])
+    assert "invalid choice" in capsys.readouterr().err

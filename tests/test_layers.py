@@ -11,7 +11,7 @@ LAYERS = [
     ("fasq.version", "fasq.transforms", "fasq.config", "fasq.format"),  # configs, storage format
     ("fasq.ops",),                                                      # reference ops
     ("fasq.kernels",),                                                  # kernels beside their references
-    ("fasq.module", "fasq.kmeans", "fasq.quantize", "fasq.tensor_parallel"),  # PQLinear; the algorithm
+    ("fasq.module", "fasq.kmeans", "fasq.quantize", "fasq.tensor_parallel", "fasq.importance"),  # the algorithm
     ("fasq.convert", "fasq.manifest", "fasq.outdir", "fasq.solver"),    # conversion, checkpoint files
     ("fasq.model", "fasq.hf", "fasq.sources", "fasq.export"),           # models, transformers
     ("fasq.stream",),                                                   # streaming quantization

@@ -54,6 +54,7 @@ def test_from_pretrained_round_trip(tiny_llama, tmp_path):
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32)  # only `import fasq`
     assert isinstance(m.model.layers[1].mlp.down_proj, PQLinear)
     assert m.config.quantization_config.to_dict()["layer"]["K"] == 16
+    assert m.config.quantization_config.to_dict()["importance"] == QuantConfig().importance  # kept
     torch.testing.assert_close(m(_ids()).logits, tiny_llama(_ids()).logits, atol=5e-3, rtol=5e-3)
     # transformers' own save_pretrained writes packed codes too, and that loads back
     m.save_pretrained(tmp_path / "hf")

@@ -252,3 +252,39 @@ def test_budget_outside_the_range_is_refused_before_reading_weights(sharded_dir,
 
     with pytest.raises(solver.BudgetError, match="achievable range"):
         solver.solve(load_model(str(sharded_dir))[0], target_size=0.05, progress=False)
+
+
+@pytest.mark.parametrize("importance", ["random-tokens", "norm", "none"])
+def test_importance_streams_to_the_in_memory_checkpoint(sharded_dir, tmp_path, importance):
+    """The importance estimate is the same in both paths, so are the tensors."""
+    qcfg = lambda: QuantConfig(layer=_qcfg().layer, importance=importance)  # noqa: E731
+    quantize_streaming(str(sharded_dir), tmp_path / "s", qcfg(), progress=False)
+    _in_memory(sharded_dir, tmp_path / "m", qcfg())
+    streamed, ref = _tensors(tmp_path / "s"), _tensors(tmp_path / "m")
+    assert streamed.keys() == ref.keys() and all(streamed[k] == ref[k] for k in ref)
+    quantize_streaming(str(sharded_dir), tmp_path / "n", QuantConfig(layer=_qcfg().layer, importance="none"),
+                       progress=False)
+    plain = _tensors(tmp_path / "n")
+    if importance != "none":
+        assert any(plain[k] != ref[k] for k in ref if k.endswith(".codes"))  # the weighting did something
+    cs = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert cs["quantization_config"]["importance"] == importance
+
+
+def test_unbuildable_model_falls_back_to_the_norm_estimate(tmp_path):
+    """The random-token estimate runs the model; where transformers cannot build it the
+    weights-only norm estimate is used, and the saved config says so."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "fasq_unknown_arch", "hidden_size": 32}))
+    g = torch.Generator().manual_seed(0)
+    save_file({"blocks.0.mlp.up_proj.weight": torch.randn(48, 32, generator=g),
+               "blocks.0.post_attention_layernorm.weight": torch.linspace(0.1, 3, 32)}, str(src / "model.safetensors"))
+    logged = []
+    qcfg = QuantConfig(layer=PQConfig(d=2, K=16, **FAST), skip=(), importance="random-tokens")
+    quantize_streaming(str(src), tmp_path / "out", qcfg, progress=False, log=logged.append)
+    assert any("norm-weight estimate" in m for m in logged)
+    cfg = json.loads((tmp_path / "out/config.json").read_text())
+    assert cfg["quantization_config"]["importance"] == "norm"

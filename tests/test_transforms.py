@@ -41,6 +41,10 @@ class Permutation(transforms.InputTransform):
     def unfold(W, state):
         return W[:, torch.argsort(state["perm"])]
 
+    @staticmethod
+    def fold_importance(importance, state):
+        return importance[state["perm"]]
+
 
 @pytest.fixture
 def perm_transform():

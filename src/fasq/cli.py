@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -25,7 +26,7 @@ def _add_model_opts(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import PQConfig
+    from .config import IMPORTANCE, PQConfig, QuantConfig
 
     dflt = PQConfig()
     ap = argparse.ArgumentParser(prog="fasq", description="Calibration-free product quantization of LLMs.")
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="choose the largest codebook and scale groups up to the ones asked that split "
                         "evenly across N ranks in every layer, for serving with vLLM at tensor parallel N")
+    q.add_argument("--importance", choices=list(IMPORTANCE), default=QuantConfig().importance,
+                   help="input-channel importance weighting the k-means and scale fits, from the "
+                        "model alone, no text (see fasq.importance; default %(default)s)")
     q.add_argument("--skip", nargs="*", default=None, help="module name patterns left unquantized "
                    "(default: embed_tokens lm_head)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
@@ -207,7 +211,7 @@ def cmd_quantize(a) -> int:
     if a.tensor_parallel < 1:
         raise ValueError(f"--tensor-parallel must be >= 1, got {a.tensor_parallel}")
     cands = None if a.candidates is None else parse_candidates(a.candidates)  # fail before the slow part
-    qcfg = QuantConfig(layer=_layer_config(a), skip=skip)
+    qcfg = QuantConfig(layer=_layer_config(a), skip=skip, importance=a.importance)
     t0 = time.perf_counter()
     run = _quantize_in_memory if a.in_memory else _quantize_streaming
     report = run(a, out, qcfg, cands, bool(targets))
@@ -244,6 +248,7 @@ def _quantize_streaming(a, out, qcfg, cands, targets: bool) -> dict:
 
         plan.qcfg, solved = solve_streaming(plan, target_bits=a.target_bits, target_size=a.target_size,
                                             candidates=cands, progress=not a.json, device=a.device)
+        plan.qcfg.importance = qcfg.importance
         if not a.json:
             print(solved.format())
         extra = {"solver": solved.to_dict()}
@@ -274,8 +279,10 @@ def _quantize_in_memory(a, out, qcfg, cands, targets: bool) -> dict:
     if targets:
         from .solver import solve
 
+        importance = qcfg.importance
         qcfg, solved = solve(model, target_bits=a.target_bits, target_size=a.target_size, skip=qcfg.skip,
                              candidates=cands, progress=not a.json, device=a.device)
+        qcfg.importance = importance
         if not a.json:
             print(solved.format())
     report = quantize_model(model, qcfg, device=a.device, progress=not a.json)
@@ -288,7 +295,7 @@ def _quantize_in_memory(a, out, qcfg, cands, targets: bool) -> dict:
 
 def _fit_tensor_parallel(qcfg, cands, shapes, a):
     """The config (and solver candidates) with groups that split at --tensor-parallel ranks."""
-    from .config import ConfigError, QuantConfig
+    from .config import ConfigError
     from .solver import DEFAULT_CANDIDATES
     from .tensor_parallel import fit_config, group_options
 
@@ -305,13 +312,13 @@ def _fit_tensor_parallel(qcfg, cands, shapes, a):
                 fitted.append(fit_config(c, shapes, tp))
             except ConfigError as e:
                 print(f"fasq quantize: candidate d{c.d}K{c.K} left out: {e}", file=sys.stderr)
-    return QuantConfig(layer=layer, skip=qcfg.skip, overrides=qcfg.overrides), fitted
+    return dataclasses.replace(qcfg, layer=layer), fitted
 
 
 def _summary(report: dict) -> dict:
     layers = report["layers"]
     finite = [r["sqnr_db"] for r in layers if math.isfinite(r["sqnr_db"])]
-    return {**report["size"], "seconds": report["seconds"],
+    return {**report["size"], "seconds": report["seconds"], "importance_seconds": report.get("importance_seconds", 0.0),
             "mean_rel_error": sum(r["rel_error"] for r in layers) / len(layers),
             # lossless layers have infinite SQNR: the mean is over the lossy ones (None if none)
             "mean_sqnr_db": (sum(finite) / len(finite)) if finite else None}

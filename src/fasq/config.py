@@ -25,7 +25,8 @@ SCOPES = ("matrix", "group", "subspace")
 SCALES = ("none", "absmax", "rms", "minmax")
 INITS = ("kmeans++", "random")
 DEFAULT_SKIP = ("embed_tokens", "lm_head")
-TOP_LEVEL_FIELDS = {"quant_method", "format_version", "layer", "skip", "overrides", "modules"}
+TOP_LEVEL_FIELDS = {"quant_method", "format_version", "layer", "skip", "overrides", "modules", "importance"}
+IMPORTANCE = ("none", "random-tokens", "norm")  # see fasq.importance
 
 
 class ConfigError(ValueError):
@@ -221,8 +222,15 @@ class QuantConfig:
     overrides: dict[str, LayerConfig] = field(default_factory=dict)  # per-module configs
     modules: tuple[str, ...] = ()  # the modules that were quantized (filled in by conversion)
     format_version: int = FORMAT_VERSION
+    # Input-channel importance that weights k-means, the code choice and the scale fit (PQ
+    # layers): "random-tokens" (default), "norm" or "none" (plain weight error); see
+    # `fasq.importance`: from the model alone, no text. Informational in a checkpoint: the
+    # tensors are read the same way whatever it says. Checkpoints without it: "none".
+    importance: str = "random-tokens"
 
     def __post_init__(self):
+        if self.importance not in IMPORTANCE:
+            raise ConfigError(f"importance must be one of {IMPORTANCE}, got {self.importance!r}")
         if self.format_version > FORMAT_VERSION:
             raise ConfigError(
                 f"checkpoint format version {self.format_version} is newer than this fasq supports "
@@ -244,6 +252,7 @@ class QuantConfig:
             "skip": list(self.skip),
             "overrides": {k: v.to_dict() for k, v in self.overrides.items()},
             "modules": list(self.modules),
+            "importance": self.importance,
         }
 
     @classmethod
@@ -267,4 +276,5 @@ class QuantConfig:
             overrides={k: layer_config_from_dict(v) for k, v in d.get("overrides", {}).items()},
             modules=tuple(d.get("modules", ())),
             format_version=version,
+            importance=d.get("importance", "none"),
         )

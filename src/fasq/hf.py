@@ -23,7 +23,7 @@ class FasqHfConfig(QuantizationConfigMixin):
     """Wraps `QuantConfig` for transformers; validated (format version included) on construction."""
 
     def __init__(self, **kwargs):
-        known = {k: kwargs.pop(k) for k in ("format_version", "layer", "skip", "overrides", "modules")
+        known = {k: kwargs.pop(k) for k in ("format_version", "layer", "skip", "overrides", "modules", "importance")
                  if k in kwargs}
         known["quant_method"] = kwargs.pop("quant_method", QUANT_METHOD)
         self.qcfg = QuantConfig.from_dict(known)

@@ -183,3 +183,59 @@ def kmeans(points: Tensor, K: int, iters: int = 12, init: str = "kmeans++",
             break
         prev = err
     return cents
+
+
+# --- importance-weighted k-means --------------------------------------------------------------
+#
+# Points come in subspaces whose coordinates share weights: points [B, S, N, d] (B codebooks,
+# S subspaces per codebook, N points each) and weights [B, S, d] (one per coordinate of a
+# subspace: the importance of the input column it holds). The distance of point p in
+# subspace s to centroid c is sum_j w[s, j] (p_j - c_j)^2. Scaling a subspace's points and the
+# codebook by sqrt(w[s]) makes it Euclidean, so the assignment runs as B * S plain problems
+# (the CPU library's, when available) on the scaled copies; the update is the weighted mean
+# per coordinate. With equal weights it is plain k-means on the same points.
+
+
+def assign_weighted(points: Tensor, weights: Tensor, centroids: Tensor, return_dist: bool = False,
+                    backend: str = "auto"):
+    """Nearest centroid under the weighted distance: codes [B, S, N] (and distances)."""
+    B, S, N, d = points.shape
+    r = weights.float().sqrt()  # [B, S, d]
+    p = (points * r[:, :, None, :]).reshape(B * S, N, d)
+    c = (centroids[:, None] * r[:, :, None, :]).reshape(B * S, -1, d)
+    res = assign(p, c, return_dist=return_dist, backend=backend)
+    if return_dist:
+        return res[0].view(B, S, N), res[1].view(B, S, N)
+    return res.view(B, S, N)
+
+
+def kmeans_weighted(points: Tensor, weights: Tensor, K: int, iters: int = 12, init: str = "kmeans++",
+                    gen: torch.Generator | None = None, backend: str = "auto") -> Tensor:
+    """Lloyd's algorithm under per-subspace coordinate weights (see above):
+    points [B, S, N, d], weights [B, S, d] > 0 -> centroids [B, K, d].
+
+    Seeding is the plain k-means++ (or random) on all the codebook's points; every
+    assignment and update is weighted. A cluster left empty keeps its centroid and is
+    re-seeded with the point worst served (weighted distance)."""
+    B, S, N, d = points.shape
+    if K > S * N:
+        raise ValueError(f"k-means needs at least K={K} points per codebook, got {S * N}")
+    gen = gen or torch.Generator().manual_seed(0)
+    points, weights = points.float(), weights.float()
+    flat = points.reshape(B, S * N, d)
+    cents = init_kmeanspp(flat, K, gen, backend) if init == "kmeans++" else init_random(flat, K, gen)
+    wfull = weights[:, :, None, :].expand(B, S, N, d).reshape(B, S * N, d)
+    for _ in range(iters):
+        codes, dist = assign_weighted(points, weights, cents, return_dist=True, backend=backend)
+        codes, dist = codes.reshape(B, S * N), dist.reshape(B, S * N)
+        idx = (codes + torch.arange(B, device=codes.device)[:, None] * K).reshape(-1)
+        sums = torch.zeros(B * K, d, dtype=points.dtype, device=points.device)
+        sums.index_add_(0, idx, (flat * wfull).reshape(-1, d))
+        den = torch.zeros(B * K, d, dtype=points.dtype, device=points.device)
+        den.index_add_(0, idx, wfull.reshape(-1, d))
+        sums, den = sums.view(B, K, d), den.view(B, K, d)
+        counts = torch.bincount(idx, minlength=B * K).view(B, K)
+        cents = torch.where(den > 0, sums / den.clamp_min(1e-30), cents)
+        if (counts == 0).any():
+            _reseed_empty(flat, cents, counts, dist)
+    return cents

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,6 +31,23 @@ from .outdir import atomic_output_dir, check_output_dir  # noqa: F401 - re-expor
 from .quantize import error_report, quantize_transformed
 
 
+def layer_importance(model: nn.Module, qcfg: QuantConfig, names: list[str]) -> dict[str, torch.Tensor]:
+    """Column weights per named layer for `qcfg.importance` ({} for "none")."""
+    if qcfg.importance == "none" or not any(qcfg.for_module(n).method == "pq" for n in names):
+        return {}
+    from .importance import estimate
+
+    try:
+        return estimate(model, qcfg.importance, names)
+    except (AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError) as e:
+        if qcfg.importance != "random-tokens":
+            raise
+        warnings.warn(f"the random-token importance estimate could not run this model ({type(e).__name__}: "
+                      f"{e}); using the norm-weight estimate (importance='norm')", stacklevel=3)
+        qcfg.importance = "norm"
+        return estimate(model, "norm", names)
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, qcfg: QuantConfig, device=None, progress: bool = True) -> dict:
     """Quantize every non-skipped linear layer in place; returns the report.
@@ -43,10 +61,12 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig, device=None, progress: b
     for name, lin in layers:  # validate every layer first: all or nothing
         qcfg.for_module(name).check_shape(lin.out_features, lin.in_features, name)
     report, t0 = [], time.perf_counter()
+    imp = layer_importance(model, qcfg, [n for n, _ in layers])  # before any layer changes
+    t_imp = time.perf_counter() - t0
     for name, lin in tqdm(layers, desc="quantizing", unit="layer", disable=not progress):
         cfg = qcfg.for_module(name)
         W = lin.weight.detach()
-        tensors, _ = quantize_transformed(W, cfg, name=name, device=device)
+        tensors, _ = quantize_transformed(W, cfg, name=name, device=device, importance=imp.get(name))
         pq = PQLinear(lin.in_features, lin.out_features, cfg, bias=lin.bias is not None,
                       device=W.device, dtype=torch.float16)
         for key, t in tensors.items():
@@ -60,7 +80,8 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig, device=None, progress: b
         set_module(model, name, pq)
     qcfg.modules = tuple(n for n, _ in layers)
     model.config.quantization_config = qcfg.to_dict()
-    return {"seconds": time.perf_counter() - t0, "layers": report, "size": size_table(model)}
+    return {"seconds": time.perf_counter() - t0, "importance_seconds": t_imp, "layers": report,
+            "size": size_table(model)}
 
 
 def _state_for_saving(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -67,6 +67,12 @@ class InputTransform:
         """W' T: the effective weight of a layer whose stored weight is W' [out, in]."""
         return W
 
+    @staticmethod
+    def fold_importance(importance: Tensor, state: dict[str, Tensor]) -> Tensor | None:
+        """Per-input-column importance [in] in the transformed basis (None when the transform
+        mixes columns so that no per-column weight describes it: then unweighted)."""
+        return importance
+
 
 @register_transform("none")
 class Identity(InputTransform):

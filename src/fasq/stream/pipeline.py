@@ -16,6 +16,7 @@ finished checkpoint replaces the output folder in one rename, as `save_quantized
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -33,7 +34,7 @@ from ..format import pack_codes, size_summary, stored_layer_size
 from ..manifest import INDEX_NAME, REPORT_NAME, WEIGHTS_NAME, file_record, sha256, write_manifest
 from ..outdir import check_output_dir, output_lock, replace_dir
 from ..quantize import STORE_DTYPE, error_report, quantize_transformed  # fp16, as save_quantized writes
-from ..sources import local_paths
+from ..sources import ModelSourceError, local_paths
 from ..version import __version__
 from .readers import StreamingUnsupported, open_reader
 
@@ -95,6 +96,7 @@ class Plan:
     modules: list[str]
     dropped: set[str] = field(default_factory=set)
     dtype: torch.dtype = torch.float32
+    importance: dict[str, torch.Tensor] = field(default_factory=dict)  # column weights per module
 
     def shard_names(self) -> list[str]:
         n = len(self.reader.groups)
@@ -222,11 +224,37 @@ def _natural(name: str):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
+def set_importance(plan: Plan, source: str, log) -> None:
+    """Fill `plan.importance` as `model.quantize_model` does (nothing for "none" or when no
+    layer is PQ). An architecture transformers cannot build gets the weights-only "norm"
+    estimate instead of "random-tokens", said in the log and in the saved config."""
+    if plan.qcfg.importance == "none" or plan.importance:
+        return
+    if not any(plan.qcfg.for_module(m).method == "pq" for m in plan.modules):
+        return
+    from ..importance import estimate_streaming
+    from ..sources import load_model
+
+    def load_whole():
+        return load_model(source, dtype=plan.dtype)[0]
+
+    try:
+        plan.importance = estimate_streaming(load_whole, plan.qcfg.importance, plan.reader, plan.shapes(),
+                                             dtype=plan.dtype, config=plan.config)
+    except (ModelSourceError, OSError, ValueError, KeyError) as e:
+        if plan.qcfg.importance != "random-tokens":
+            raise
+        log(f"fasq quantize: the random-token importance estimate needs to run the model, which "
+            f"could not be built ({type(e).__name__}: {e}); using the norm-weight estimate (--importance norm)")
+        plan.qcfg = dataclasses.replace(plan.qcfg, importance="norm")
+        plan.importance = estimate_streaming(load_whole, "norm", plan.reader, plan.shapes(), dtype=plan.dtype)
+
+
 def quantize_layer(plan: Plan, module: str, W: torch.Tensor, device=None):
     """(stored tensors, report row) of one linear weight W [out, in]."""
     cfg = plan.qcfg.for_module(module)
     W = W.to(device or "cpu")  # once: k-means and the error report run where the codes are made
-    q, What = quantize_transformed(W, cfg, name=module, device=device)
+    q, What = quantize_transformed(W, cfg, name=module, device=device, importance=plan.importance.get(module))
     out_f, in_f = W.shape
     row = {"name": module, "out": out_f, "in": in_f,
            "bits_per_weight": stored_layer_size(out_f, in_f, cfg, plan.has_bias(module)).bits_per_weight,
@@ -286,6 +314,9 @@ def quantize_streaming(source: str, out_dir: str | os.PathLike, qcfg: QuantConfi
 def _run(plan: Plan, source: str, out: Path, device, progress: bool, extra_report, log) -> dict:
     from tqdm.auto import tqdm
 
+    t_imp = time.perf_counter()
+    set_importance(plan, source, log)  # before the fingerprint: it may fall back to another estimate
+    t_imp = time.perf_counter() - t_imp
     work = work_dir(out)
     state = State.open(work, fingerprint(plan, device), log)
     shards = plan.shard_names()
@@ -298,6 +329,8 @@ def _run(plan: Plan, source: str, out: Path, device, progress: bool, extra_repor
             if shard not in state.done:
                 state.finish(shard, write_shard(plan, names, work / shard, device, bar))
     report = _report(plan, state, source, extra_report)
+    report["importance_seconds"] = t_imp  # the estimate, before the first layer (in "seconds" too)
+    report["seconds"] += t_imp
     report["streaming"] = {"shards": len(shards), "resumed_shards": len(resumed),
                            "wall_seconds": time.perf_counter() - t0, "peak_rss_bytes": _peak_rss()}
     if torch.device(device or "cpu").type == "cuda":
@@ -325,7 +358,7 @@ def _finish(plan: Plan, state: State, work: Path, out: Path, report: dict) -> No
         (work / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
                                                    "weight_map": dict(sorted(weight_map.items()))}, indent=2))
     qcfg = QuantConfig(layer=plan.qcfg.layer, skip=plan.qcfg.skip, overrides=plan.qcfg.overrides,
-                       modules=tuple(sorted(plan.modules, key=_natural)))
+                       modules=tuple(sorted(plan.modules, key=_natural)), importance=plan.qcfg.importance)
     _write_config(plan, qcfg, work)
     _write_tokenizer(plan, work)
     (work / REPORT_NAME).write_text(json.dumps(report, indent=1))
