@@ -166,7 +166,7 @@ def test_selection_switch_and_fallbacks(monkeypatch):
     calls = []
     for name in ("gemv", "dequant_matmul"):
         monkeypatch.setattr(cpu, name, lambda *a, n=name, **k: calls.append(n) or torch.zeros(1))
-    monkeypatch.setattr(cpu_int8, "gemv", lambda *a, **k: calls.append("int8") or torch.zeros(1))
+    monkeypatch.setattr(cpu_int8, "run", lambda *a, **k: calls.append("int8") or torch.zeros(1))
     run = lambda T, *layer: torch.ops.fasq.pq_linear(torch.randn(T, CASES[2][1]), *layer, None)  # noqa: E731
     expect_int8 = "int8" if cpu_int8.available() else "gemv"
     for T in (1, dispatch.CPU_INT8_MAX_TOKENS):

@@ -378,9 +378,11 @@ def pq_linear_cpu(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | 
     if kernel == "auto":
         tokens = x.numel() // max(1, x.shape[-1])
         d, K, has = codebooks.shape[2], codebooks.shape[1], available()
-        int8 = (has and tokens <= CPU_INT8_MAX_TOKENS and cpu_int8.enabled()
-                and cpu_int8.prepared(codes, codebooks, scales, offsets, bias) is not None)
-        kernel = select_cpu_kernel(tokens, d, K, has_library=has, int8=int8)
+        prep = (cpu_int8.prepared(codes, codebooks, scales, offsets, bias)
+                if has and tokens <= CPU_INT8_MAX_TOKENS and cpu_int8.enabled() else None)
+        kernel = select_cpu_kernel(tokens, d, K, has_library=has, int8=prep is not None)
+        if kernel == "cpu_int8":
+            return cpu_int8.run(prep, x)
     if kernel not in CPU_KERNELS:
         raise ValueError(f"unknown CPU kernel {kernel!r}; choose 'auto' or one of {CPU_KERNELS}")
     if kernel == "reference":

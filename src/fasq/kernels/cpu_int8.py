@@ -96,6 +96,11 @@ def gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = No
     prep = prepared(codes, codebooks, scales, offsets, bias)
     if prep is None:
         return cpu.gemv(x, codes, codebooks, scales, offsets, bias, out=out)
+    return run(prep, x, out)
+
+
+def run(prep: _Prepared, x: Tensor, out: Tensor | None = None) -> Tensor:
+    """`gemv` for a layer already prepared (`prepared` returned `prep`)."""
     plan = prep.plan
     cpu._check_features(x, plan)
     xk = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [T, in]
