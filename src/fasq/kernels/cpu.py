@@ -230,7 +230,9 @@ _forced: str | None = None
 @contextlib.contextmanager
 def use_kernel(name: str):
     """Make every fasq::pq_linear call on the CPU inside this block take the path `name`
-    (one of CPU_KERNELS), e.g. "reference" to time or check against the old path."""
+    (one of CPU_KERNELS), e.g. "reference" to time or check against the old path.
+    FASQ_CPU_KERNEL=name does the same for a whole process (e.g. cpu_int8 to run prefill
+    through the int8 kernel too, for a perplexity of the decode arithmetic)."""
     global _forced
     if name not in CPU_KERNELS:
         raise ValueError(f"unknown CPU kernel {name!r}; choose one of {CPU_KERNELS}")
@@ -373,8 +375,8 @@ def pq_linear_cpu(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | 
 
     kernel: "auto" (select_cpu_kernel decides) or force one of CPU_KERNELS.
     """
-    if kernel == "auto" and _forced is not None:
-        kernel = _forced
+    if kernel == "auto":
+        kernel = _forced or os.environ.get("FASQ_CPU_KERNEL") or "auto"
     if kernel == "auto":
         tokens = x.numel() // max(1, x.shape[-1])
         d, K, has = codebooks.shape[2], codebooks.shape[1], available()
