@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -54,7 +55,11 @@ MODEL_CONFIGS = [
     ("rtn-w4g192", ["--method", "rtn", "--bits", "4", "--group-size", "192"]),
 ]
 KERNEL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (14336, 4096)]
-KERNEL_CONFIGS = [("fasq-d2k256", 2, 256), ("fasq-d2k64", 2, 64), ("fasq-d4k4096", 4, 4096), ("rtn-w4", 1, 16)]
+# (name, d, K, exact): exact rows keep the float kernels (FASQ_CPU_INT8=0: cpu_gemv up to 6
+# tokens, else rebuild + matmul); the others take the default selection (cpu_int8 where it
+# takes the layer)
+KERNEL_CONFIGS = [("fasq-d2k256", 2, 256, False), ("fasq-d2k256-exact", 2, 256, True), ("fasq-d2k64", 2, 64, False),
+                  ("fasq-d4k4096", 4, 4096, False), ("rtn-w4", 1, 16, False)]
 
 
 def cpu_name() -> str:
@@ -108,36 +113,50 @@ def _layer(out: int, inn: int, d: int, K: int, gen: torch.Generator):
     return codes, cb, scales, offsets
 
 
-def bench_kernels(tokens_list, reps: int, bw_gbps: float) -> list[dict]:
+def _kernel_name(T: int, layer, exact: bool) -> str:
+    from fasq.kernels import cpu_int8
+    from fasq.kernels.dispatch import CPU_GEMV_MAX_TOKENS, CPU_INT8_MAX_TOKENS
+
+    if not exact and T <= CPU_INT8_MAX_TOKENS and cpu_int8.prepared(*layer, None) is not None:
+        return "cpu_int8"
+    return "cpu_gemv" if T <= CPU_GEMV_MAX_TOKENS else "cpu_dequant"
+
+
+def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int) -> list[dict]:
     from fasq.format import packed_row_bytes
     from fasq.kernels import cpu
-    from fasq.kernels.dispatch import CPU_GEMV_MAX_TOKENS
 
     gen = torch.Generator().manual_seed(0)
     rows = []
     for out, inn in KERNEL_SHAPES:
-        n_w = max(2, min(64, ROTATE_BYTES // (2 * out * inn)))
+        n_w = max(2, min(64, rotate_bytes // (2 * out * inn)))
         weights = [torch.randn(out, inn, generator=gen).to(torch.bfloat16) for _ in range(n_w)]
+        layer_sets = {}
+        for name, d, K, _ in KERNEL_CONFIGS:  # the same layers for every token count
+            n = max(2, min(4096, rotate_bytes // (out * (inn // d) * (1 if K <= 256 else 2))))
+            layer_sets[name] = layer_sets.get(name.removesuffix("-exact")) or [_layer(out, inn, d, K, gen)
+                                                                             for _ in range(n)]
         for T in tokens_list:
             x = torch.randn(T, inn, generator=gen).to(torch.bfloat16)
             groups = {"bf16": [lambda W=W: torch.nn.functional.linear(x, W) for W in weights]}
-            for name, d, K in KERNEL_CONFIGS:
-                n = max(2, min(64, ROTATE_BYTES // (out * (inn // d) * (1 if K <= 256 else 2))))
-                layers = [_layer(out, inn, d, K, gen) for _ in range(n)]
-                groups[name] = [lambda L=L: cpu.pq_linear_cpu(x, *L) for L in layers]
+            kernels = {}
+            for name, d, K, exact in KERNEL_CONFIGS:
+                layers = layer_sets[name]
+                kernels[name] = k = _kernel_name(T, layers[0], exact)
+                groups[name] = [lambda L=L, k=k: cpu.pq_linear_cpu(x, *L, kernel=k) for L in layers]
             us = _interleaved_us(groups, reps)
-            for name, d, K in KERNEL_CONFIGS:
+            for name, d, K, _ in KERNEL_CONFIGS:
                 code_bytes = out * packed_row_bytes(inn // d, K.bit_length() - 1)
                 row = {"config": name, "out": out, "in": inn, "tokens": T, "d": d, "K": K,
                        "time_us": round(us[name], 1), "bf16_us": round(us["bf16"], 1),
                        "speedup_vs_bf16": round(us["bf16"] / us[name], 3), "code_bytes": code_bytes,
-                       "stream_us": round(code_bytes / bw_gbps / 1e3, 1),
-                       "kernel": "cpu_gemv" if T <= CPU_GEMV_MAX_TOKENS else "cpu_dequant"}
+                       "stream_us": round(code_bytes / bw_gbps / 1e3, 1), "kernel": kernels[name],
+                       "copies": len(groups[name]), "rotated_bytes": len(groups[name]) * out * (inn // d)}
                 rows.append(row)
                 print(f"  {out:>5}x{inn:<5} T={T:<2} {name:<13} {row['time_us']:9.1f} us  bf16 {row['bf16_us']:9.1f} us"
                       f"  x{row['speedup_vs_bf16']:5.2f}  (codes stream {row['stream_us']:.1f} us)", flush=True)
             del groups
-        del weights
+        del weights, layer_sets
         gc.collect()
     return rows
 
@@ -155,7 +174,23 @@ def _checkpoint(runs: Path, name: str, args: list[str]) -> Path:
     return path
 
 
-def bench_models(runs: Path, prompt_len: int, new_tokens: int, modes: list[bool], rounds: int) -> list[dict]:
+def _run_as(name: str, fn):
+    """fn(), with the int8 kernel off for the '-exact' rows."""
+    if not name.endswith("-exact"):
+        return fn()
+    old = os.environ.get("FASQ_CPU_INT8")
+    os.environ["FASQ_CPU_INT8"] = "0"
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ["FASQ_CPU_INT8"]
+        else:
+            os.environ["FASQ_CPU_INT8"] = old
+
+
+def bench_models(runs: Path, prompt_len: int, new_tokens: int, modes: list[bool], rounds: int,
+                 only: list[str] | None = None) -> list[dict]:
     """All models are loaded (and compiled) first; then every round times each in turn,
     and each reports its best round, so a slow spell of the machine hits all alike."""
     from fasq import speed
@@ -163,6 +198,10 @@ def bench_models(runs: Path, prompt_len: int, new_tokens: int, modes: list[bool]
 
     cases = [("fp32", "default", torch.float32), ("bf16", "default", torch.bfloat16)]
     cases += [(name, str(_checkpoint(runs, name, args)), torch.bfloat16) for name, args in MODEL_CONFIGS]
+    # the default checkpoint once more through the exact float kernels (FASQ_CPU_INT8=0 while it runs)
+    cases += [(name + "-exact", source, dtype) for name, source, dtype in cases if name == "fasq-d2k256"]
+    if only:
+        cases = [c for c in cases if c[0] in only]
     rows = []
     label = lambda src: str(Path(src).relative_to(ROOT)) if Path(src).is_relative_to(ROOT) else src  # noqa: E731
     for compiled in modes:
@@ -172,11 +211,11 @@ def bench_models(runs: Path, prompt_len: int, new_tokens: int, modes: list[bool]
             ids = tok("The capital of France is", return_tensors="pt").input_ids[0]
             runners[name] = (source, dtype, speed.DecodeRunner(model, ids, prompt_len=prompt_len,
                                                                new_tokens=new_tokens, compile=compiled))
-            runners[name][2].warm_up()
+            _run_as(name, runners[name][2].warm_up)
         timed = {name: [] for name in runners}
         for _ in range(rounds):
             for name, (_, _, r) in runners.items():
-                timed[name].append(r.run())
+                timed[name].append(_run_as(name, r.run))
         for name, (source, dtype, r) in runners.items():
             s = r.speed(timed[name])
             row = {"config": name, "model": label(source), "dtype": str(dtype).removeprefix("torch."), "batch": 1,
@@ -240,7 +279,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu"], default="cpu",
                     help="cpu (the GPU decode benchmark of the CUDA kernels is not written yet)")
     ap.add_argument("--only", choices=["kernels", "models"], default=None)
-    ap.add_argument("--tokens", default="1,4", help="kernel token counts (default 1,4)")
+    ap.add_argument("--tokens", default="1,4,16", help="kernel token counts (default 1,4,16)")
+    ap.add_argument("--rotate-mb", type=int, default=ROTATE_BYTES >> 20,
+                    help="MB of layer copies each kernel row cycles through (default %(default)s)")
+    ap.add_argument("--configs", default=None, help="model rows to run, comma-separated (default all)")
     ap.add_argument("--reps", type=int, default=15, help="kernel repetitions (median)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -263,11 +305,13 @@ def main(argv=None) -> int:
            "copy_bandwidth_gbps": round(bw, 1), "date": time.strftime("%Y-%m-%d")}
     print(f"{res['device']} ({res['isa']}), {res['threads']} threads, copy {bw:.1f} GB/s")
     if a.only != "models":
-        res["kernels"] = bench_kernels([int(t) for t in a.tokens.split(",")], a.reps, bw)
+        res["kernels"] = bench_kernels([int(t) for t in a.tokens.split(",")], a.reps, bw, a.rotate_mb << 20)
+        res["kernels_rotate_mb"] = a.rotate_mb
         res["kernels_command"] = command
     if a.only != "kernels":
         modes = [m == "compile" for m in a.modes.split(",")]
-        rows = bench_models(Path(a.runs_dir), a.prompt_len, a.new_tokens, modes, a.rounds)
+        rows = bench_models(Path(a.runs_dir), a.prompt_len, a.new_tokens, modes, a.rounds,
+                            a.configs.split(",") if a.configs else None)
         py = a.llama_cpp_python
         if py is None and __import__("importlib").util.find_spec("llama_cpp") is not None:
             py = sys.executable
