@@ -34,6 +34,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--rotate-mb", type=int, default=1024, help="bytes of layer copies the cold rows cycle through")
+    ap.add_argument("--quick", action="store_true", help="only the Llama-3-8B shapes, K=256")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     exe = Path(tempfile.mkdtemp()) / "probe"
@@ -41,15 +42,16 @@ def main() -> int:
     subprocess.run([cxx, "-O3", "-march=native", "-fopenmp", str(SRC), "-o", str(exe)], check=True)
 
     configs = []
-    for out, inn in SHAPES:
+    for out, inn in SHAPES[:2] if a.quick else SHAPES:
         big = out * inn >= 4096 * 4096
-        for K in (256, 64) if big else (256,):
+        for K in (256, 64) if big and not a.quick else (256,):
             for T in (1, 16):
                 for threads in (1, 2) if big and T == 1 else (2,):
                     copies = max(2, (a.rotate_mb << 20) // (out * inn // 2))
                     for cold in (False, True):
-                        for ablk in (16, 64) if (big and T == 1 and K == 256 and threads == 2) else (16,):
+                        for ablk in (4, 16) if (big and T == 1 and K == 256) else (4,):
                             configs.append((out, inn, K, T, threads, copies if cold else 1, ablk))
+    print(f"{len(configs)} configurations x {a.rounds} rounds", flush=True)
     runs: dict = {c: [] for c in configs}
     for _ in range(a.rounds):
         for c in configs:
@@ -81,7 +83,8 @@ def main() -> int:
               f"({row['pct_of_copy_bw']:.0f} % of copy)")
     res = {"what": "d=2 int8 codebook lookup GEMV (vpermi2b + vpdpbusd), benchmarks/csrc/probe_int8_lookup.cpp",
            "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
-           "command": "python benchmarks/probe_int8.py " + f"--rounds {a.rounds} --rotate-mb {a.rotate_mb}",
+           "command": "python benchmarks/probe_int8.py " + f"--rounds {a.rounds} --rotate-mb {a.rotate_mb}"
+           + (" --quick" if a.quick else ""),
            "copy_gbps_2_threads": copy, "rows": rows}
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(f"copy bandwidth {copy} GB/s; wrote {a.out}")

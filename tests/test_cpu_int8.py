@@ -1,7 +1,7 @@
 """The int8 CPU decode kernel (fasq.kernels.cpu_int8) against two oracles.
 
 1. An emulation of its arithmetic in float64: codebooks rounded to int8 with one step per
-   codebook (max |value| / 127), activations rounded to int8 per block of 32 columns inside
+   codebook (max |value| / 127), activations rounded to int8 per block of 8 columns inside
    each (codebook, scale group) run, products summed exactly. The kernel must match it to
    float32 accumulation error: a wrong lookup, lane, block or scale shows up at once.
 2. The exact float64 result: the emulation must lie within the bound that int8 rounding
@@ -22,15 +22,15 @@ from fasq.kernels import cpu, cpu_int8, dispatch
 
 from test_ops import _layer
 
-ABLK = 16  # subspaces per activation block (csrc/pq_cpu_int8.cpp)
+ABLK = 4  # subspaces per activation block (csrc/pq_cpu_int8.cpp)
 # (out, in, K, C, S, offsets): several row blocks with a partial last one, K above and
 # below 128 (two lookups and a blend, or one), scale groups, offsets, no scales
 CASES = [
-    (200, 768, 256, 4, 8, False),    # 153600 weights: threaded; runs of 48 subspaces (3 blocks)
+    (200, 768, 256, 4, 8, False),    # 153600 weights: threaded; runs of 48 subspaces
     (37, 2048, 256, 8, 16, True),    # 3 row blocks, partial; runs of 64 with offsets
     (130, 576, 64, 3, 6, False),     # the default model's width, K = 64
     (64, 1024, 16, 2, 4, True),      # a 16-entry codebook
-    (48, 520, 256, 1, 1, False),     # runs of 260 subspaces: a last block of 4
+    (48, 520, 256, 1, 1, False),     # one run of 260 subspaces
     (96, 1024, 256, 4, 0, False),    # no scales
 ]
 
