@@ -122,9 +122,11 @@ def _kernel_name(T: int, layer, exact: bool) -> str:
     return "cpu_gemv" if T <= CPU_GEMV_MAX_TOKENS else "cpu_dequant"
 
 
-def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int) -> list[dict]:
+def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int | None = None) -> list[dict]:
     from fasq.format import packed_row_bytes
     from fasq.kernels import cpu
+
+    rotate_bytes = ROTATE_BYTES if rotate_bytes is None else rotate_bytes
 
     gen = torch.Generator().manual_seed(0)
     rows = []
