@@ -122,7 +122,8 @@ def _kernel_name(T: int, layer, exact: bool) -> str:
     return "cpu_gemv" if T <= CPU_GEMV_MAX_TOKENS else "cpu_dequant"
 
 
-def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int | None = None) -> list[dict]:
+def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int | None = None,
+                  max_copies: int = 64) -> list[dict]:
     from fasq.format import packed_row_bytes
     from fasq.kernels import cpu
 
@@ -131,11 +132,11 @@ def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int | No
     gen = torch.Generator().manual_seed(0)
     rows = []
     for out, inn in KERNEL_SHAPES:
-        n_w = max(2, min(64, rotate_bytes // (2 * out * inn)))
+        n_w = max(2, min(max_copies, rotate_bytes // (2 * out * inn)))
         weights = [torch.randn(out, inn, generator=gen).to(torch.bfloat16) for _ in range(n_w)]
         layer_sets = {}
         for name, d, K, _ in KERNEL_CONFIGS:  # the same layers for every token count
-            n = max(2, min(4096, rotate_bytes // (out * (inn // d) * (1 if K <= 256 else 2))))
+            n = max(2, min(max_copies, rotate_bytes // (out * (inn // d) * (1 if K <= 256 else 2))))
             layer_sets[name] = layer_sets.get(name.removesuffix("-exact")) or [_layer(out, inn, d, K, gen)
                                                                              for _ in range(n)]
         for T in tokens_list:
@@ -284,6 +285,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default="1,4,16", help="kernel token counts (default 1,4,16)")
     ap.add_argument("--rotate-mb", type=int, default=ROTATE_BYTES >> 20,
                     help="MB of layer copies each kernel row cycles through (default %(default)s)")
+    ap.add_argument("--max-copies", type=int, default=64, help="at most this many copies of a layer (default 64)")
     ap.add_argument("--configs", default=None, help="model rows to run, comma-separated (default all)")
     ap.add_argument("--reps", type=int, default=15, help="kernel repetitions (median)")
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -307,8 +309,9 @@ def main(argv=None) -> int:
            "copy_bandwidth_gbps": round(bw, 1), "date": time.strftime("%Y-%m-%d")}
     print(f"{res['device']} ({res['isa']}), {res['threads']} threads, copy {bw:.1f} GB/s")
     if a.only != "models":
-        res["kernels"] = bench_kernels([int(t) for t in a.tokens.split(",")], a.reps, bw, a.rotate_mb << 20)
-        res["kernels_rotate_mb"] = a.rotate_mb
+        res["kernels"] = bench_kernels([int(t) for t in a.tokens.split(",")], a.reps, bw, a.rotate_mb << 20,
+                                       a.max_copies)
+        res["kernels_rotate_mb"], res["kernels_max_copies"] = a.rotate_mb, a.max_copies
         res["kernels_command"] = command
     if a.only != "kernels":
         modes = [m == "compile" for m in a.modes.split(",")]
