@@ -206,12 +206,14 @@ def bench_models(runs: Path, prompt_len: int, new_tokens: int, modes: list[bool]
     from fasq import speed
     from fasq.sources import load_model
 
-    cases = [("fp32", "default", torch.float32), ("bf16", "default", torch.bfloat16)]
-    cases += [(name, str(_checkpoint(runs, name, args)), torch.bfloat16) for name, args in MODEL_CONFIGS]
+    want = lambda name: not only or name in only  # noqa: E731
+    cases = [c for c in [("fp32", "default", torch.float32), ("bf16", "default", torch.bfloat16)] if want(c[0])]
+    cases += [(name, str(_checkpoint(runs, name, args)), torch.bfloat16) for name, args in MODEL_CONFIGS
+              if want(name) or (name == "fasq-d2k256" and want(name + "-exact"))]
     # the default checkpoint once more through the exact float kernels (FASQ_CPU_INT8=0 while it runs)
-    cases += [(name + "-exact", source, dtype) for name, source, dtype in cases if name == "fasq-d2k256"]
-    if only:
-        cases = [c for c in cases if c[0] in only]
+    cases += [(name + "-exact", source, dtype) for name, source, dtype in cases
+              if name == "fasq-d2k256" and want(name + "-exact")]
+    cases = [c for c in cases if want(c[0])]
     rows = []
     label = lambda src: str(Path(src).relative_to(ROOT)) if Path(src).is_relative_to(ROOT) else src  # noqa: E731
     for compiled in modes:
