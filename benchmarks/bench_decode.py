@@ -294,6 +294,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default="1,4,16", help="kernel token counts (default 1,4,16)")
     ap.add_argument("--rotate-mb", type=int, default=ROTATE_BYTES >> 20,
                     help="MB of layer copies each kernel row cycles through (default %(default)s)")
+    ap.add_argument("--shapes", default=None, help="kernel shapes, e.g. 4096x4096,576x576 (default all)")
     ap.add_argument("--max-copies", type=int, default=64, help="at most this many copies of a layer (default 64)")
     ap.add_argument("--configs", default=None, help="model rows to run, comma-separated (default all)")
     ap.add_argument("--reps", type=int, default=15, help="kernel repetitions (median)")
@@ -317,6 +318,9 @@ def main(argv=None) -> int:
     res = {"device": cpu_name(), "isa": cpu.isa(), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "copy_bandwidth_gbps": round(bw, 1), "date": time.strftime("%Y-%m-%d")}
     print(f"{res['device']} ({res['isa']}), {res['threads']} threads, copy {bw:.1f} GB/s")
+    if a.shapes:
+        global KERNEL_SHAPES
+        KERNEL_SHAPES = [tuple(int(v) for v in sh.split("x")) for sh in a.shapes.split(",")]
     if a.only != "models":
         res["kernels"] = bench_kernels([int(t) for t in a.tokens.split(",")], a.reps, bw, a.rotate_mb << 20,
                                        a.max_copies)
