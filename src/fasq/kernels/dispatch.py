@@ -67,8 +67,11 @@ CPU_GEMV_MAX_TOKENS = 6
 
 # Up to this many tokens the int8 kernel (cpu_int8: int8 lookups by vpermi2b, products by
 # vpdpbusd) runs where it takes the layer: each looked-up tile serves 8 tokens, so its cost
-# grows slowly with tokens. 2-core Xeon (AVX-512 VBMI/VNNI), d=2 K=256, 4096x4096, bf16,
-# microseconds: see benchmarks/results/decode-cpu.json (the rows with tokens 1 and 16).
+# grows slowly with tokens. Xeon with AVX-512 VBMI/VNNI, 1 thread, d=2 K=256, bf16, codes
+# from memory, microseconds int8 / exact path (benchmarks/results/decode-cpu.json):
+# 4096x4096: 1 token 1397 / 3940 (cpu_gemv), 16 tokens 3366 / 7561 (rebuild + matmul);
+# 576x576: 48 / 88 and 152 / 202. 16 is the most tokens the issue asked for (vLLM decode
+# batches, speculative decoding); beyond it prefill's rebuild + matmul is unchanged.
 CPU_INT8_MAX_TOKENS = 16
 
 
