@@ -181,9 +181,8 @@ def test_selection_switch_and_fallbacks(monkeypatch):
         run(1, codes, cb, scales, offsets)
     with cpu.limit_isa("avx2"):
         run(1, codes, cb, scales, offsets)
-    c4, cb4, s4, o4 = _layer(16, 64, 4, 16, 1, 2, False)  # d=4: not taken
-    run_d4 = torch.ops.fasq.pq_linear(torch.randn(1, 64), c4, cb4.float(), s4.float(), None, None)
-    del run_d4
+    c4, cb4, s4, _ = _layer(16, 64, 4, 16, 1, 2, False)  # d=4: not taken
+    torch.ops.fasq.pq_linear(torch.randn(1, 64), c4, cb4.float(), s4.float(), None, None)
     c6, cb6, s6, _ = _layer(16, 12, 2, 16, 1, 1, False)  # M = 6 subspaces: not whole 4-subspace steps
     torch.ops.fasq.pq_linear(torch.randn(1, 12), c6, cb6.float(), s6.float(), None, None)
     assert calls == ["gemv"] * 5
