@@ -41,8 +41,8 @@ extern "C" int fasq_cpu_isa_level(void);  // pq_cpu.cpp: 2 when AVX-512 is prese
 namespace {
 
 // Subspaces per activation block: 4 (8 columns, one step). Blocks of 32 columns (as llama.cpp's
-// Q8_0) cost 13 % less at 1 token but moved the default model's WikiText-2 perplexity by
-// +0.71 % (activation rounding was 4x the codebook's int8 error there); 8 columns: see README.
+// Q8_0) cost 13-23 % less at 1 token in cache but moved the default model's WikiText-2 perplexity by
+// +0.71 % (activation rounding was 4x the codebook int8 error there); with 8 columns +0.375 %.
 constexpr int64_t ABLK = 4;
 constexpr int NT_MAX = 8;      // tokens per pass over a row block
 constexpr int64_t PARALLEL_MIN_WEIGHTS = 1 << 16;  // as pq_cpu.cpp: smaller layers, one thread
