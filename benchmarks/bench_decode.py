@@ -9,14 +9,15 @@ Output: a table on stdout and benchmarks/results/decode-cpu.json with top-level 
 `threads`, `copy_bandwidth_gbps`, `kernels_command` / `rows_command` (what made each
 section), `rows` (models: `config`, `batch`, `tok_s`,
 `prefill_tok_s`, `speedup_vs_bf16`, `weight_bytes`, `compiled`) and `kernels` (`out`,
-`in`, `tokens`, `d`, `K`, `time_us`, `bf16_us`, `speedup_vs_bf16`, `code_bytes`,
+`in`, `tokens`, `d`, `K`, `time_us`, `bf16_us`, `speedup_vs_bf16` (medians), the same as
+`*_min` (the fastest repetition), `kernel` (the path taken), `code_bytes`,
 `stream_us`: the time to read the codes at the measured copy bandwidth).
 
 Method. Kernels: Llama-3-8B shapes (4096x4096, 14336x4096) and the default model's
 (576x576, 192x576, 1536x576, 576x1536), random codes (timing does not depend on values),
 the default scope (a codebook per 96+ subspaces, a scale per 96+ columns; RTN: a scale
 and a minimum per group), bf16 activations and codebooks as in a bf16 model. Each timed
-call cycles through enough copies of the layer that they span 64 MB (twice the L3 of
+call cycles through enough copies of the layer (at most --max-copies) that they span --rotate-mb (64 MB by default: twice the L3 of
 the machine this was written on), so codes and weights come from memory as in a real
 forward pass; bf16 and every config are timed in turn within each repetition (a slow
 spell of a shared machine hits all alike); time per call = median over repetitions of
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -54,7 +56,11 @@ MODEL_CONFIGS = [
     ("rtn-w4g192", ["--method", "rtn", "--bits", "4", "--group-size", "192"]),
 ]
 KERNEL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (14336, 4096)]
-KERNEL_CONFIGS = [("fasq-d2k256", 2, 256), ("fasq-d2k64", 2, 64), ("fasq-d4k4096", 4, 4096), ("rtn-w4", 1, 16)]
+# (name, d, K, exact): exact rows keep the float kernels (FASQ_CPU_INT8=0: cpu_gemv up to 6
+# tokens, else rebuild + matmul); the others take the default selection (cpu_int8 where it
+# takes the layer)
+KERNEL_CONFIGS = [("fasq-d2k256", 2, 256, False), ("fasq-d2k256-exact", 2, 256, True), ("fasq-d2k64", 2, 64, False),
+                  ("fasq-d4k4096", 4, 4096, False), ("rtn-w4", 1, 16, False)]
 
 
 def cpu_name() -> str:
@@ -91,7 +97,7 @@ def _interleaved_us(groups: dict, reps: int) -> dict:
     for _ in range(reps):
         for name, calls in groups.items():
             times[name].append(_timed(lambda: [c() for c in calls]) / len(calls))
-    return {name: sorted(t)[len(t) // 2] * 1e6 for name, t in times.items()}
+    return {name: (sorted(t)[len(t) // 2] * 1e6, min(t) * 1e6) for name, t in times.items()}
 
 
 def _layer(out: int, inn: int, d: int, K: int, gen: torch.Generator):
@@ -108,36 +114,59 @@ def _layer(out: int, inn: int, d: int, K: int, gen: torch.Generator):
     return codes, cb, scales, offsets
 
 
-def bench_kernels(tokens_list, reps: int, bw_gbps: float) -> list[dict]:
+def _kernel_name(T: int, layer, exact: bool) -> str:
+    from fasq.kernels import cpu_int8
+    from fasq.kernels.dispatch import CPU_GEMV_MAX_TOKENS, CPU_INT8_MAX_TOKENS
+
+    if not exact and T <= CPU_INT8_MAX_TOKENS and cpu_int8.prepared(*layer, None) is not None:
+        return "cpu_int8"
+    return "cpu_gemv" if T <= CPU_GEMV_MAX_TOKENS else "cpu_dequant"
+
+
+def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int | None = None,
+                  max_copies: int = 64) -> list[dict]:
     from fasq.format import packed_row_bytes
     from fasq.kernels import cpu
-    from fasq.kernels.dispatch import CPU_GEMV_MAX_TOKENS
+
+    rotate_bytes = ROTATE_BYTES if rotate_bytes is None else rotate_bytes
 
     gen = torch.Generator().manual_seed(0)
     rows = []
     for out, inn in KERNEL_SHAPES:
-        n_w = max(2, min(64, ROTATE_BYTES // (2 * out * inn)))
+        n_w = max(2, min(max_copies, rotate_bytes // (2 * out * inn)))
         weights = [torch.randn(out, inn, generator=gen).to(torch.bfloat16) for _ in range(n_w)]
+        layer_sets = {}
+        for name, d, K, _ in KERNEL_CONFIGS:  # the same layers for every token count
+            n = max(2, min(max_copies, rotate_bytes // (out * (inn // d) * (1 if K <= 256 else 2))))
+            layer_sets[name] = layer_sets.get(name.removesuffix("-exact")) or [_layer(out, inn, d, K, gen)
+                                                                             for _ in range(n)]
         for T in tokens_list:
             x = torch.randn(T, inn, generator=gen).to(torch.bfloat16)
             groups = {"bf16": [lambda W=W: torch.nn.functional.linear(x, W) for W in weights]}
-            for name, d, K in KERNEL_CONFIGS:
-                n = max(2, min(64, ROTATE_BYTES // (out * (inn // d) * (1 if K <= 256 else 2))))
-                layers = [_layer(out, inn, d, K, gen) for _ in range(n)]
-                groups[name] = [lambda L=L: cpu.pq_linear_cpu(x, *L) for L in layers]
+            kernels = {}
+            for name, d, K, exact in KERNEL_CONFIGS:
+                layers = layer_sets[name]
+                kernels[name] = k = _kernel_name(T, layers[0], exact)
+                groups[name] = [lambda L=L, k=k: cpu.pq_linear_cpu(x, *L, kernel=k) for L in layers]
             us = _interleaved_us(groups, reps)
-            for name, d, K in KERNEL_CONFIGS:
+            for name, d, K, _ in KERNEL_CONFIGS:
                 code_bytes = out * packed_row_bytes(inn // d, K.bit_length() - 1)
+                (med, low), (bmed, blow) = us[name], us["bf16"]
                 row = {"config": name, "out": out, "in": inn, "tokens": T, "d": d, "K": K,
-                       "time_us": round(us[name], 1), "bf16_us": round(us["bf16"], 1),
-                       "speedup_vs_bf16": round(us["bf16"] / us[name], 3), "code_bytes": code_bytes,
-                       "stream_us": round(code_bytes / bw_gbps / 1e3, 1),
-                       "kernel": "cpu_gemv" if T <= CPU_GEMV_MAX_TOKENS else "cpu_dequant"}
+                       "time_us": round(med, 1), "bf16_us": round(bmed, 1),
+                       "speedup_vs_bf16": round(bmed / med, 3), "code_bytes": code_bytes,
+                       # the fastest repetition: what a quiet machine gives (a shared one
+                       # slows some repetitions by preempting one of the threads)
+                       "time_us_min": round(low, 1), "bf16_us_min": round(blow, 1),
+                       "speedup_vs_bf16_min": round(blow / low, 3),
+                       "stream_us": round(code_bytes / bw_gbps / 1e3, 1), "kernel": kernels[name],
+                       "copies": len(groups[name]), "rotated_bytes": len(groups[name]) * out * (inn // d)}
                 rows.append(row)
-                print(f"  {out:>5}x{inn:<5} T={T:<2} {name:<13} {row['time_us']:9.1f} us  bf16 {row['bf16_us']:9.1f} us"
-                      f"  x{row['speedup_vs_bf16']:5.2f}  (codes stream {row['stream_us']:.1f} us)", flush=True)
+                print(f"  {out:>5}x{inn:<5} T={T:<2} {name:<17} {row['time_us']:9.1f} us  bf16 {row['bf16_us']:9.1f} us"
+                      f"  x{row['speedup_vs_bf16']:5.2f}  min {row['time_us_min']:8.1f} / {row['bf16_us_min']:8.1f} us"
+                      f"  x{row['speedup_vs_bf16_min']:5.2f}  (codes stream {row['stream_us']:.1f} us)", flush=True)
             del groups
-        del weights
+        del weights, layer_sets
         gc.collect()
     return rows
 
@@ -155,14 +184,36 @@ def _checkpoint(runs: Path, name: str, args: list[str]) -> Path:
     return path
 
 
-def bench_models(runs: Path, prompt_len: int, new_tokens: int, modes: list[bool], rounds: int) -> list[dict]:
+def _run_as(name: str, fn):
+    """fn(), with the int8 kernel off for the '-exact' rows."""
+    if not name.endswith("-exact"):
+        return fn()
+    old = os.environ.get("FASQ_CPU_INT8")
+    os.environ["FASQ_CPU_INT8"] = "0"
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ["FASQ_CPU_INT8"]
+        else:
+            os.environ["FASQ_CPU_INT8"] = old
+
+
+def bench_models(runs: Path, prompt_len: int, new_tokens: int, modes: list[bool], rounds: int,
+                 only: list[str] | None = None) -> list[dict]:
     """All models are loaded (and compiled) first; then every round times each in turn,
     and each reports its best round, so a slow spell of the machine hits all alike."""
     from fasq import speed
     from fasq.sources import load_model
 
-    cases = [("fp32", "default", torch.float32), ("bf16", "default", torch.bfloat16)]
-    cases += [(name, str(_checkpoint(runs, name, args)), torch.bfloat16) for name, args in MODEL_CONFIGS]
+    want = lambda name: not only or name in only  # noqa: E731
+    cases = [c for c in [("fp32", "default", torch.float32), ("bf16", "default", torch.bfloat16)] if want(c[0])]
+    cases += [(name, str(_checkpoint(runs, name, args)), torch.bfloat16) for name, args in MODEL_CONFIGS
+              if want(name) or (name == "fasq-d2k256" and want(name + "-exact"))]
+    # the default checkpoint once more through the exact float kernels (FASQ_CPU_INT8=0 while it runs)
+    cases += [(name + "-exact", source, dtype) for name, source, dtype in cases
+              if name == "fasq-d2k256" and want(name + "-exact")]
+    cases = [c for c in cases if want(c[0])]
     rows = []
     label = lambda src: str(Path(src).relative_to(ROOT)) if Path(src).is_relative_to(ROOT) else src  # noqa: E731
     for compiled in modes:
@@ -172,11 +223,11 @@ def bench_models(runs: Path, prompt_len: int, new_tokens: int, modes: list[bool]
             ids = tok("The capital of France is", return_tensors="pt").input_ids[0]
             runners[name] = (source, dtype, speed.DecodeRunner(model, ids, prompt_len=prompt_len,
                                                                new_tokens=new_tokens, compile=compiled))
-            runners[name][2].warm_up()
+            _run_as(name, runners[name][2].warm_up)
         timed = {name: [] for name in runners}
         for _ in range(rounds):
             for name, (_, _, r) in runners.items():
-                timed[name].append(r.run())
+                timed[name].append(_run_as(name, r.run))
         for name, (source, dtype, r) in runners.items():
             s = r.speed(timed[name])
             row = {"config": name, "model": label(source), "dtype": str(dtype).removeprefix("torch."), "batch": 1,
@@ -240,7 +291,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu"], default="cpu",
                     help="cpu (the GPU decode benchmark of the CUDA kernels is not written yet)")
     ap.add_argument("--only", choices=["kernels", "models"], default=None)
-    ap.add_argument("--tokens", default="1,4", help="kernel token counts (default 1,4)")
+    ap.add_argument("--tokens", default="1,4,16", help="kernel token counts (default 1,4,16)")
+    ap.add_argument("--rotate-mb", type=int, default=ROTATE_BYTES >> 20,
+                    help="MB of layer copies each kernel row cycles through (default %(default)s)")
+    ap.add_argument("--shapes", default=None, help="kernel shapes, e.g. 4096x4096,576x576 (default all)")
+    ap.add_argument("--max-copies", type=int, default=64, help="at most this many copies of a layer (default 64)")
+    ap.add_argument("--configs", default=None, help="model rows to run, comma-separated (default all)")
     ap.add_argument("--reps", type=int, default=15, help="kernel repetitions (median)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -262,12 +318,18 @@ def main(argv=None) -> int:
     res = {"device": cpu_name(), "isa": cpu.isa(), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "copy_bandwidth_gbps": round(bw, 1), "date": time.strftime("%Y-%m-%d")}
     print(f"{res['device']} ({res['isa']}), {res['threads']} threads, copy {bw:.1f} GB/s")
+    if a.shapes:
+        global KERNEL_SHAPES
+        KERNEL_SHAPES = [tuple(int(v) for v in sh.split("x")) for sh in a.shapes.split(",")]
     if a.only != "models":
-        res["kernels"] = bench_kernels([int(t) for t in a.tokens.split(",")], a.reps, bw)
+        res["kernels"] = bench_kernels([int(t) for t in a.tokens.split(",")], a.reps, bw, a.rotate_mb << 20,
+                                       a.max_copies)
+        res["kernels_rotate_mb"], res["kernels_max_copies"] = a.rotate_mb, a.max_copies
         res["kernels_command"] = command
     if a.only != "kernels":
         modes = [m == "compile" for m in a.modes.split(",")]
-        rows = bench_models(Path(a.runs_dir), a.prompt_len, a.new_tokens, modes, a.rounds)
+        rows = bench_models(Path(a.runs_dir), a.prompt_len, a.new_tokens, modes, a.rounds,
+                            a.configs.split(",") if a.configs else None)
         py = a.llama_cpp_python
         if py is None and __import__("importlib").util.find_spec("llama_cpp") is not None:
             py = sys.executable

@@ -20,9 +20,12 @@ def bench(monkeypatch):
 def test_kernel_rows(bench):
     rows = bench.bench_kernels([1, 9], reps=2, bw_gbps=10.0)
     assert len(rows) == 2 * len(bench.KERNEL_CONFIGS)
+    from fasq.kernels import cpu_int8
+
     for r in rows:
         assert r["time_us"] > 0 and r["bf16_us"] > 0 and r["speedup_vs_bf16"] > 0
-        assert r["kernel"] == ("cpu_gemv" if r["tokens"] == 1 else "cpu_dequant")
+        int8 = cpu_int8.available() and r["config"] in ("fasq-d2k256", "fasq-d2k64")  # 1 and 9 <= 16 tokens
+        assert r["kernel"] == ("cpu_int8" if int8 else "cpu_gemv" if r["tokens"] == 1 else "cpu_dequant")
     d2 = next(r for r in rows if r["config"] == "fasq-d2k256")
     assert d2["code_bytes"] == 5 * 96  # 8-bit codes, 96 per row
     assert d2["stream_us"] == round(480 / 10.0 / 1e3, 1)

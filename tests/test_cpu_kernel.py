@@ -143,6 +143,7 @@ def test_leading_dims_and_op_dispatch():
 
 
 def test_use_kernel_forces_a_path(monkeypatch):
+    monkeypatch.setenv("FASQ_CPU_INT8", "0")  # auto selection on the exact kernels (test_cpu_int8.py: the int8 one)
     codes, cb, scales, offsets = _layer(*CASES[1])
     calls = []
     monkeypatch.setattr(cpu, "gemv", lambda *a, **k: calls.append("gemv") or ops.pq_linear_dequant(*a))
@@ -191,9 +192,10 @@ def test_prefill_reuses_its_weight_buffer():
 @pytest.mark.parametrize("layer", [PQConfig(d=2, K=16, codebook_group=4, scale_group=16),
                                    PQConfig(d=4, K=256, scale="minmax"), RTNConfig(bits=4, group_size=16)],
                          ids=["pq-d2", "pq-d4-minmax", "rtn"])
-def test_model_generates_the_same_tokens_as_the_reference_path(tiny_llama, layer):
+def test_model_generates_the_same_tokens_as_the_reference_path(tiny_llama, layer, monkeypatch):
     from fasq import quantize_model
 
+    monkeypatch.setenv("FASQ_CPU_INT8", "0")  # the exact kernels; the int8 one: test below
     quantize_model(tiny_llama, QuantConfig(layer=layer), progress=False)
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
@@ -203,6 +205,29 @@ def test_model_generates_the_same_tokens_as_the_reference_path(tiny_llama, layer
         ref_logits = tiny_llama(ids).logits
     assert torch.equal(fast, ref)
     torch.testing.assert_close(tiny_llama(ids).logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_model_through_the_int8_kernel_stays_near_the_reference(tiny_llama):
+    """The default selection (the int8 kernel for decode where the CPU has it): logits within
+    a few percent of the exact ones (int8 rounding of codebooks and activations per layer)."""
+    from fasq import quantize_model
+    from fasq.kernels import cpu_int8
+
+    if not cpu_int8.available():
+        pytest.skip("no AVX-512 VBMI/VNNI here")
+    quantize_model(tiny_llama, QuantConfig(layer=PQConfig(d=2, K=64, codebook_group=4, scale_group=16)),
+                   progress=False)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    taken = []
+    real_run = cpu_int8.run
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_int8, "run", lambda *a, **k: taken.append(1) or real_run(*a, **k))
+        fast = tiny_llama(ids[:, :6]).logits  # 6 tokens: the int8 kernel
+    assert taken
+    with cpu.use_kernel("reference"):
+        ref = tiny_llama(ids[:, :6]).logits
+    err = float((fast - ref).detach().abs().max() / ref.detach().abs().max())
+    assert 0 < err < 0.03, err
 
 
 def test_without_a_compiler_the_reference_path_runs_with_one_warning(tmp_path):

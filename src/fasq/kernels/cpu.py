@@ -4,6 +4,10 @@ through ctypes, with the same signature as the reference ops in `fasq.ops`:
     pq_linear_cpu(x, codes, codebooks, scales=None, offsets=None, bias=None, kernel="auto")
 
 Paths (see `dispatch.select_cpu_kernel`):
+    cpu_int8     decode, 1-16 tokens, d=2 K<=256 on AVX-512 VBMI+VNNI (cpu_int8.py): int8
+                 copies of the codebooks looked up 64 codes at a time, integer dot products
+                 with int8 activations; within int8 rounding of the exact result.
+                 FASQ_CPU_INT8=0 turns it off; elsewhere cpu_gemv runs
     cpu_gemv     decode: codes index the codebooks, centroids go straight into SIMD
                  registers and FMAs; W is never built (a few tokens)
     cpu_dequant  prefill: the library rebuilds W once per call into a reused buffer, then
@@ -43,10 +47,10 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import ops
-from .dispatch import CPU_KERNELS, select_cpu_kernel
+from .dispatch import CPU_INT8_MAX_TOKENS, CPU_KERNELS, select_cpu_kernel
 
 # One library: the pq_linear kernels and the k-means helpers (cpu_kmeans.py)
-SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("pq_cpu.cpp", "kmeans_cpu.cpp"))
+SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("pq_cpu.cpp", "pq_cpu_int8.cpp", "kmeans_cpu.cpp"))
 _ERRORS = {1: "non-positive size", 2: "in_features not divisible by d", 3: "codebooks do not divide the subspaces",
            4: "scale groups do not divide the subspaces", 5: "offsets without scales", 6: "unsupported code dtype",
            7: "unsupported codebook or scale dtype"}
@@ -103,6 +107,13 @@ def _declare(lib) -> None:
     lib.fasq_cpu_isa.restype = ctypes.c_char_p
     lib.fasq_cpu_set_isa.argtypes = [i32]
     lib.fasq_cpu_set_isa.restype = i32
+    lib.fasq_cpu_int8_available.restype = i32
+    lib.fasq_cpu_int8_sizes.argtypes = [ptr, ptr]
+    lib.fasq_cpu_int8_sizes.restype = i32
+    lib.fasq_cpu_int8_prepare.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.fasq_cpu_int8_prepare.restype = i32
+    lib.fasq_cpu_int8_linear.argtypes = [ptr, ptr, i32, i64, ptr, i32]
+    lib.fasq_cpu_int8_linear.restype = i32
     lib.fasq_cpu_kmeans_assign.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, i32]
     lib.fasq_cpu_kmeans_assign.restype = i32
     lib.fasq_cpu_kmeanspp.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, i32]
@@ -219,7 +230,9 @@ _forced: str | None = None
 @contextlib.contextmanager
 def use_kernel(name: str):
     """Make every fasq::pq_linear call on the CPU inside this block take the path `name`
-    (one of CPU_KERNELS), e.g. "reference" to time or check against the old path."""
+    (one of CPU_KERNELS), e.g. "reference" to time or check against the old path.
+    FASQ_CPU_KERNEL=name does the same for a whole process (e.g. cpu_int8 to run prefill
+    through the int8 kernel too, for a perplexity of the decode arithmetic)."""
     global _forced
     if name not in CPU_KERNELS:
         raise ValueError(f"unknown CPU kernel {name!r}; choose one of {CPU_KERNELS}")
@@ -362,18 +375,23 @@ def pq_linear_cpu(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | 
 
     kernel: "auto" (select_cpu_kernel decides) or force one of CPU_KERNELS.
     """
-    if kernel == "auto" and _forced is not None:
-        kernel = _forced
+    if kernel == "auto":
+        kernel = _forced or os.environ.get("FASQ_CPU_KERNEL") or "auto"
     if kernel == "auto":
         tokens = x.numel() // max(1, x.shape[-1])
-        kernel = select_cpu_kernel(tokens, codebooks.shape[2], codebooks.shape[1], has_library=available())
+        d, K, has = codebooks.shape[2], codebooks.shape[1], available()
+        prep = (cpu_int8.prepared(codes, codebooks, scales, offsets, bias)
+                if has and tokens <= CPU_INT8_MAX_TOKENS and cpu_int8.enabled() else None)
+        kernel = select_cpu_kernel(tokens, d, K, has_library=has, int8=prep is not None)
+        if kernel == "cpu_int8":
+            return cpu_int8.run(prep, x)
     if kernel not in CPU_KERNELS:
         raise ValueError(f"unknown CPU kernel {kernel!r}; choose 'auto' or one of {CPU_KERNELS}")
     if kernel == "reference":
         return ops.pq_linear_dequant(x, codes, codebooks, scales, offsets, bias)
     if not available():
         raise RuntimeError(f"the fasq CPU kernel is unavailable: {_lib_error}")
-    fn = gemv if kernel == "cpu_gemv" else dequant_matmul
+    fn = {"cpu_int8": cpu_int8.gemv, "cpu_gemv": gemv}.get(kernel, dequant_matmul)
     return fn(x, codes, codebooks, scales, offsets, bias)
 
 
@@ -383,3 +401,6 @@ def _pq_linear_cpu_op(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tenso
 
 
 ops.register_kernel("cpu", _pq_linear_cpu_op)
+
+
+from . import cpu_int8  # noqa: E402  (it builds on this module)

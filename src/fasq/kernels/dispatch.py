@@ -54,7 +54,7 @@ def select_kernel(device_type: str, tokens: int, d: int, K: int, *, has_triton: 
 
 # --- CPU ---------------------------------------------------------------------------------
 
-CPU_KERNELS = ("cpu_gemv", "cpu_dequant", "reference")
+CPU_KERNELS = ("cpu_int8", "cpu_gemv", "cpu_dequant", "reference")
 
 # Up to this many tokens the CPU decode kernel (no W built) runs; above it W is rebuilt
 # once per call into a reused buffer and torch's matmul runs. The kernel decodes the codes
@@ -65,9 +65,22 @@ CPU_KERNELS = ("cpu_gemv", "cpu_dequant", "reference")
 CPU_GEMV_MAX_TOKENS = 6
 
 
-def select_cpu_kernel(tokens: int, d: int, K: int, *, has_library: bool = True) -> str:
+# Up to this many tokens the int8 kernel (cpu_int8: int8 lookups by vpermi2b, products by
+# vpdpbusd) runs where it takes the layer: each looked-up tile serves 8 tokens, so its cost
+# grows slowly with tokens. Xeon with AVX-512 VBMI/VNNI, 1 thread, d=2 K=256, bf16, codes
+# from memory, microseconds int8 / exact path (benchmarks/results/decode-cpu.json):
+# 4096x4096: 1 token 1397 / 3940 (cpu_gemv), 16 tokens 3366 / 7561 (rebuild + matmul);
+# 576x576: 48 / 88 and 152 / 202. 16 is the most tokens the issue asked for (vLLM decode
+# batches, speculative decoding); beyond it prefill's rebuild + matmul is unchanged.
+CPU_INT8_MAX_TOKENS = 16
+
+
+def select_cpu_kernel(tokens: int, d: int, K: int, *, has_library: bool = True, int8: bool = False) -> str:
     """Name of the CPU path for `tokens` rows of activations against a (d, K) layer; one of
-    CPU_KERNELS ("reference" when the C++ library could not be built or loaded)."""
+    CPU_KERNELS ("reference" when the C++ library could not be built or loaded).
+    int8: whether the int8 kernel takes this layer here (CPU, format, FASQ_CPU_INT8)."""
     if not has_library or tokens <= 0:
         return "reference"
+    if int8 and tokens <= CPU_INT8_MAX_TOKENS:
+        return "cpu_int8"
     return "cpu_gemv" if tokens <= CPU_GEMV_MAX_TOKENS else "cpu_dequant"

@@ -1,0 +1,415 @@
+// fasq CPU decode through int8 lookups and integer dot products (AVX-512 VBMI + VNNI).
+// The Python side is fasq/kernels/cpu.py (kernel "cpu_int8"); the exact float kernels are
+// in pq_cpu.cpp. Why: the float kernel needs one table access per code (about a code per
+// cycle); here 64 codes are looked up per instruction, so decode runs near memory speed.
+//
+// Formats: d=2, K <= 256, one-byte codes (the default d=2 K=256, and d=2 K=64), codebook
+// runs and scale groups a multiple of 4 subspaces. Anything else: the caller keeps the
+// float path (fasq_cpu_int8_sizes says so).
+//
+// Load time (fasq_cpu_int8_prepare, once per layer; the checkpoint is unchanged):
+//   codes   uint8 [OB][M/4][16][4]   OB = ceil(out/16) row blocks; a 64-byte step holds 4
+//                                    consecutive codes of each of 16 rows (one 32-bit lane
+//                                    per row), padding rows code 0
+//   tabs    uint8 [C][2][256]        first / second value of each centroid as int8 + 128
+//                                    (vpdpbusd multiplies unsigned by signed bytes)
+//   cbscale float [C]                the codebook's int8 step: max |value| / 127
+//   scales  float [OB][S][16]        row scales (1 without scales), 16 rows per vector
+//   offsets float [OB][S][16]        or nothing
+// Per call: activations quantized to int8 per block of ABLK subspaces (2*ABLK columns,
+// inside one run) with a float step per block and the block's int8 sum; per 64-byte step
+// two 256-entry lookups (two vpermi2b on 128-byte halves, blended on the code's top bit),
+// then per token two vpdpbusd against broadcast groups of 4 activations. The +128 shift of
+// the tables is removed by starting each block's int32 sums at -128 * (sum of its int8
+// activations). Per block and token one int->float and one FMA; per run one FMA with the
+// 16 rows' scales. Up to 8 tokens share each lookup; more tokens go 8 at a time over the
+// same row block (its codes still in L1/L2).
+
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+extern "C" int fasq_cpu_isa_level(void);  // pq_cpu.cpp: 2 when AVX-512 is present and allowed
+
+namespace {
+
+// Subspaces per activation block: 4 (8 columns, one step). Blocks of 32 columns (as llama.cpp's
+// Q8_0) cost 13-23 % less at 1 token in cache but moved the default model's WikiText-2 perplexity by
+// +0.71 % (activation rounding was 4x the codebook int8 error there); with 8 columns +0.375 %.
+constexpr int64_t ABLK = 4;
+constexpr int NT_MAX = 8;      // tokens per pass over a row block
+constexpr int64_t PARALLEL_MIN_WEIGHTS = 1 << 16;  // as pq_cpu.cpp: smaller layers, one thread
+
+// Mirror of FasqLayerArgs in pq_cpu.cpp (every field 8 bytes).
+struct LayerArgs {
+  int64_t in, out;
+  const void* codes;
+  int64_t code_bytes;
+  const void* codebooks;
+  int64_t cb_dtype, C, K, d;
+  const void* scales;
+  const void* offsets;
+  int64_t scale_dtype, S;
+  const void* bias;
+  int64_t bias_dtype;
+};
+
+enum { F32 = 0, F16 = 1, BF16 = 2 };
+
+float half_to_float(uint16_t h) {
+  const uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023;
+  uint32_t u;
+  if (e == 0) {
+    float f = m * (1.f / 16777216.f);
+    memcpy(&u, &f, 4);
+    u |= s;
+  } else if (e == 31) {
+    u = s | 0x7f800000u | (m << 13);
+  } else {
+    u = s | ((e + 112) << 23) | (m << 13);
+  }
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+inline float get(const void* p, int64_t j, int dtype) {
+  if (dtype == F32) return static_cast<const float*>(p)[j];
+  const uint16_t h = static_cast<const uint16_t*>(p)[j];
+  if (dtype == F16) return half_to_float(h);
+  const uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+inline void put(void* p, int64_t j, float v, int dtype) {
+  if (dtype == F32) {
+    static_cast<float*>(p)[j] = v;
+    return;
+  }
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  if (dtype == BF16) {  // round to nearest even, NaN kept quiet
+    u = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x400000u) : u + 0x7fffu + ((u >> 16) & 1u);
+    static_cast<uint16_t*>(p)[j] = (uint16_t)(u >> 16);
+    return;
+  }
+  // IEEE fp16, round to nearest even (as float_to_half in pq_cpu.cpp)
+  const uint32_t sign = (u >> 16) & 0x8000u, m = u & 0x7fffffffu;
+  uint16_t h;
+  if (m > 0x7f800000u) h = (uint16_t)(sign | 0x7e00u);
+  else if (m >= 0x477ff000u) h = (uint16_t)(sign | 0x7c00u);
+  else if (m < 0x38800000u) {
+    float mag;
+    memcpy(&mag, &m, 4);
+    h = (uint16_t)(sign | (uint32_t)std::lrint(mag * 16777216.f));
+  } else {
+    h = (uint16_t)(sign | ((m + 0x0fffu + ((m >> 13) & 1u) - (112u << 23)) >> 13));
+  }
+  static_cast<uint16_t*>(p)[j] = h;
+}
+
+struct Run {  // subspaces [m0, m1), codebook c, scale group g
+  int64_t m0, m1, c, g;
+};
+
+// 0 when the int8 path takes this layer, else why not (1 format, 2 alignment).
+int supported(const LayerArgs& a) {
+  if (a.d != 2 || a.code_bytes != 1 || a.K > 256 || a.K < 1 || a.in <= 0 || a.out <= 0 || a.in % 2) return 1;
+  const int64_t M = a.in / 2;
+  if (a.C <= 0 || M % a.C || (a.scales && (a.S <= 0 || M % a.S)) || (a.offsets && !a.scales)) return 1;
+  if (M % 4 || (M / a.C) % 4 || (a.scales && (M / a.S) % 4)) return 2;
+  return 0;
+}
+
+std::vector<Run> make_runs(const LayerArgs& a) {
+  const int64_t M = a.in / 2, span = M / a.C, gsub = a.scales ? M / a.S : M;
+  std::vector<Run> runs;
+  for (int64_t m = 0; m < M;) {
+    const int64_t c = m / span, g = m / gsub, end = std::min((c + 1) * span, (g + 1) * gsub);
+    runs.push_back({m, end, c, g});
+    m = end;
+  }
+  return runs;
+}
+
+inline int64_t n_groups(const LayerArgs& a) { return a.scales ? a.S : 1; }
+
+// One call's quantized activations. Blocks: each run cut into ABLK-subspace pieces, numbered
+// in run order (the kernel walks them in the same order).
+struct Acts {
+  const int8_t* xq;    // [T][M/4][8]
+  const float* xs;     // [T][nblk] float step of each block
+  const int32_t* xqs;  // [T][nblk] sum of the block's int8 values
+  const float* xsum;   // [T][R] float sums of x over each run (offsets), or NULL
+  int64_t nblk, R;
+};
+
+struct Prepared {
+  const uint8_t* codes;
+  const uint8_t* tabs;
+  const float* cbscale;
+  const float* scales;
+  const float* offsets;
+};
+
+}  // namespace
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define FASQ_I8 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,avx2,fma")))
+
+namespace {
+
+bool cpu_has_int8() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
+                          __builtin_cpu_supports("avx512vnni");
+  return has;
+}
+
+// Row block rb (16 rows), tokens [0, NT) of `A` (already offset to the first token); tot
+// [NT][16] written. BIG: K > 128 (two lookups and a blend per table), OFF: offsets present.
+template <int NT, bool BIG, bool OFF>
+FASQ_I8 void row_block(const Run* runs, int64_t R, int64_t M, int64_t S, const Prepared& P, int64_t rb,
+                       const Acts& A, float* tot) {
+  constexpr int U = NT >= 4 ? 1 : 2;  // independent int32 sums per token (hide vpdpbusd latency)
+  const int64_t M4 = M / 4;
+  const __m512i* code = reinterpret_cast<const __m512i*>(P.codes) + rb * M4;
+  __m512 tv[NT];
+  for (int t = 0; t < NT; t++) tv[t] = _mm512_setzero_ps();
+  __m512i ta0, ta1, ta2, ta3, tb0, tb1, tb2, tb3;
+  ta0 = ta1 = ta2 = ta3 = tb0 = tb1 = tb2 = tb3 = _mm512_setzero_si512();
+  int64_t loaded = -1, blk = 0;
+  for (int64_t r = 0; r < R; r++) {
+    const Run run = runs[r];
+    if (run.c != loaded) {
+      const __m512i* tp = reinterpret_cast<const __m512i*>(P.tabs + run.c * 512);
+      ta0 = _mm512_loadu_si512(tp), ta1 = _mm512_loadu_si512(tp + 1);
+      tb0 = _mm512_loadu_si512(tp + 4), tb1 = _mm512_loadu_si512(tp + 5);
+      if (BIG) {
+        ta2 = _mm512_loadu_si512(tp + 2), ta3 = _mm512_loadu_si512(tp + 3);
+        tb2 = _mm512_loadu_si512(tp + 6), tb3 = _mm512_loadu_si512(tp + 7);
+      }
+      loaded = run.c;
+    }
+    __m512 racc[NT];
+    for (int t = 0; t < NT; t++) racc[t] = _mm512_setzero_ps();
+    for (int64_t b0 = run.m0; b0 < run.m1; b0 += ABLK, blk++) {
+      const int64_t b1 = std::min(run.m1, b0 + ABLK);
+      __m512i acc[U][NT];
+      for (int t = 0; t < NT; t++) {
+        acc[0][t] = _mm512_set1_epi32(-128 * A.xqs[t * A.nblk + blk]);
+        if (U > 1) acc[U - 1][t] = _mm512_setzero_si512();
+      }
+      for (int64_t m = b0; m < b1; m += 4 * U) {
+        for (int u = 0; u < U; u++) {
+          if (U > 1 && m + 4 * u >= b1) break;
+          const int64_t step = m / 4 + u;
+          const __m512i idx = _mm512_loadu_si512(code + step);
+          __m512i wa = _mm512_permutex2var_epi8(ta0, idx, ta1), wb = _mm512_permutex2var_epi8(tb0, idx, tb1);
+          if (BIG) {
+            const __mmask64 hi = _mm512_movepi8_mask(idx);
+            wa = _mm512_mask_blend_epi8(hi, wa, _mm512_permutex2var_epi8(ta2, idx, ta3));
+            wb = _mm512_mask_blend_epi8(hi, wb, _mm512_permutex2var_epi8(tb2, idx, tb3));
+          }
+          for (int t = 0; t < NT; t++) {
+            const int32_t* xp = reinterpret_cast<const int32_t*>(A.xq + (t * M4 + step) * 8);
+            acc[u][t] = _mm512_dpbusd_epi32(acc[u][t], wa, _mm512_set1_epi32(xp[0]));
+            acc[u][t] = _mm512_dpbusd_epi32(acc[u][t], wb, _mm512_set1_epi32(xp[1]));
+          }
+        }
+      }
+      for (int t = 0; t < NT; t++) {
+        const __m512i a = U > 1 ? _mm512_add_epi32(acc[0][t], acc[U - 1][t]) : acc[0][t];
+        racc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(A.xs[t * A.nblk + blk]), racc[t]);
+      }
+    }
+    const __m512 sv = _mm512_mul_ps(_mm512_loadu_ps(P.scales + (rb * S + run.g) * 16), _mm512_set1_ps(P.cbscale[run.c]));
+    for (int t = 0; t < NT; t++) tv[t] = _mm512_fmadd_ps(racc[t], sv, tv[t]);
+    if (OFF) {
+      const __m512 ov = _mm512_loadu_ps(P.offsets + (rb * S + run.g) * 16);
+      for (int t = 0; t < NT; t++) tv[t] = _mm512_fmadd_ps(ov, _mm512_set1_ps(A.xsum[t * R + r]), tv[t]);
+    }
+  }
+  for (int t = 0; t < NT; t++) _mm512_storeu_ps(tot + t * 16, tv[t]);
+}
+
+typedef void (*BlockFn)(const Run*, int64_t, int64_t, int64_t, const Prepared&, int64_t, const Acts&, float*);
+
+template <bool BIG, bool OFF>
+BlockFn pick_nt(int nt) {
+  switch (nt) {
+    case 1: return row_block<1, BIG, OFF>;
+    case 2: return row_block<2, BIG, OFF>;
+    case 3: return row_block<3, BIG, OFF>;
+    case 4: return row_block<4, BIG, OFF>;
+    case 5: return row_block<5, BIG, OFF>;
+    case 6: return row_block<6, BIG, OFF>;
+    case 7: return row_block<7, BIG, OFF>;
+    default: return row_block<8, BIG, OFF>;
+  }
+}
+
+BlockFn pick(bool big, bool off, int nt) {
+  if (big) return off ? pick_nt<true, true>(nt) : pick_nt<true, false>(nt);
+  return off ? pick_nt<false, true>(nt) : pick_nt<false, false>(nt);
+}
+
+}  // namespace
+#else
+namespace {
+bool cpu_has_int8() { return false; }
+}  // namespace
+#endif
+
+extern "C" {
+
+// 1 when this CPU has the int8 path (AVX-512 F/BW/VL + VBMI + VNNI) and the instruction-set
+// cap (FASQ_CPU_ISA, fasq_cpu_set_isa) allows AVX-512, else 0.
+int fasq_cpu_int8_available(void) { return cpu_has_int8() && fasq_cpu_isa_level() >= 2 ? 1 : 0; }
+
+// Sizes of a layer's prepared buffers: sizes[0] code bytes, [1] table bytes, [2] codebook
+// steps (floats), [3] scale floats, [4] offset floats (0 without offsets). Returns 0, or
+// nonzero when the int8 path does not take this format (1) or its alignment (2).
+int fasq_cpu_int8_sizes(const LayerArgs* a, int64_t* sizes) {
+  if (int err = supported(*a)) return err;
+  const int64_t OB = (a->out + 15) / 16, G = n_groups(*a);
+  sizes[0] = OB * 16 * (a->in / 2);
+  sizes[1] = a->C * 512;
+  sizes[2] = a->C;
+  sizes[3] = OB * G * 16;
+  sizes[4] = a->offsets ? OB * G * 16 : 0;
+  return 0;
+}
+
+// Fill the prepared buffers (sizes from fasq_cpu_int8_sizes) from the layer's tensors.
+int fasq_cpu_int8_prepare(const LayerArgs* a, uint8_t* codes, uint8_t* tabs, float* cbscale, float* scales,
+                          float* offsets) {
+  if (int err = supported(*a)) return err;
+  const int64_t M = a->in / 2, M4 = M / 4, OB = (a->out + 15) / 16, G = n_groups(*a), K = a->K;
+  const uint8_t* src = static_cast<const uint8_t*>(a->codes);
+  for (int64_t rb = 0; rb < OB; rb++)
+    for (int64_t s = 0; s < M4; s++)
+      for (int64_t r = 0; r < 16; r++) {
+        const int64_t o = rb * 16 + r;
+        uint8_t* dst = codes + ((rb * M4 + s) * 16 + r) * 4;
+        if (o < a->out) memcpy(dst, src + o * M + s * 4, 4);
+        else memset(dst, 0, 4);
+      }
+  for (int64_t c = 0; c < a->C; c++) {
+    float amax = 0.f;
+    for (int64_t j = 0; j < K * 2; j++) amax = std::max(amax, std::fabs(get(a->codebooks, c * K * 2 + j, (int)a->cb_dtype)));
+    const float step = amax > 0.f ? amax / 127.f : 1.f;
+    cbscale[c] = step;
+    for (int64_t k = 0; k < 256; k++)
+      for (int e = 0; e < 2; e++) {
+        const float v = k < K ? get(a->codebooks, (c * K + k) * 2 + e, (int)a->cb_dtype) : 0.f;
+        const long q = std::lrint(v / step);  // |q| <= 127
+        tabs[c * 512 + e * 256 + k] = (uint8_t)(std::max(-127L, std::min(127L, q)) + 128);
+      }
+  }
+  for (int64_t rb = 0; rb < OB; rb++)
+    for (int64_t g = 0; g < G; g++)
+      for (int64_t r = 0; r < 16; r++) {
+        const int64_t o = rb * 16 + r, j = (rb * G + g) * 16 + r;
+        const bool real = o < a->out;
+        scales[j] = !real ? 0.f : a->scales ? get(a->scales, o * a->S + g, (int)a->scale_dtype) : 1.f;
+        if (a->offsets) offsets[j] = real ? get(a->offsets, o * a->S + g, (int)a->scale_dtype) : 0.f;
+      }
+  return 0;
+}
+
+// A prepared layer: its arguments and the buffers fasq_cpu_int8_prepare filled (offsets
+// NULL without offsets). Every field 8 bytes.
+struct Int8Layer {
+  const LayerArgs* args;
+  const uint8_t* codes;
+  const uint8_t* tabs;
+  const float* cbscale;
+  const float* scales;
+  const float* offsets;
+};
+
+// y[T, out] = x[T, in] @ W.T + bias through the prepared buffers; x and y of x_dtype (0 fp32,
+// 1 fp16, 2 bf16), 1 <= T. Returns 0; 1/2 for a format the path does not take; 3 when this
+// CPU (or the instruction-set cap) lacks the path.
+int fasq_cpu_int8_linear(const Int8Layer* p, const void* x, int x_dtype, int64_t T, void* y, int nthreads) {
+  const LayerArgs* a = p->args;
+  const float* offsets = p->offsets;
+  if (int err = supported(*a)) return err;
+  if (!fasq_cpu_int8_available()) return 3;
+  if (T <= 0) return 0;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  const int64_t M = a->in / 2, M4 = M / 4, out = a->out, OB = (out + 15) / 16, G = n_groups(*a);
+  const std::vector<Run> runs = make_runs(*a);
+  const int64_t R = runs.size();
+  int64_t nblk = 0;
+  for (const Run& r : runs) nblk += (r.m1 - r.m0 + ABLK - 1) / ABLK;
+  // quantize the activations: per block, step = max |x| / 127, values rounded to nearest
+  std::vector<int8_t> xq(T * M * 2);
+  std::vector<float> xs(T * nblk), xsum(offsets ? T * R : 0), xf(2 * ABLK);
+  std::vector<int32_t> xqs(T * nblk);
+  for (int64_t t = 0; t < T; t++) {
+    int64_t blk = 0;
+    for (int64_t r = 0; r < R; r++) {
+      float rs = 0.f;
+      for (int64_t b0 = runs[r].m0; b0 < runs[r].m1; b0 += ABLK, blk++) {
+        const int64_t n = 2 * (std::min(runs[r].m1, b0 + ABLK) - b0);
+        float amax = 0.f;
+        for (int64_t j = 0; j < n; j++) {
+          xf[j] = get(x, t * a->in + 2 * b0 + j, x_dtype);
+          amax = std::max(amax, std::fabs(xf[j]));
+          rs += xf[j];
+        }
+        const float step = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        int32_t qs = 0;
+        for (int64_t j = 0; j < n; j++) {
+          const int64_t col = 2 * b0 + j, s = col / 8, w = col % 8;
+          const int8_t q = (int8_t)std::lrint(xf[j] * inv);
+          xq[(t * M4 + s) * 8 + (w % 2) * 4 + w / 2] = q;  // even columns, then odd ones
+          qs += q;
+        }
+        xs[t * nblk + blk] = step;
+        xqs[t * nblk + blk] = qs;
+      }
+      if (offsets) xsum[t * R + r] = rs;
+    }
+  }
+  const Acts acts{xq.data(), xs.data(), xqs.data(), offsets ? xsum.data() : nullptr, nblk, R};
+  const Prepared P{p->codes, p->tabs, p->cbscale, p->scales, p->offsets};
+  const bool big = a->K > 128, off = offsets != nullptr;
+  const int nth = (nthreads > 1 && out * a->in >= PARALLEL_MIN_WEIGHTS) ? nthreads : 1;
+#pragma omp parallel num_threads(nth) if (nth > 1)
+  {
+    alignas(64) float tot[NT_MAX * 16];
+#pragma omp for schedule(static)
+    for (int64_t rb = 0; rb < OB; rb++)
+      for (int64_t t0 = 0; t0 < T; t0 += NT_MAX) {
+        const int nt = (int)std::min<int64_t>(NT_MAX, T - t0);
+        const Acts at{acts.xq + t0 * M4 * 8, acts.xs + t0 * nblk, acts.xqs + t0 * nblk,
+                      off ? acts.xsum + t0 * R : nullptr, nblk, R};
+        pick(big, off, nt)(runs.data(), R, M, G, P, rb, at, tot);
+        const int64_t rows = std::min<int64_t>(16, out - rb * 16);
+        for (int t = 0; t < nt; t++)
+          for (int64_t r = 0; r < rows; r++) {
+            const int64_t o = rb * 16 + r;
+            const float b = a->bias ? get(a->bias, o, (int)a->bias_dtype) : 0.f;
+            put(y, (t0 + t) * out + o, tot[t * 16 + r] + b, x_dtype);
+          }
+      }
+  }
+  return 0;
+#else
+  (void)offsets, (void)x, (void)x_dtype, (void)y, (void)nthreads;
+  return 3;
+#endif
+}
+
+}  // extern "C"

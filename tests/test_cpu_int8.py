@@ -1,0 +1,204 @@
+"""The int8 CPU decode kernel (fasq.kernels.cpu_int8) against two oracles.
+
+1. An emulation of its arithmetic in float64: codebooks rounded to int8 with one step per
+   codebook (max |value| / 127), activations rounded to int8 per block of 8 columns inside
+   each (codebook, scale group) run, products summed exactly. The kernel must match it to
+   float32 accumulation error: a wrong lookup, lane, block or scale shows up at once.
+2. The exact float64 result: the emulation must lie within the bound that int8 rounding
+   allows, sum_j |scale| * (|x_j| * dc / 2 + (|v_j| + dc / 2) * dx_b / 2) (dc, dx_b: the
+   codebook's and the activation block's steps), so the threshold is derived, not tuned.
+
+Every instruction-set cap is forced (below "avx512" the path is absent and the exact float
+kernel must run instead), token counts 1, 2, 3, 6, 16 (and 17: two passes of 8 plus one),
+shapes crossing several 16-row blocks (with padding) and large enough to start the
+threads, run with 2 threads. Outputs are poisoned with NaN first.
+"""
+
+import pytest
+import torch
+
+from fasq import ops
+from fasq.kernels import cpu, cpu_int8, dispatch
+
+from test_ops import _layer
+
+ABLK = 4  # subspaces per activation block (csrc/pq_cpu_int8.cpp)
+# (out, in, K, C, S, offsets): several row blocks with a partial last one, K above and
+# below 128 (two lookups and a blend, or one), scale groups, offsets, no scales
+CASES = [
+    (200, 768, 256, 4, 8, False),    # 153600 weights: threaded; runs of 48 subspaces
+    (37, 2048, 256, 8, 16, True),    # 3 row blocks, partial; runs of 64 with offsets
+    (130, 576, 64, 3, 6, False),     # the default model's width, K = 64
+    (64, 1024, 16, 2, 4, True),      # a 16-entry codebook
+    (48, 520, 256, 1, 1, False),     # one run of 260 subspaces
+    (96, 1024, 256, 4, 0, False),    # no scales
+]
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    """Kernels run with 2 threads (other test modules set 1 when imported)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(params=cpu.ISAS)
+def isa(request):
+    assert cpu.load_library() is not None, cpu._lib_error
+    with cpu.limit_isa(request.param):
+        yield request.param
+
+
+def _make(case, seed=0):
+    out, inn, K, C, S, with_offsets = case
+    codes, cb, scales, offsets = _layer(out, inn, 2, K, C, max(S, 1), with_offsets)
+    return codes, cb.float(), (scales.float() if S else None), (offsets.float() if with_offsets else None)
+
+
+def _runs(M, C, S):
+    span, gsub = M // C, (M // S if S else M)
+    m, runs = 0, []
+    while m < M:
+        end = min((m // span + 1) * span, (m // gsub + 1) * gsub)
+        runs.append((m, end, m // span, m // gsub))
+        m = end
+    return runs
+
+
+def _emulate(x, codes, cb, scales, offsets):
+    """(the int8 arithmetic in float64, the int8 rounding bound) for x [T, in] fp32."""
+    T, inn = x.shape
+    out, M = codes.shape
+    C, K, _ = cb.shape
+    S = scales.shape[1] if scales is not None else 0
+    step_c = (cb.abs().amax(dim=(1, 2)) / 127).where(cb.abs().amax(dim=(1, 2)) > 0, torch.ones(C))  # fp32, as C
+    q_cb = (cb / step_c[:, None, None]).round().clamp(-127, 127)
+    y = torch.zeros(T, out, dtype=torch.float64)
+    bound = torch.zeros(T, out, dtype=torch.float64)
+    s64 = scales.double() if scales is not None else torch.ones(out, 1, dtype=torch.float64)
+    for m0, m1, c, g in _runs(M, C, S):
+        sub = codes[:, m0:m1].long()
+        v_hat = q_cb[c][sub].double() * float(step_c[c])            # [out, n, 2]
+        v = cb[c][sub].double()
+        acc = torch.zeros(T, out, dtype=torch.float64)
+        err = torch.zeros(T, out, dtype=torch.float64)
+        for b0 in range(m0, m1, ABLK):
+            b1 = min(m1, b0 + ABLK)
+            xb = x[:, 2 * b0:2 * b1]
+            amax = xb.abs().amax(dim=1, keepdim=True)
+            inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))  # fp32, as C
+            dx = (amax / 127).double()  # the block's step, fp32 as in C
+            x_hat = (xb * inv).round().double() * dx
+            vb, vhb = v[:, b0 - m0:b1 - m0].reshape(out, -1), v_hat[:, b0 - m0:b1 - m0].reshape(out, -1)
+            acc += x_hat @ vhb.T
+            # |v x - v_hat x_hat| <= |x| dc / 2 + (|v| + dc / 2) dx / 2, summed over the block
+            dc = float(step_c[c])
+            err += xb.double().abs().sum(1, keepdim=True) * dc / 2 + dx / 2 * (vb.abs() + dc / 2).sum(1)[None, :]
+        y += acc * s64[:, g][None, :]
+        bound += err * s64[:, g].abs()[None, :]
+        if offsets is not None:
+            y += x[:, 2 * m0:2 * m1].double().sum(1, keepdim=True) * offsets[:, g].double()[None, :]
+    return y, bound
+
+
+def _exact(x, codes, cb, scales, offsets):
+    d64 = lambda t: None if t is None else t.double()  # noqa: E731
+    return ops.pq_linear_dequant(x.double(), codes, cb.double(), d64(scales), d64(offsets))
+
+
+def _scale(x, codes, cb, scales, offsets):
+    """max over outputs of sum |x| |W|: the size a float32 sum's rounding error follows."""
+    d64 = lambda t: None if t is None else t.double()  # noqa: E731
+    W = ops.dequantize(codes, cb.double(), d64(scales), d64(offsets), dtype=torch.float64).abs()
+    return float((x.double().abs() @ W.T).max())
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("tokens", [1, 2, 3, 6, 16, 17])
+def test_int8_kernel_matches_its_emulation_and_the_rounding_bound(case, tokens, isa):
+    codes, cb, scales, offsets = _make(case)
+    x = torch.randn(tokens, case[1], generator=torch.Generator().manual_seed(tokens))
+    x[:, 5] *= 20  # an outlier column, as in LLM activations
+    out = torch.full((tokens, case[0]), float("nan"))
+    y = cpu_int8.gemv(x, codes, cb, scales, offsets, out=out)
+    assert y.data_ptr() == out.data_ptr() and not y.isnan().any()
+    exact, mag = _exact(x, codes, cb, scales, offsets), _scale(x, codes, cb, scales, offsets)
+    if isa in ("portable", "avx2") or not cpu_int8.available():
+        assert cpu_int8.prepared(codes, cb, scales, offsets, None) is None
+        assert float((y.double() - exact).abs().max()) < 2e-6 * mag  # the exact float kernel ran
+        return
+    emu, bound = _emulate(x, codes, cb, scales, offsets)
+    assert float((y.double() - emu).abs().max()) < 2e-6 * mag
+    assert bool(((emu - exact).abs() <= bound + 1e-9 * mag).all())
+    assert float((y.double() - exact).abs().max()) > 1e-7 * mag  # it is the int8 path, not the float one
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int8_kernel_activation_dtypes_and_bias(dtype):
+    if not cpu_int8.available():
+        pytest.skip("no AVX-512 VBMI/VNNI here")
+    codes, cb, scales, offsets = _make(CASES[1])
+    x = torch.randn(3, CASES[1][1], generator=torch.Generator().manual_seed(1)).to(dtype)
+    bias = torch.randn(CASES[1][0]).to(dtype)
+    y = cpu.pq_linear_cpu(x, codes, cb.to(dtype), scales.to(dtype), offsets.to(dtype), bias, kernel="cpu_int8")
+    assert y.dtype == dtype
+    cbr, scr, ofr = cb.to(dtype).float(), scales.to(dtype).float(), offsets.to(dtype).float()
+    emu, _ = _emulate(x.float(), codes, cbr, scr, ofr)
+    ref = emu + bias.double()
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10  # the output's rounding
+    assert float(((y.double() - ref).abs() - tol * ref.abs()).max()) < 2e-6 * _scale(x.float(), codes, cbr, scr, ofr)
+
+
+def test_two_threads_equal_one():
+    if not cpu_int8.available():
+        pytest.skip("no AVX-512 VBMI/VNNI here")
+    codes, cb, scales, offsets = _make(CASES[0])
+    x = torch.randn(6, CASES[0][1])
+    y2 = cpu_int8.gemv(x, codes, cb, scales, offsets)
+    torch.set_num_threads(1)
+    assert torch.equal(y2, cpu_int8.gemv(x, codes, cb, scales, offsets))
+
+
+def test_selection_switch_and_fallbacks(monkeypatch):
+    codes, cb, scales, offsets = _make(CASES[2])
+    calls = []
+    for name in ("gemv", "dequant_matmul"):
+        monkeypatch.setattr(cpu, name, lambda *a, n=name, **k: calls.append(n) or torch.zeros(1))
+    monkeypatch.setattr(cpu_int8, "run", lambda *a, **k: calls.append("int8") or torch.zeros(1))
+    run = lambda T, *layer: torch.ops.fasq.pq_linear(torch.randn(T, CASES[2][1]), *layer, None)  # noqa: E731
+    expect_int8 = "int8" if cpu_int8.available() else "gemv"
+    for T in (1, dispatch.CPU_INT8_MAX_TOKENS):
+        run(T, codes, cb, scales, offsets)
+    run(dispatch.CPU_INT8_MAX_TOKENS + 1, codes, cb, scales, offsets)
+    assert calls == [expect_int8, expect_int8 if cpu_int8.available() else "dequant_matmul", "dequant_matmul"]
+    calls.clear()
+    monkeypatch.setenv("FASQ_CPU_INT8", "0")
+    run(1, codes, cb, scales, offsets)
+    monkeypatch.delenv("FASQ_CPU_INT8")
+    with cpu.use_kernel("cpu_gemv"):
+        run(1, codes, cb, scales, offsets)
+    with cpu.limit_isa("avx2"):
+        run(1, codes, cb, scales, offsets)
+    c4, cb4, s4, _ = _layer(16, 64, 4, 16, 1, 2, False)  # d=4: not taken
+    torch.ops.fasq.pq_linear(torch.randn(1, 64), c4, cb4.float(), s4.float(), None, None)
+    c6, cb6, s6, _ = _layer(16, 12, 2, 16, 1, 1, False)  # M = 6 subspaces: not whole 4-subspace steps
+    torch.ops.fasq.pq_linear(torch.randn(1, 12), c6, cb6.float(), s6.float(), None, None)
+    assert calls == ["gemv"] * 5
+    assert dispatch.select_cpu_kernel(16, 2, 256, int8=True) == "cpu_int8"
+    assert dispatch.select_cpu_kernel(17, 2, 256, int8=True) == "cpu_dequant"
+    assert dispatch.select_cpu_kernel(1, 2, 256, int8=False) == "cpu_gemv"
+
+
+def test_changed_tensors_are_prepared_again():
+    if not cpu_int8.available():
+        pytest.skip("no AVX-512 VBMI/VNNI here")
+    codes, cb, scales, offsets = _make(CASES[1])
+    x = torch.randn(2, CASES[1][1])
+    cpu_int8.gemv(x, codes, cb, scales, offsets)
+    for change in (lambda: cb.mul_(2), lambda: scales.mul_(3), lambda: codes.copy_(codes.flip(0))):
+        change()
+        emu, _ = _emulate(x, codes, cb, scales, offsets)
+        y = cpu_int8.gemv(x, codes, cb, scales, offsets)
+        assert float((y.double() - emu).abs().max()) < 2e-6 * _scale(x, codes, cb, scales, offsets)
