@@ -126,7 +126,7 @@ def _kernel_name(T: int, layer, exact: bool) -> str:
 def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int | None = None,
                   max_copies: int = 64) -> list[dict]:
     from fasq.format import packed_row_bytes
-    from fasq.kernels import cpu
+    from fasq.kernels import cpu, cpu_linear
 
     rotate_bytes = ROTATE_BYTES if rotate_bytes is None else rotate_bytes
 
@@ -147,7 +147,7 @@ def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int | No
             for name, d, K, exact in KERNEL_CONFIGS:
                 layers = layer_sets[name]
                 kernels[name] = k = _kernel_name(T, layers[0], exact)
-                groups[name] = [lambda L=L, k=k: cpu.pq_linear_cpu(x, *L, kernel=k) for L in layers]
+                groups[name] = [lambda L=L, k=k: cpu_linear.pq_linear_cpu(x, *L, kernel=k) for L in layers]
             us = _interleaved_us(groups, reps)
             for name, d, K, _ in KERNEL_CONFIGS:
                 code_bytes = out * packed_row_bytes(inn // d, K.bit_length() - 1)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fasq import ops
-from fasq.kernels import cpu, cpu_int8, dispatch
+from fasq.kernels import cpu, cpu_int8, cpu_linear, dispatch
 
 from test_ops import _layer
 
@@ -142,7 +142,7 @@ def test_int8_kernel_activation_dtypes_and_bias(dtype):
     codes, cb, scales, offsets = _make(CASES[1])
     x = torch.randn(3, CASES[1][1], generator=torch.Generator().manual_seed(1)).to(dtype)
     bias = torch.randn(CASES[1][0]).to(dtype)
-    y = cpu.pq_linear_cpu(x, codes, cb.to(dtype), scales.to(dtype), offsets.to(dtype), bias, kernel="cpu_int8")
+    y = cpu_linear.pq_linear_cpu(x, codes, cb.to(dtype), scales.to(dtype), offsets.to(dtype), bias, kernel="cpu_int8")
     assert y.dtype == dtype
     cbr, scr, ofr = cb.to(dtype).float(), scales.to(dtype).float(), offsets.to(dtype).float()
     emu, _ = _emulate(x.float(), codes, cbr, scr, ofr)

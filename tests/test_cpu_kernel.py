@@ -16,7 +16,7 @@ import torch
 
 from fasq import ops
 from fasq.config import PQConfig, QuantConfig, RTNConfig
-from fasq.kernels import cpu, dispatch
+from fasq.kernels import cpu, cpu_linear, dispatch
 
 from test_ops import CASES, _dense_ref, _layer
 
@@ -93,7 +93,7 @@ def test_every_path_and_dtype(case, dtype, kernel, isa):
     cast = (lambda t: t if t is None else t.to(dtype)) if dtype != torch.float16 else (lambda t: t)
     cb, scales, offsets = cast(cb), cast(scales), cast(offsets)  # codebooks in the model's dtype
     x, bias = _randn(3, case[1]).to(dtype), _randn(case[0], seed=1).to(dtype)
-    y = cpu.pq_linear_cpu(x, codes, cb, scales, offsets, bias, kernel=kernel)
+    y = cpu_linear.pq_linear_cpu(x, codes, cb, scales, offsets, bias, kernel=kernel)
     assert y.dtype == dtype and y.shape == (3, case[0])
     ref = _dense_ref(x, codes, cb, scales, offsets, bias)
     assert _rel_err(y, ref, x, codes, cb, scales, offsets, bias) < TOL[dtype]

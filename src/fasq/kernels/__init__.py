@@ -98,4 +98,4 @@ def _pq_linear_cuda(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor 
 
 ops.register_kernel("cuda", _pq_linear_cuda)
 
-from . import cpu  # noqa: E402,F401 - registers the CPU implementation (compiled on first call)
+from . import cpu_linear  # noqa: E402,F401 - registers the CPU implementation (compiled on first call)

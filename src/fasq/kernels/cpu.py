@@ -1,7 +1,6 @@
-"""CPU implementation of `fasq::pq_linear`: a small C++ library (csrc/pq_cpu.cpp) called
-through ctypes, with the same signature as the reference ops in `fasq.ops`:
-
-    pq_linear_cpu(x, codes, codebooks, scales=None, offsets=None, bias=None, kernel="auto")
+"""The CPU kernels of `fasq::pq_linear`: a small C++ library (csrc/pq_cpu*.cpp) called
+through ctypes, with the same signatures as the reference ops in `fasq.ops`; the path is
+picked and the op registered in `cpu_linear.py` (`pq_linear_cpu`).
 
 Paths (see `dispatch.select_cpu_kernel`):
     cpu_int8     decode, 1-16 tokens, d=2 K<=256 on AVX-512 VBMI+VNNI (cpu_int8.py): int8
@@ -46,8 +45,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .. import ops
-from .dispatch import CPU_INT8_MAX_TOKENS, CPU_KERNELS, select_cpu_kernel
+from .dispatch import CPU_KERNELS
 
 # One library: the pq_linear kernels and the k-means helpers (cpu_kmeans.py)
 SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("pq_cpu.cpp", "pq_cpu_int8.cpp", "kmeans_cpu.cpp"))
@@ -367,40 +365,3 @@ def dequant_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor |
     W = _rebuild(plan, wdtype, _weight_buffer(plan.out_features * plan.in_features, wdtype))
     y = torch.nn.functional.linear(x.to(wdtype), W, None if bias is None else bias.to(wdtype))
     return y.to(x.dtype)
-
-
-def pq_linear_cpu(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = None,
-                  offsets: Tensor | None = None, bias: Tensor | None = None, kernel: str = "auto") -> Tensor:
-    """y[..., out] = x[..., in] @ dequantize(codes, codebooks, scales, offsets).T + bias.
-
-    kernel: "auto" (select_cpu_kernel decides) or force one of CPU_KERNELS.
-    """
-    if kernel == "auto":
-        kernel = _forced or os.environ.get("FASQ_CPU_KERNEL") or "auto"
-    if kernel == "auto":
-        tokens = x.numel() // max(1, x.shape[-1])
-        d, K, has = codebooks.shape[2], codebooks.shape[1], available()
-        prep = (cpu_int8.prepared(codes, codebooks, scales, offsets, bias)
-                if has and tokens <= CPU_INT8_MAX_TOKENS and cpu_int8.enabled() else None)
-        kernel = select_cpu_kernel(tokens, d, K, has_library=has, int8=prep is not None)
-        if kernel == "cpu_int8":
-            return cpu_int8.run(prep, x)
-    if kernel not in CPU_KERNELS:
-        raise ValueError(f"unknown CPU kernel {kernel!r}; choose 'auto' or one of {CPU_KERNELS}")
-    if kernel == "reference":
-        return ops.pq_linear_dequant(x, codes, codebooks, scales, offsets, bias)
-    if not available():
-        raise RuntimeError(f"the fasq CPU kernel is unavailable: {_lib_error}")
-    fn = {"cpu_int8": cpu_int8.gemv, "cpu_gemv": gemv}.get(kernel, dequant_matmul)
-    return fn(x, codes, codebooks, scales, offsets, bias)
-
-
-def _pq_linear_cpu_op(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None,
-                      offsets: Tensor | None, bias: Tensor | None) -> Tensor:
-    return pq_linear_cpu(x, codes, codebooks, scales, offsets, bias, kernel="auto")
-
-
-ops.register_kernel("cpu", _pq_linear_cpu_op)
-
-
-from . import cpu_int8  # noqa: E402  (it builds on this module)
