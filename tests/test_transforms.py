@@ -69,11 +69,13 @@ def test_output_is_the_effective_weight_times_x_on_every_path(perm_transform, ti
     torch.set_num_threads(2)
     for T in (1, 3, 17):
         x = torch.randn(T, pq.in_features)
-        ref = x.double() @ W_eff.T
+        ref, mag = x.double() @ W_eff.T, (x.double().abs() @ W_eff.abs().T).max()
         for kernel in cpu.CPU_KERNELS:  # what PQLinear.forward runs on the CPU
             with cpu.use_kernel(kernel):
                 y = pq(x)
-            torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4, msg=f"cpu path {kernel}")
+            # the int8 path rounds activations and codebooks to int8 (about 1/254 each)
+            tol = 1e-2 if kernel == "cpu_int8" else 1e-5
+            assert (y.double() - ref).abs().max() / mag < tol, f"cpu path {kernel}"
         xh = x.half()  # the Triton paths (interpreted on the CPU), behind the same apply
         for kernel in ("gemv", "lut_gemm", "dequant_gemm", "dequant_cublas", "reference"):
             if kernel == "gemv" and T > 16:
@@ -103,8 +105,10 @@ def test_transform_tensors_round_trip_in_memory_and_streamed(perm_transform, tin
             assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
     loaded = load_quantized(tmp_path / "str")
     ids = torch.randint(0, 200, (1, 12))
-    # fp16 norms and embeddings in the checkpoint: 1e-3, as tests/test_stream.py (no permutation: ~1)
-    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-3, atol=1e-3)
+    # fp16 norms and embeddings in the checkpoint: 1e-3, as tests/test_stream.py (no permutation: ~1);
+    # the exact kernel, since int8 rounding of slightly different activations differs more
+    with cpu.use_kernel("cpu_gemv"):
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-3, atol=1e-3)
     info = json.loads((tmp_path / "str" / "config.json").read_text())
     assert info["quantization_config"]["layer"]["transform"] == perm_transform
     # the permutation is a checked fact: a checkpoint whose config drops it is refused
