@@ -66,7 +66,8 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig, device=None, progress: b
     for name, lin in tqdm(layers, desc="quantizing", unit="layer", disable=not progress):
         cfg = qcfg.for_module(name)
         W = lin.weight.detach()
-        tensors, _ = quantize_transformed(W, cfg, name=name, device=device, importance=imp.get(name))
+        # W_hat: the effective weight of the stored (fp16) tensors, as pq.effective_weight gives it
+        tensors, W_hat = quantize_transformed(W, cfg, name=name, device=device, importance=imp.get(name))
         pq = PQLinear(lin.in_features, lin.out_features, cfg, bias=lin.bias is not None,
                       device=W.device, dtype=torch.float16)
         for key, t in tensors.items():
@@ -74,7 +75,7 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig, device=None, progress: b
                 getattr(pq, key).copy_(t)
         if lin.bias is not None:
             pq.bias.copy_(lin.bias)
-        err = error_report(W, pq.effective_weight(torch.float32))
+        err = error_report(W, W_hat.to(W.device))
         report.append({"name": name, "out": lin.out_features, "in": lin.in_features,
                        "bits_per_weight": layer_size(pq).bits_per_weight, **err})
         set_module(model, name, pq)
