@@ -78,23 +78,20 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-_ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                  "BOOL": 1}
-
-
 def _weight_bytes(path: Path, dtype: str) -> int:
     """Bytes of the tensors as served: floating tensors in the serving dtype (an fp32 export
     served in bf16 holds 2 bytes per weight, not the 4 on disk), codes as stored."""
-    from fasq.manifest import read_safetensors_header, tensor_files
+    import math
 
-    served = {"bfloat16": 2, "float16": 2, "float32": 4}[dtype]
+    import torch
+    from fasq.manifest import SAFETENSORS_DTYPES, read_safetensors_header, tensor_files
+
+    served = getattr(torch, dtype).itemsize
     total = 0
     for f in tensor_files(path):
         for h in read_safetensors_header(path / f).values():
-            n = 1
-            for s in h["shape"]:
-                n *= s
-            total += n * (served if h["dtype"] in ("F64", "F32", "F16", "BF16") else _ELEMENT_BYTES[h["dtype"]])
+            t = SAFETENSORS_DTYPES[h["dtype"]]
+            total += math.prod(h["shape"]) * (served if t.is_floating_point else t.itemsize)
     return total
 
 

@@ -20,6 +20,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .config import ConfigError, QuantConfig
 from .format import packed_row_bytes
 from .module import PQLinear
@@ -30,6 +32,11 @@ INDEX_NAME = "model.safetensors.index.json"  # sharded checkpoints (written by f
 MANIFEST_NAME = "fasq_manifest.json"
 REPORT_NAME = "fasq_report.json"
 _MAX_HEADER = 100 << 20  # safetensors' own limit on a header's size
+# a header's dtype names -> torch dtypes (the ones fasq reads)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                      "F8_E5M2": torch.float8_e5m2}
 
 
 class CheckpointError(RuntimeError):

@@ -22,7 +22,7 @@ import torch
 
 from ..manifest import INDEX_NAME as INDEX_FILE
 from ..manifest import WEIGHTS_NAME as SINGLE_FILE
-from ..manifest import read_safetensors_header, tensor_files
+from ..manifest import SAFETENSORS_DTYPES, read_safetensors_header, tensor_files
 from ..sources import ModelSourceError, resolve
 
 # GGUF files are one file: their tensors are cut into output shards of about this many
@@ -40,10 +40,6 @@ class TensorInfo:
     dtype: torch.dtype
     nbytes: int  # bytes of the tensor as read (what the progress bar counts)
 
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 class SafetensorsReader:
@@ -64,7 +60,7 @@ class SafetensorsReader:
             names = sorted(header)
             for n in names:
                 h = header[n]
-                dtype = _ST_DTYPES.get(h["dtype"])
+                dtype = SAFETENSORS_DTYPES.get(h["dtype"])
                 if dtype is None:
                     raise ModelSourceError(f"{fname}: tensor {n} has dtype {h['dtype']}, which fasq cannot read")
                 start, end = h["data_offsets"]
