@@ -303,21 +303,29 @@ def gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = No
     """
     lib = load_library()
     plan = _plan(codes, codebooks, scales, offsets, bias)
+    return run_linear(x, plan, out, lambda *args: lib.fasq_cpu_pq_linear_args(plan.address, *args), "gemv")
+
+
+def run_linear(x: Tensor, plan: "_Plan", out: Tensor | None, call, what: str) -> Tensor:
+    """The decode paths' shared body: x [..., in] made a contiguous [T, in] of a dtype the
+    library reads, the output [T, out] (or `out`, checked), then
+    `call(x_ptr, x_dtype_code, T, y_ptr, threads)` (a library entry point, 0 on success);
+    y comes back in x's dtype and leading shape."""
     _check_features(x, plan)
     xk = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [T, in]
     if xk.dtype not in _DTYPE_CODE:
         xk = xk.float()
     if not xk.is_contiguous():
         xk = xk.contiguous()
-    xt, T, out_f = _DTYPE_CODE[xk.dtype], xk.shape[0], plan.out_features
+    T, out_f = xk.shape[0], plan.out_features
     if out is None:
         y = torch.empty(T, out_f, dtype=xk.dtype)
     elif out.shape != (T, out_f) or out.dtype != xk.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {xk.dtype} tensor of shape {(T, out_f)}")
     else:
         y = out
-    _check(lib.fasq_cpu_pq_linear_args(plan.address, xk.data_ptr(), xt, T, y.data_ptr(), torch.get_num_threads()),
-           "gemv")
+    if T:
+        _check(call(xk.data_ptr(), _DTYPE_CODE[xk.dtype], T, y.data_ptr(), torch.get_num_threads()), what)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)

@@ -101,23 +101,5 @@ def gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = No
 
 def run(prep: _Prepared, x: Tensor, out: Tensor | None = None) -> Tensor:
     """`gemv` for a layer already prepared (`prepared` returned `prep`)."""
-    plan = prep.plan
-    cpu._check_features(x, plan)
-    xk = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [T, in]
-    if xk.dtype not in cpu._DTYPE_CODE:
-        xk = xk.float()
-    if not xk.is_contiguous():
-        xk = xk.contiguous()
-    T, out_f = xk.shape[0], plan.out_features
-    if out is None:
-        y = torch.empty(T, out_f, dtype=xk.dtype)
-    elif out.shape != (T, out_f) or out.dtype != xk.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {xk.dtype} tensor of shape {(T, out_f)}")
-    else:
-        y = out
-    if T:
-        cpu._check(cpu.load_library().fasq_cpu_int8_linear(prep.address, xk.data_ptr(), cpu._DTYPE_CODE[xk.dtype], T,
-                                                           y.data_ptr(), torch.get_num_threads()), "int8 gemv")
-    if y.dtype != x.dtype:
-        y = y.to(x.dtype)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
+    lib = cpu.load_library()
+    return cpu.run_linear(x, prep.plan, out, lambda *args: lib.fasq_cpu_int8_linear(prep.address, *args), "int8 gemv")
