@@ -31,5 +31,5 @@ def test_wheel_holds_every_package_file(tmp_path):
     assert any(n.endswith(".cu") for n in names) and any(n.endswith(".cpp") for n in names)
     from fasq.kernels import cpu, cuda_gemv  # the files those loaders read are among them
 
-    for f in [*cpu.SOURCES, cuda_gemv.SOURCE]:
+    for f in [*cpu.SOURCES, *cpu.HEADERS, cuda_gemv.SOURCE]:
         assert Path(f).relative_to(ROOT / "src").as_posix() in names

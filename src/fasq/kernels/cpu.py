@@ -49,6 +49,7 @@ from .dispatch import CPU_KERNELS
 
 # One library: the pq_linear kernels and the k-means helpers (cpu_kmeans.py)
 SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("pq_cpu.cpp", "pq_cpu_int8.cpp", "kmeans_cpu.cpp"))
+HEADERS = (Path(__file__).with_name("csrc") / "pq_cpu.h",)  # included by the sources: part of the cache key
 _ERRORS = {1: "non-positive size", 2: "in_features not divisible by d", 3: "codebooks do not divide the subspaces",
            4: "scale groups do not divide the subspaces", 5: "offsets without scales", 6: "unsupported code dtype",
            7: "unsupported codebook or scale dtype"}
@@ -92,7 +93,7 @@ def library_path() -> Path:
     prebuilt = sorted(Path(__file__).parent.glob("_fasq_cpu*.so"))
     if prebuilt:
         return prebuilt[0]
-    digest = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES)).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS)).hexdigest()[:16]
     return cache_dir() / f"cpu-{sys.platform}-{platform.machine()}-{digest}" / "libfasq_cpu.so"
 
 
@@ -242,7 +243,7 @@ def use_kernel(name: str):
 
 
 class _LayerArgs(ctypes.Structure):
-    """Mirror of FasqLayerArgs in csrc/pq_cpu.cpp (every field 8 bytes)."""
+    """Mirror of FasqLayerArgs in csrc/pq_cpu.h (every field 8 bytes)."""
 
     _fields_ = [(n, ctypes.c_void_p if n in ("codes", "codebooks", "scales", "offsets", "bias") else ctypes.c_int64)
                 for n in ("in_", "out", "codes", "code_bytes", "codebooks", "cb_dtype", "C", "K", "d", "scales",

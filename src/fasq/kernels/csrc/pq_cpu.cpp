@@ -31,6 +31,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "pq_cpu.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -848,21 +850,6 @@ int fasq_cpu_pq_linear(const void* x, int x_dtype, int64_t T, int64_t in, int64_
   }
   return 0;
 }
-
-// A layer's fixed arguments of fasq_cpu_pq_linear / fasq_cpu_dequantize, prepared once by
-// the caller (every field 8 bytes: no padding to mirror); calls then pass only x, T, y or W.
-struct FasqLayerArgs {
-  int64_t in, out;
-  const void* codes;
-  int64_t code_bytes;
-  const void* codebooks;
-  int64_t cb_dtype, C, K, d;
-  const void* scales;
-  const void* offsets;
-  int64_t scale_dtype, S;
-  const void* bias;
-  int64_t bias_dtype;
-};
 
 int fasq_cpu_pq_linear_args(const FasqLayerArgs* a, const void* x, int x_dtype, int64_t T, void* y, int nthreads) {
   return fasq_cpu_pq_linear(x, x_dtype, T, a->in, a->out, a->codes, (int)a->code_bytes, a->codebooks,

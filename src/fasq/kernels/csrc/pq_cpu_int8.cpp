@@ -32,11 +32,11 @@
 #include <cmath>
 #include <vector>
 
+#include "pq_cpu.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-
-extern "C" int fasq_cpu_isa_level(void);  // pq_cpu.cpp: 2 when AVX-512 is present and allowed
 
 namespace {
 
@@ -47,19 +47,7 @@ constexpr int64_t ABLK = 4;
 constexpr int NT_MAX = 8;      // tokens per pass over a row block
 constexpr int64_t PARALLEL_MIN_WEIGHTS = 1 << 16;  // as pq_cpu.cpp: smaller layers, one thread
 
-// Mirror of FasqLayerArgs in pq_cpu.cpp (every field 8 bytes).
-struct LayerArgs {
-  int64_t in, out;
-  const void* codes;
-  int64_t code_bytes;
-  const void* codebooks;
-  int64_t cb_dtype, C, K, d;
-  const void* scales;
-  const void* offsets;
-  int64_t scale_dtype, S;
-  const void* bias;
-  int64_t bias_dtype;
-};
+using LayerArgs = FasqLayerArgs;  // pq_cpu.h
 
 enum { F32 = 0, F16 = 1, BF16 = 2 };
 
