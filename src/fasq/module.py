@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from . import ops
 from .config import LayerConfig
 from .format import layer_size, pack_codes, packed_row_bytes, size_summary, unpack_codes, unquantized_elements
-from .transforms import get_transform, is_identity
+from .transforms import Identity, get_transform
 
 
 class PQLinear(nn.Module):
@@ -85,7 +85,7 @@ class PQLinear(nn.Module):
         return {k: getattr(self, f"transform_{k}") for k in self.transform.tensor_specs(self.in_features)}
 
     def forward(self, x: Tensor) -> Tensor:
-        if not is_identity(self.config.transform):
+        if self.transform is not Identity:  # resolved once at construction, not per call
             x = self.transform.apply(x, self.transform_state())
         return torch.ops.fasq.pq_linear(x, self.codes, self.codebooks, self.scales, self.offsets, self.bias)
 

@@ -77,7 +77,3 @@ class InputTransform:
 @register_transform("none")
 class Identity(InputTransform):
     """No transform (the default)."""
-
-
-def is_identity(name: str) -> bool:
-    return get_transform(name) is Identity

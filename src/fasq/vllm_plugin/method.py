@@ -26,7 +26,7 @@ from .. import kernels  # noqa: F401 - and its CPU / CUDA implementations
 from ..config import QUANT_METHOD, ConfigError, LayerConfig, QuantConfig
 from ..manifest import verify_checkpoint
 from ..module import PQLinear
-from ..transforms import get_transform, is_identity
+from ..transforms import Identity, get_transform
 from . import sharding
 
 QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
@@ -203,7 +203,7 @@ class FasqLinearMethod(LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         parts = layer.fasq_parts  # x: [tokens, in / tp for row-parallel]
-        if not is_identity(self.cfg.transform):  # as PQLinear.forward: T x, per sub-matrix's own T
+        if layer.fasq_transform is not Identity:  # as PQLinear.forward: T x, per sub-matrix's own T
             xs = [layer.fasq_transform.apply(x, st) for st in layer.fasq_states]
         else:
             xs = [x] * len(parts)
