@@ -357,8 +357,7 @@ def _finish(plan: Plan, state: State, work: Path, out: Path, report: dict) -> No
         total = sum(b for s in shards for b in state.done[s]["tensors"].values())
         (work / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
                                                    "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-    qcfg = QuantConfig(layer=plan.qcfg.layer, skip=plan.qcfg.skip, overrides=plan.qcfg.overrides,
-                       modules=tuple(sorted(plan.modules, key=_natural)), importance=plan.qcfg.importance)
+    qcfg = dataclasses.replace(plan.qcfg, modules=tuple(sorted(plan.modules, key=_natural)))
     _write_config(plan, qcfg, work)
     _write_tokenizer(plan, work)
     (work / REPORT_NAME).write_text(json.dumps(report, indent=1))
