@@ -1,4 +1,4 @@
-"""The int8 CPU decode kernel (fasq.kernels.cpu_int8) against two oracles.
+"""The int8 CPU decode kernel (fasq.kernels.cpu.int8) against two oracles.
 
 1. An emulation of its arithmetic in float64: codebooks rounded to int8 with one step per
    codebook (max |value| / 127), activations rounded to int8 per block of 8 columns inside
@@ -17,8 +17,9 @@ threads, run with 2 threads. Outputs are poisoned with NaN first.
 import pytest
 import torch
 
-from fasq import ops
-from fasq.kernels import cpu, cpu_int8, cpu_linear, dispatch
+from fasq.core import ops
+from fasq.kernels.cpu import library as cpu, int8 as cpu_int8, linear as cpu_linear
+from fasq.kernels import dispatch
 
 from test_ops import _layer
 

@@ -1,4 +1,4 @@
-"""The CPU kernel (fasq.kernels.cpu) against the float64 oracle, on every path.
+"""The CPU kernel (fasq.kernels.cpu.library) against the float64 oracle, on every path.
 
 Every instruction-set path (the portable C loops, AVX2 and AVX-512 where the CPU has
 them, each forced with `cpu.limit_isa`) and both kernels (decode GEMV, dequantize + matmul) run on shapes
@@ -14,9 +14,10 @@ import textwrap
 import pytest
 import torch
 
-from fasq import ops
-from fasq.config import PQConfig, QuantConfig, RTNConfig
-from fasq.kernels import cpu, cpu_linear, dispatch
+from fasq.core import ops
+from fasq.core.config import PQConfig, QuantConfig, RTNConfig
+from fasq.kernels.cpu import library as cpu, linear as cpu_linear
+from fasq.kernels import dispatch
 
 from test_ops import CASES, _dense_ref, _layer
 
@@ -211,7 +212,7 @@ def test_model_through_the_int8_kernel_stays_near_the_reference(tiny_llama):
     """The default selection (the int8 kernel for decode where the CPU has it): logits within
     a few percent of the exact ones (int8 rounding of codebooks and activations per layer)."""
     from fasq import quantize_model
-    from fasq.kernels import cpu_int8
+    from fasq.kernels.cpu import int8 as cpu_int8
 
     if not cpu_int8.available():
         pytest.skip("no AVX-512 VBMI/VNNI here")

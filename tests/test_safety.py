@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from fasq.cli import main
-from fasq.config import ConfigError, PQConfig, QuantConfig
-from fasq.manifest import MANIFEST_NAME, WEIGHTS_NAME, CheckpointError, check_checkpoint
-from fasq.model import load_quantized
-from fasq.outdir import OutputBusyError, lock_path, output_lock
+from fasq.core.config import ConfigError, PQConfig, QuantConfig
+from fasq.io.manifest import MANIFEST_NAME, WEIGHTS_NAME, CheckpointError, check_checkpoint
+from fasq.io.checkpoint import load_quantized
+from fasq.io.outdir import OutputBusyError, lock_path, output_lock
 from fasq.stream import pipeline
 
 Q16 = ["-d", "2", "-K", "16", "--kmeans-iters", "2"]

@@ -5,15 +5,14 @@ import random
 import pytest
 import torch
 
-from fasq.config import PQConfig, QuantConfig
-from fasq.format import layer_size
-from fasq.module import size_table
-from fasq.model import quantize_model
-from fasq.module import PQLinear
-from fasq.quantize import quantize_weight
-from fasq.config import ConfigError
-from fasq.solver import (BudgetError, achievable_range, candidate_size, knapsack, lp_bound, measure,
-                         parse_candidates, proxy_error, solve)
+from fasq.core.config import PQConfig, QuantConfig
+from fasq.core.format import layer_size
+from fasq.core.module import size_table
+from fasq.io.checkpoint import quantize_model
+from fasq.core.module import PQLinear
+from fasq.quant.quantize import quantize_weight
+from fasq.core.config import ConfigError
+from fasq.quant.solver import BudgetError, achievable_range, candidate_size, knapsack, lp_bound, measure, parse_candidates, proxy_error, solve
 
 torch.set_num_threads(1)
 
@@ -164,7 +163,7 @@ def test_proxy_error_tracks_real_error():
     W = torch.randn(256, 64)
     cfg = PQConfig(d=2, K=64)
     t = quantize_weight(W, cfg)
-    from fasq.ops import dequantize
+    from fasq.core.ops import dequantize
     real = (W - dequantize(t["codes"], t["codebooks"], t["scales"], t["offsets"], dtype=torch.float32)).pow(2).sum()
     assert proxy_error(W, cfg, sample_rows=None, proxy_iters=None) == pytest.approx(real.item(), rel=1e-5)
     est = proxy_error(W, cfg, sample_rows=128, proxy_iters=6)

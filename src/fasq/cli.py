@@ -26,7 +26,7 @@ def _add_model_opts(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import IMPORTANCE, PQConfig, QuantConfig
+    from .core.config import IMPORTANCE, PQConfig, QuantConfig
 
     dflt = PQConfig()
     ap = argparse.ArgumentParser(prog="fasq", description="Calibration-free product quantization of LLMs.")
@@ -59,13 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "to land within 1%% below this fraction of the FP16 model (whole checkpoint)")
     q.add_argument("--candidates", default=None, metavar="d2K256,d3K512,...",
                    help="the solver's per-layer choices (matrix codebooks, absmax scales); "
-                        "default: fasq.solver.DEFAULT_CANDIDATES")
+                        "default: fasq.quant.solver.DEFAULT_CANDIDATES")
     q.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="choose the largest codebook and scale groups up to the ones asked that split "
                         "evenly across N ranks in every layer, for serving with vLLM at tensor parallel N")
     q.add_argument("--importance", choices=list(IMPORTANCE), default=QuantConfig().importance,
                    help="input-channel importance weighting the k-means and scale fits, from the "
-                        "model alone, no text (see fasq.importance; default %(default)s)")
+                        "model alone, no text (see fasq.quant.importance; default %(default)s)")
     q.add_argument("--skip", nargs="*", default=None, help="module name patterns left unquantized "
                    "(default: embed_tokens lm_head)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _layer_config(a):
-    from .config import PQConfig, RTNConfig
+    from .core.config import PQConfig, RTNConfig
 
     if a.method == "rtn":
         return RTNConfig(bits=a.bits, group_size=a.group_size)
@@ -172,8 +172,8 @@ def _check_device(name: str) -> None:
 
 def _check_source(model: str) -> list:
     """The local paths a quantize/export/baseline reads; refuses a fasq checkpoint as input."""
-    from .model import is_checkpoint
-    from .sources import local_paths, resolve
+    from .io.checkpoint import is_checkpoint
+    from .io.sources import local_paths, resolve
 
     if is_checkpoint(resolve(model)[0]):
         raise ValueError(f"{model} is already a fasq checkpoint; quantize the model it was made from "
@@ -184,7 +184,7 @@ def _check_source(model: str) -> list:
 def _warn_unmatched_skips(patterns, module_names) -> None:
     """--skip patterns that match no module: most likely a typo (`lm_heed`), which would
     quantize the layer the user meant to keep."""
-    from .config import DEFAULT_SKIP, QuantConfig
+    from .core.config import DEFAULT_SKIP, QuantConfig
 
     for pat in patterns:
         if pat not in DEFAULT_SKIP and not any(QuantConfig(skip=(pat,)).is_skipped(n) for n in module_names):
@@ -193,10 +193,10 @@ def _warn_unmatched_skips(patterns, module_names) -> None:
 
 
 def cmd_quantize(a) -> int:
-    from .config import DEFAULT_SKIP, QuantConfig
-    from .format import format_size_table
-    from .model import check_output_dir
-    from .solver import parse_candidates
+    from .core.config import DEFAULT_SKIP, QuantConfig
+    from .core.format import format_size_table
+    from .io.checkpoint import check_output_dir
+    from .quant.solver import parse_candidates
 
     _check_device(a.device)
     inputs = _check_source(a.model)
@@ -264,20 +264,20 @@ def _quantize_streaming(a, out, qcfg, cands, targets: bool) -> dict:
 
 def _quantize_in_memory(a, out, qcfg, cands, targets: bool) -> dict:
     """The whole model loaded (`--in-memory`): the Python API's path."""
-    from .model import quantize_model, save_quantized
-    from .sources import load_model
+    from .io.checkpoint import quantize_model, save_quantized
+    from .io.sources import load_model
 
     model, tok = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
     if a.skip:
         _warn_unmatched_skips(a.skip, {n for n, _ in model.named_modules()})
     if a.tensor_parallel > 1:
-        from .convert import quantizable_linears
+        from .core.convert import quantizable_linears
 
         shapes = [(lin.out_features, lin.in_features) for _, lin in quantizable_linears(model, qcfg)]
         qcfg, cands = _fit_tensor_parallel(qcfg, cands, shapes, a)
     solved = None
     if targets:
-        from .solver import solve
+        from .quant.solver import solve
 
         importance = qcfg.importance
         qcfg, solved = solve(model, target_bits=a.target_bits, target_size=a.target_size, skip=qcfg.skip,
@@ -295,9 +295,9 @@ def _quantize_in_memory(a, out, qcfg, cands, targets: bool) -> dict:
 
 def _fit_tensor_parallel(qcfg, cands, shapes, a):
     """The config (and solver candidates) with groups that split at --tensor-parallel ranks."""
-    from .config import ConfigError
-    from .solver import DEFAULT_CANDIDATES
-    from .tensor_parallel import fit_config, group_options
+    from .core.config import ConfigError
+    from .quant.solver import DEFAULT_CANDIDATES
+    from .quant.tensor_parallel import fit_config, group_options
 
     tp = a.tensor_parallel
     layer = fit_config(qcfg.layer, shapes, tp)
@@ -326,9 +326,9 @@ def _summary(report: dict) -> dict:
 
 def _evaluate(model_arg: str, a) -> dict:
     """Perplexity (when asked, or when no tasks are) and zero-shot tasks of one model."""
-    from .data import default_data_dir, wikitext2_test
-    from .perplexity import perplexity, tokenize_text
-    from .sources import load_model
+    from .eval.data import default_data_dir, wikitext2_test
+    from .eval.perplexity import perplexity, tokenize_text
+    from .io.sources import load_model
 
     model, tok = load_model(model_arg, dtype=_dtype(a.dtype), device=a.device)
     res = {"model": model_arg}
@@ -336,7 +336,7 @@ def _evaluate(model_arg: str, a) -> dict:
         ids = tokenize_text(tok, wikitext2_test(a.data_dir))
         res.update(perplexity(model, ids, seqlen=a.seqlen, windows=a.windows or None, progress=not a.json))
     if a.tasks:
-        from .zeroshot import evaluate_tasks
+        from .eval.zeroshot import evaluate_tasks
 
         res["tasks"] = evaluate_tasks(model, tok, [t for t in a.tasks.split(",") if t],
                                       data_dir=a.data_dir or default_data_dir(), limit=a.limit,
@@ -380,9 +380,9 @@ def cmd_eval(a) -> int:
 
 
 def cmd_info(a) -> int:
-    from .format import format_size_table
-    from .manifest import check_checkpoint
-    from .model import REPORT_NAME, CheckpointError
+    from .core.format import format_size_table
+    from .io.manifest import check_checkpoint
+    from .io.checkpoint import REPORT_NAME, CheckpointError
 
     check = check_checkpoint(a.checkpoint)
     qdict = check.qdict
@@ -408,8 +408,8 @@ def cmd_info(a) -> int:
 
 
 def cmd_baseline(a) -> int:
-    from .baselines import quantize_baseline, save_baseline
-    from .model import check_output_dir
+    from .eval.baselines import quantize_baseline, save_baseline
+    from .io.checkpoint import check_output_dir
 
     inputs = _check_source(a.model)
     check_output_dir(a.out, a.overwrite, inputs)  # fail before the slow part
@@ -430,8 +430,8 @@ def _bench_one(source: str, a) -> dict:
 
     import torch
 
-    from . import speed
-    from .sources import load_model
+    from .eval import speed
+    from .io.sources import load_model
 
     model, tok = load_model(source, dtype=_dtype(a.dtype), device=a.device)
     ids = tok("The capital of France is", return_tensors="pt").input_ids[0]
@@ -449,7 +449,7 @@ def _bench_one(source: str, a) -> dict:
 def cmd_bench(a) -> int:
     import torch
 
-    from .model import REPORT_NAME, is_checkpoint
+    from .io.checkpoint import REPORT_NAME, is_checkpoint
 
     _check_device(a.device)
     for name in ("batch", "prompt_len", "new_tokens"):
@@ -480,7 +480,7 @@ def cmd_bench(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from .export import export_dense
+    from .io.dense import export_dense
 
     dtype = DTYPES[a.dtype]
     out = export_dense(a.model, a.out, dtype=dtype, overwrite=a.overwrite)
@@ -489,7 +489,7 @@ def cmd_export(a) -> int:
 
 
 def cmd_generate(a) -> int:
-    from .sources import load_model
+    from .io.sources import load_model
 
     _check_device(a.device)
     if a.max_new_tokens < 1:
@@ -509,10 +509,10 @@ class Interrupted(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    from .baselines import BaselineError
-    from .config import ConfigError
-    from .model import CheckpointError
-    from .sources import ModelSourceError
+    from .eval.baselines import BaselineError
+    from .core.config import ConfigError
+    from .io.checkpoint import CheckpointError
+    from .io.sources import ModelSourceError
 
     try:
         return {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate,

@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..config import FORMAT_VERSION, ConfigError, QuantConfig
-from ..format import pack_codes, size_summary, stored_layer_size
-from ..manifest import INDEX_NAME, REPORT_NAME, WEIGHTS_NAME, file_record, sha256, write_manifest
-from ..outdir import check_output_dir, output_lock, replace_dir
-from ..quantize import STORE_DTYPE, error_report, quantize_transformed  # fp16, as save_quantized writes
-from ..sources import ModelSourceError, local_paths
+from ..core.config import FORMAT_VERSION, ConfigError, QuantConfig
+from ..core.format import pack_codes, size_summary, stored_layer_size
+from ..io.manifest import INDEX_NAME, REPORT_NAME, WEIGHTS_NAME, file_record, sha256, write_manifest
+from ..io.outdir import check_output_dir, output_lock, replace_dir
+from ..quant.quantize import STORE_DTYPE, error_report, quantize_transformed  # fp16, as save_quantized writes
+from ..io.sources import ModelSourceError, local_paths
 from ..version import __version__
 from .readers import StreamingUnsupported, open_reader
 
@@ -232,8 +232,8 @@ def set_importance(plan: Plan, source: str, log) -> None:
         return
     if not any(plan.qcfg.for_module(m).method == "pq" for m in plan.modules):
         return
-    from ..importance import estimate_streaming
-    from ..sources import load_model
+    from ..quant.importance import estimate_streaming
+    from ..io.sources import load_model
 
     def load_whole():
         return load_model(source, dtype=plan.dtype)[0]

@@ -1,13 +1,13 @@
 """The target-size solver on a streamed model: sizes from the tensor shapes (a budget
 outside the achievable range is refused before any weight is read), then one pass over
-the weights to measure the candidates' proxy errors, then the knapsack (`fasq.solver`)."""
+the weights to measure the candidates' proxy errors, then the knapsack (`fasq.quant.solver`)."""
 
 from __future__ import annotations
 
 import math
 import time
 
-from ..solver import DEFAULT_CANDIDATES, ProxyTable, check_budget, layer_sizes, measure_layer, solve
+from ..quant.solver import DEFAULT_CANDIDATES, ProxyTable, check_budget, layer_sizes, measure_layer, solve
 from .pipeline import Plan
 
 
