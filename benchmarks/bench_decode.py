@@ -172,7 +172,7 @@ def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int | No
 
 
 def _checkpoint(runs: Path, name: str, args: list[str]) -> Path:
-    from fasq.io.checkpoint import is_checkpoint
+    from fasq.io.manifest import is_checkpoint
 
     path = runs / name
     if not is_checkpoint(path):

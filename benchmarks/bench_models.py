@@ -204,7 +204,7 @@ print(json.dumps({"prefill_s": runs[-1][0], "decode_s": runs[-1][1]}))
 
 
 def _fasq_checkpoint(hf: Path, out: Path, args: list[str]) -> Path:
-    from fasq.io.checkpoint import is_checkpoint
+    from fasq.io.manifest import is_checkpoint
 
     if not is_checkpoint(out):
         print(f"  quantizing {out.name}", flush=True)

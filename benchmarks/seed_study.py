@@ -61,7 +61,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     from fasq.eval.data import wikitext2_test
-    from fasq.io.checkpoint import quantize_model
+    from fasq.stream.memory import quantize_model
     from fasq.eval.perplexity import perplexity, tokenize_text
     from fasq.io.sources import load_model
 

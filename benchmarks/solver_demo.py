@@ -29,8 +29,9 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
 
-    from fasq.io.checkpoint import quantize_model
-    from fasq.quant.solver import achievable_range, measure, solve
+    from fasq.stream.memory import quantize_model
+    from fasq.quant.solver import achievable_range
+    from fasq.stream.solve import measure_model as measure, solve
     from fasq.io.sources import load_model
 
     model, _ = load_model("default")

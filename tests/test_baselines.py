@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 from fasq.eval.baselines import BaselineError, INFO_NAME, calibration_batches, calibration_texts, group_quant_size
 from fasq.cli import main
 from fasq.core.config import DEFAULT_SKIP, QuantConfig, RTNConfig
-from fasq.io.checkpoint import quantizable_linears
-from fasq.quant.solver import model_bytes
+from fasq.core.convert import quantizable_linears
+from fasq.core.convert import model_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE_PY = ROOT / ".venv-baselines" / "bin" / "python"

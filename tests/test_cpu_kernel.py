@@ -100,6 +100,22 @@ def test_every_path_and_dtype(case, dtype, kernel, isa):
     assert _rel_err(y, ref, x, codes, cb, scales, offsets, bias) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_rebuild_overwrites_its_reused_buffer(dtype):
+    """cpu_dequant rebuilds W into a buffer kept between calls: poisoned with NaN first, a
+    rebuild that skipped any element would leak NaN into the output."""
+    case = ALL_CASES[-1]
+    codes, cb, scales, offsets = _layer(*case)
+    n = case[0] * case[1]
+    buf = cpu._weight_buffer(n, dtype).fill_(float("nan"))  # the buffer the next call reuses
+    x = _randn(9, case[1]).to(dtype)
+    y = cpu_linear.pq_linear_cpu(x, codes, cb, scales, offsets, None, kernel="cpu_dequant")
+    assert cpu._weight_buffer(n, dtype).data_ptr() == buf.data_ptr()  # it was reused, not reallocated
+    assert not buf.isnan().any() and not y.isnan().any()
+    ref = _dense_ref(x, codes, cb, scales, offsets, None)
+    assert _rel_err(y, ref, x, codes, cb, scales, offsets, None) < TOL[dtype]
+
+
 def test_fp32_codebooks_that_are_not_fp16_values_stay_exact():
     codes, cb, scales, _ = _layer(37, 48, 2, 16, 1, 1, False)
     cb = cb.float() + 1e-4  # no longer representable in fp16

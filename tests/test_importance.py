@@ -10,7 +10,7 @@ import torch
 from fasq.quant import importance
 from fasq.core.config import ConfigError, PQConfig, QuantConfig
 from fasq.quant.kmeans import assign_weighted, kmeans, kmeans_weighted
-from fasq.io.checkpoint import quantizable_linears
+from fasq.core.convert import quantizable_linears
 from fasq.core.ops import dequantize
 from fasq.quant.quantize import quantize_pq
 

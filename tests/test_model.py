@@ -6,7 +6,9 @@ from transformers import AutoModelForCausalLM
 
 import fasq
 from fasq.core.config import FORMAT_VERSION, ConfigError, PQConfig, QuantConfig, RTNConfig
-from fasq.io.checkpoint import WEIGHTS_NAME, CheckpointError, load_quantized, quantize_model, save_quantized
+from fasq.io.manifest import WEIGHTS_NAME, CheckpointError
+from fasq.io.checkpoint import load_quantized, save_quantized
+from fasq.stream.memory import quantize_model
 from fasq.core.module import PQLinear
 
 CONFIGS = [

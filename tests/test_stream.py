@@ -8,7 +8,9 @@ import torch
 from safetensors import safe_open
 
 from fasq.core.config import ConfigError, PQConfig, QuantConfig, RTNConfig
-from fasq.io.checkpoint import INDEX_NAME, MANIFEST_NAME, load_quantized, quantize_model, save_quantized, verify_checkpoint
+from fasq.io.manifest import INDEX_NAME, MANIFEST_NAME, verify_checkpoint
+from fasq.io.checkpoint import load_quantized, save_quantized
+from fasq.stream.memory import quantize_model
 from fasq.stream import make_plan, quantize_streaming
 from fasq.stream import pipeline
 from fasq.stream.readers import StreamingUnsupported
@@ -223,9 +225,8 @@ def test_gguf_streams_to_the_in_memory_checkpoint(tmp_path):
 # --- the solver on a streamed model ---------------------------------------------------------
 
 def test_streaming_solver_matches_the_in_memory_solver(sharded_dir):
-    from fasq.quant.solver import solve
     from fasq.io.sources import load_model
-    from fasq.stream.solve import solve_streaming
+    from fasq.stream.solve import solve, solve_streaming
 
     cands = [PQConfig(d=d, K=K, codebook_scope="matrix") for d, K in ((2, 16), (2, 64), (1, 16))]
     plan = make_plan(str(sharded_dir), QuantConfig())
@@ -251,7 +252,7 @@ def test_budget_outside_the_range_is_refused_before_reading_weights(sharded_dir,
     from fasq.io.sources import load_model
 
     with pytest.raises(solver.BudgetError, match="achievable range"):
-        solver.solve(load_model(str(sharded_dir))[0], target_size=0.05, progress=False)
+        ssolve.solve(load_model(str(sharded_dir))[0], target_size=0.05, progress=False)
 
 
 @pytest.mark.parametrize("importance", ["random-tokens", "norm", "none"])

@@ -12,7 +12,8 @@ from fasq.core import transforms
 from fasq.core.config import ConfigError, PQConfig, QuantConfig, RTNConfig
 from fasq.kernels.cpu import library as cpu
 from fasq.kernels import pq_linear_triton
-from fasq.io.checkpoint import load_quantized, quantize_model, save_quantized
+from fasq.io.checkpoint import load_quantized, save_quantized
+from fasq.stream.memory import quantize_model
 from fasq.core.module import PQLinear
 from fasq.stream import quantize_streaming
 

@@ -8,7 +8,9 @@ method with transformers (when installed), so that
 from .core import ops  # noqa: F401 - registers the fasq::pq_linear custom op
 from . import kernels  # noqa: F401 - its CUDA implementation (triton imported only when called)
 from .core.config import ConfigError, PQConfig, QuantConfig, RTNConfig
-from .io.checkpoint import CheckpointError, load_quantized, quantize_model, save_quantized
+from .io.manifest import CheckpointError
+from .io.checkpoint import load_quantized, save_quantized
+from .stream.memory import quantize_model
 from .core.module import PQLinear
 from .version import __version__
 

@@ -10,6 +10,28 @@ import sys
 import time
 from pathlib import Path
 
+from .core.config import ConfigError, DEFAULT_SKIP, IMPORTANCE, PQConfig, QuantConfig, RTNConfig
+from .core.convert import quantizable_linears
+from .core.format import format_size_table
+from .eval import speed
+from .eval.baselines import BaselineError, quantize_baseline, save_baseline
+from .eval.data import default_data_dir, wikitext2_test
+from .eval.perplexity import perplexity, tokenize_text
+from .eval.zeroshot import evaluate_tasks
+from .io.checkpoint import save_quantized
+from .io.dense import export_dense
+from .io.manifest import check_checkpoint, CheckpointError, is_checkpoint, REPORT_NAME
+from .io.outdir import check_output_dir
+from .io.sources import load_model, local_paths, ModelSourceError, resolve
+from .quant.solver import DEFAULT_CANDIDATES, parse_candidates
+from .quant.tensor_parallel import fit_config, group_options
+from .stream import make_plan, quantize_streaming
+from .stream.memory import quantize_model
+from .stream.pipeline import work_dir
+from .stream.readers import StreamingUnsupported
+from .stream.solve import solve, solve_streaming
+
+
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -26,8 +48,6 @@ def _add_model_opts(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .core.config import IMPORTANCE, PQConfig, QuantConfig
-
     dflt = PQConfig()
     ap = argparse.ArgumentParser(prog="fasq", description="Calibration-free product quantization of LLMs.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -138,8 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _layer_config(a):
-    from .core.config import PQConfig, RTNConfig
-
     if a.method == "rtn":
         return RTNConfig(bits=a.bits, group_size=a.group_size)
     return PQConfig(d=a.subvector_dim, K=a.codebook_size, codebook_scope=a.scope,
@@ -172,9 +190,6 @@ def _check_device(name: str) -> None:
 
 def _check_source(model: str) -> list:
     """The local paths a quantize/export/baseline reads; refuses a fasq checkpoint as input."""
-    from .io.checkpoint import is_checkpoint
-    from .io.sources import local_paths, resolve
-
     if is_checkpoint(resolve(model)[0]):
         raise ValueError(f"{model} is already a fasq checkpoint; quantize the model it was made from "
                          f"(`fasq info {model}` names it)")
@@ -184,8 +199,6 @@ def _check_source(model: str) -> list:
 def _warn_unmatched_skips(patterns, module_names) -> None:
     """--skip patterns that match no module: most likely a typo (`lm_heed`), which would
     quantize the layer the user meant to keep."""
-    from .core.config import DEFAULT_SKIP, QuantConfig
-
     for pat in patterns:
         if pat not in DEFAULT_SKIP and not any(QuantConfig(skip=(pat,)).is_skipped(n) for n in module_names):
             print(f"fasq quantize: warning: --skip {pat!r} matches no module of the model, so it skips "
@@ -193,11 +206,6 @@ def _warn_unmatched_skips(patterns, module_names) -> None:
 
 
 def cmd_quantize(a) -> int:
-    from .core.config import DEFAULT_SKIP, QuantConfig
-    from .core.format import format_size_table
-    from .io.checkpoint import check_output_dir
-    from .quant.solver import parse_candidates
-
     _check_device(a.device)
     inputs = _check_source(a.model)
     out = check_output_dir(a.out, a.overwrite, inputs)  # fail before the slow part
@@ -230,9 +238,6 @@ def cmd_quantize(a) -> int:
 
 def _quantize_streaming(a, out, qcfg, cands, targets: bool) -> dict:
     """Tensor by tensor from the files (the default); resumes an interrupted run."""
-    from .stream import make_plan, quantize_streaming
-    from .stream.readers import StreamingUnsupported
-
     try:
         plan = make_plan(a.model, qcfg, dtype=_dtype(a.dtype))
     except StreamingUnsupported as e:
@@ -244,11 +249,8 @@ def _quantize_streaming(a, out, qcfg, cands, targets: bool) -> dict:
         plan.qcfg, cands = _fit_tensor_parallel(plan.qcfg, cands, list(plan.shapes().values()), a)
     extra = None
     if targets:
-        from .stream.solve import solve_streaming
-
         plan.qcfg, solved = solve_streaming(plan, target_bits=a.target_bits, target_size=a.target_size,
                                             candidates=cands, progress=not a.json, device=a.device)
-        plan.qcfg.importance = qcfg.importance
         if not a.json:
             print(solved.format())
         extra = {"solver": solved.to_dict()}
@@ -256,33 +258,22 @@ def _quantize_streaming(a, out, qcfg, cands, targets: bool) -> dict:
         return quantize_streaming(a.model, out, plan.qcfg, device=a.device, overwrite=a.overwrite,
                                   progress=not a.json, plan=plan, extra_report=extra)
     except KeyboardInterrupt:
-        from .stream.pipeline import work_dir
-
         raise Interrupted(f"interrupted; the shards finished so far are kept in {work_dir(out)}: run the "
                           "same command again to resume") from None
 
 
 def _quantize_in_memory(a, out, qcfg, cands, targets: bool) -> dict:
     """The whole model loaded (`--in-memory`): the Python API's path."""
-    from .io.checkpoint import quantize_model, save_quantized
-    from .io.sources import load_model
-
     model, tok = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
     if a.skip:
         _warn_unmatched_skips(a.skip, {n for n, _ in model.named_modules()})
     if a.tensor_parallel > 1:
-        from .core.convert import quantizable_linears
-
         shapes = [(lin.out_features, lin.in_features) for _, lin in quantizable_linears(model, qcfg)]
         qcfg, cands = _fit_tensor_parallel(qcfg, cands, shapes, a)
     solved = None
     if targets:
-        from .quant.solver import solve
-
-        importance = qcfg.importance
         qcfg, solved = solve(model, target_bits=a.target_bits, target_size=a.target_size, skip=qcfg.skip,
-                             candidates=cands, progress=not a.json, device=a.device)
-        qcfg.importance = importance
+                             candidates=cands, progress=not a.json, device=a.device, base=qcfg)
         if not a.json:
             print(solved.format())
     report = quantize_model(model, qcfg, device=a.device, progress=not a.json)
@@ -295,10 +286,6 @@ def _quantize_in_memory(a, out, qcfg, cands, targets: bool) -> dict:
 
 def _fit_tensor_parallel(qcfg, cands, shapes, a):
     """The config (and solver candidates) with groups that split at --tensor-parallel ranks."""
-    from .core.config import ConfigError
-    from .quant.solver import DEFAULT_CANDIDATES
-    from .quant.tensor_parallel import fit_config, group_options
-
     tp = a.tensor_parallel
     layer = fit_config(qcfg.layer, shapes, tp)
     if layer != qcfg.layer and not a.json:
@@ -326,18 +313,12 @@ def _summary(report: dict) -> dict:
 
 def _evaluate(model_arg: str, a) -> dict:
     """Perplexity (when asked, or when no tasks are) and zero-shot tasks of one model."""
-    from .eval.data import default_data_dir, wikitext2_test
-    from .eval.perplexity import perplexity, tokenize_text
-    from .io.sources import load_model
-
     model, tok = load_model(model_arg, dtype=_dtype(a.dtype), device=a.device)
     res = {"model": model_arg}
     if a.ppl or not a.tasks:
         ids = tokenize_text(tok, wikitext2_test(a.data_dir))
         res.update(perplexity(model, ids, seqlen=a.seqlen, windows=a.windows or None, progress=not a.json))
     if a.tasks:
-        from .eval.zeroshot import evaluate_tasks
-
         res["tasks"] = evaluate_tasks(model, tok, [t for t in a.tasks.split(",") if t],
                                       data_dir=a.data_dir or default_data_dir(), limit=a.limit,
                                       batch_size=a.batch_size)
@@ -380,10 +361,6 @@ def cmd_eval(a) -> int:
 
 
 def cmd_info(a) -> int:
-    from .core.format import format_size_table
-    from .io.manifest import check_checkpoint
-    from .io.checkpoint import REPORT_NAME, CheckpointError
-
     check = check_checkpoint(a.checkpoint)
     qdict = check.qdict
     rpath = Path(a.checkpoint) / REPORT_NAME
@@ -408,9 +385,6 @@ def cmd_info(a) -> int:
 
 
 def cmd_baseline(a) -> int:
-    from .eval.baselines import quantize_baseline, save_baseline
-    from .io.checkpoint import check_output_dir
-
     inputs = _check_source(a.model)
     check_output_dir(a.out, a.overwrite, inputs)  # fail before the slow part
     model, tok, info = quantize_baseline(a.model, a.method, a.bits, a.group_size, data_dir=a.data_dir,
@@ -430,9 +404,6 @@ def _bench_one(source: str, a) -> dict:
 
     import torch
 
-    from .eval import speed
-    from .io.sources import load_model
-
     model, tok = load_model(source, dtype=_dtype(a.dtype), device=a.device)
     ids = tok("The capital of France is", return_tensors="pt").input_ids[0]
     res = speed.measure(model, ids, batch=a.batch, prompt_len=a.prompt_len, new_tokens=a.new_tokens,
@@ -448,8 +419,6 @@ def _bench_one(source: str, a) -> dict:
 
 def cmd_bench(a) -> int:
     import torch
-
-    from .io.checkpoint import REPORT_NAME, is_checkpoint
 
     _check_device(a.device)
     for name in ("batch", "prompt_len", "new_tokens"):
@@ -480,8 +449,6 @@ def cmd_bench(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from .io.dense import export_dense
-
     dtype = DTYPES[a.dtype]
     out = export_dense(a.model, a.out, dtype=dtype, overwrite=a.overwrite)
     print(f"saved {out} ({dtype}, unquantized)")
@@ -489,8 +456,6 @@ def cmd_export(a) -> int:
 
 
 def cmd_generate(a) -> int:
-    from .io.sources import load_model
-
     _check_device(a.device)
     if a.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
@@ -509,10 +474,6 @@ class Interrupted(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    from .eval.baselines import BaselineError
-    from .core.config import ConfigError
-    from .io.checkpoint import CheckpointError
-    from .io.sources import ModelSourceError
 
     try:
         return {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate,

@@ -143,6 +143,14 @@ class PQConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    learns_codebooks = True  # k-means (weighted by input-channel importance when given)
+
+    def label(self) -> str:
+        return f"d{self.d}K{self.K}" + ("" if self.codebook_scope == "matrix" else f"/{self.codebook_scope}")
+
+    def knobs(self) -> str:
+        return f"d={self.d}, K={self.K}, scope={self.codebook_scope}, scale={self.scale}"
+
 
 @dataclass
 class RTNConfig:
@@ -195,6 +203,14 @@ class RTNConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    learns_codebooks = False  # a fixed grid of 2**bits levels
+
+    def label(self) -> str:
+        return f"rtn{self.bits}g{self.group_size}"
+
+    def knobs(self) -> str:
+        return f"bits={self.bits}, group_size={self.group_size}"
 
 
 LayerConfig = PQConfig | RTNConfig

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import QuantConfig
-from .module import PQLinear
+from .config import LayerConfig, QuantConfig
+from .module import PQLinear, size_table
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -14,9 +14,14 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def linear_names(model: nn.Module) -> list[str]:
+    """A built model's candidates for quantization: its nn.Linear modules (the streaming
+    pipeline selects from these, or from tensor names for files, and drops skipped ones)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
 def quantizable_linears(model: nn.Module, qcfg: QuantConfig) -> list[tuple[str, nn.Linear]]:
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not qcfg.is_skipped(n)]
+    return [(n, model.get_submodule(n)) for n in linear_names(model) if not qcfg.is_skipped(n)]
 
 
 def replace_linears(model: nn.Module, qcfg: QuantConfig, names, device=None, dtype=torch.float16,
@@ -29,3 +34,19 @@ def replace_linears(model: nn.Module, qcfg: QuantConfig, names, device=None, dty
         if packed_codes:
             pq.expect_packed_codes()
         set_module(model, name, pq)
+
+
+def model_bytes(model: nn.Module, layers: list[tuple[str, nn.Linear]], cfgs: list[LayerConfig]) -> dict:
+    """`size_table` of `model` as it would be with each named linear stored with its config.
+
+    Swaps in empty meta-device PQLinear modules for the call and restores the originals.
+    """
+    originals = [(name, model.get_submodule(name)) for name, _ in layers]
+    try:
+        for (name, lin), cfg in zip(layers, cfgs):
+            set_module(model, name, PQLinear(lin.in_features, lin.out_features, cfg,
+                                              bias=lin.bias is not None, device="meta"))
+        return size_table(model)
+    finally:
+        for name, lin in originals:
+            set_module(model, name, lin)

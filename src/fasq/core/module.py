@@ -99,9 +99,7 @@ class PQLinear(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        knobs = f"bits={c.bits}, group_size={c.group_size}" if c.method == "rtn" else (
-            f"d={c.d}, K={c.K}, scope={c.codebook_scope}, scale={c.scale}")
-        return f"in_features={self.in_features}, out_features={self.out_features}, {c.method}: {knobs}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {c.method}: {c.knobs()}"
 
 
 def size_table(model: nn.Module) -> dict:

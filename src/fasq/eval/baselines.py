@@ -31,7 +31,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.config import DEFAULT_SKIP, QuantConfig
+from ..core.convert import quantizable_linears
 from ..core.format import unquantized_elements
+from ..io.checkpoint import state_for_saving, write_tensors
+from ..io.manifest import WEIGHTS_NAME
+from ..io.outdir import atomic_output_dir
+from ..io.sources import load_model
+from .data import default_data_dir
+
 
 LIBRARY = {"hqq": "hqq", "gptq": "llmcompressor", "awq": "llmcompressor"}  # method -> package
 METHODS = tuple(LIBRARY)
@@ -201,10 +209,6 @@ def _no_pinning_without_accelerator():
 def quantize_baseline(source: str, method: str, bits: int, group_size: int, data_dir: str | Path | None = None,
                       calib_samples: int = 128, calib_seqlen: int = 512, skip=None):
     """(model with dequantized weights, tokenizer, info) for one baseline."""
-    from ..core.config import DEFAULT_SKIP, QuantConfig
-    from ..io.checkpoint import quantizable_linears
-    from ..io.sources import load_model
-
     if method not in METHODS:
         raise BaselineError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)} "
                             "(RTN is `fasq quantize --method rtn`)")
@@ -218,8 +222,6 @@ def quantize_baseline(source: str, method: str, bits: int, group_size: int, data
     if method == "hqq":
         quantize_hqq(layers, bits, group_size)
     else:
-        from .data import default_data_dir
-
         calib = calibration_batches(tok, calibration_texts(data_dir or default_data_dir()),
                                     calib_samples, calib_seqlen)
         names = {n for n, _ in layers}
@@ -261,13 +263,9 @@ def _library_version(method: str) -> str:
 
 def write_dense(model: nn.Module, tok, folder: str | Path) -> None:
     """A plain HF folder with fp32 weights (no quantization_config)."""
-    from safetensors.torch import save_file
-
-    from ..io.checkpoint import WEIGHTS_NAME, _state_for_saving
-
     folder = Path(folder)
     # written by hand: transformers refuses save_pretrained on a model loaded from GGUF
-    save_file(_state_for_saving(model, torch.float32), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    write_tensors(state_for_saving(model, torch.float32), folder / WEIGHTS_NAME)
     model.config.dtype = torch.float32
     if hasattr(model.config, "quantization_config"):  # e.g. the GGUF origin: the weights are dense now
         del model.config.quantization_config
@@ -279,8 +277,6 @@ def save_baseline(model: nn.Module, tok, info: dict, out_dir: str | Path, overwr
                   inputs=()) -> Path:
     """write_dense + fasq_baseline.json, atomically (temporary sibling folder, then rename);
     refused on top of `inputs` (the local paths the model was read from)."""
-    from ..io.outdir import atomic_output_dir
-
     with atomic_output_dir(out_dir, overwrite, inputs) as tmp:
         write_dense(model, tok, tmp)
         (tmp / INFO_NAME).write_text(json.dumps(info, indent=1))

@@ -12,6 +12,12 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import state_for_saving, write_tensors
+from .manifest import is_checkpoint, WEIGHTS_NAME
+from .outdir import atomic_output_dir, check_output_dir
+from .sources import load_model, local_paths, resolve
+
+
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -19,12 +25,6 @@ def export_dense(source: str, out_dir: str | os.PathLike, dtype: str = "float32"
                  overwrite: bool = False) -> Path:
     """Load `source` ('default', a GGUF file, a HF folder or Hub id) and write it to `out_dir`
     as a HF folder (config, generation config, tokenizer, model.safetensors in `dtype`)."""
-    from safetensors.torch import save_file
-
-    from .checkpoint import WEIGHTS_NAME, _state_for_saving, is_checkpoint
-    from .outdir import atomic_output_dir, check_output_dir
-    from .sources import load_model, local_paths, resolve
-
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
     inputs = local_paths(source)
@@ -36,7 +36,7 @@ def export_dense(source: str, out_dir: str | os.PathLike, dtype: str = "float32"
     tdtype = EXPORT_DTYPES[dtype]
     with atomic_output_dir(out_dir, overwrite, inputs) as tmp:
         # tied tensors (lm_head = embed_tokens) are written once, as transformers does
-        save_file(_state_for_saving(model, tdtype), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_tensors(state_for_saving(model, tdtype), tmp / WEIGHTS_NAME)
         model.config.dtype = tdtype
         model.config.architectures = [type(model).__name__]  # unset for GGUF sources; vLLM reads it
         if hasattr(model.config, "quantization_config"):  # the GGUF origin: the weights are dense now

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from ..core.config import ConfigError, QuantConfig
+from ..core.config import FORMAT_VERSION, ConfigError, QuantConfig
 from ..core.format import packed_row_bytes
 from ..core.module import PQLinear
 from ..core.transforms import get_transform
+
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"  # sharded checkpoints (written by fasq.stream)
@@ -115,8 +116,6 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 def write_manifest(folder: Path, files: dict[str, dict], qdict: dict) -> None:
     """The manifest: {file: {bytes, sha256}} plus the quantization_config it was written with."""
-    from ..core.config import FORMAT_VERSION
-
     manifest = {"format_version": FORMAT_VERSION, "files": files, "quantization_config": qdict}
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
 

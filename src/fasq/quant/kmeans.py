@@ -6,7 +6,7 @@ All functions work on a batch of B independent problems at once (one per codeboo
     codes:     [B, N]  (int64)
 Determinism: every random choice comes from the `torch.Generator` passed in.
 
-Backends: CPU tensors use the fasq C library (`kernels/cpu_kmeans.py`: assignment with the
+Backends: CPU tensors use the fasq C library (`kernels/cpu/kmeans.py`: assignment with the
 scores kept in registers, ~10x faster than the torch code on a d=2 problem, and k-means++
 seeding) when it is available; other devices, and `backend="torch"`, run the torch code
 below. Both pick the same nearest centroid up to floating-point rounding of near ties.
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from ..kernels.cpu import kmeans as cpu_kmeans
 
 # Largest [B, chunk, K] distance block materialised at once (float32 elements): ~1 MB on
 # the CPU (stays in cache; measured faster than 1 << 24), 256 MB on a GPU (few launches).
@@ -47,7 +49,6 @@ def _cpu_library(backend: str):
         raise ValueError(f"unknown k-means backend {backend!r}; choose one of {BACKENDS}")
     if backend == "torch":
         return None
-    from ..kernels.cpu import kmeans as cpu_kmeans
 
     if cpu_kmeans.available():
         return cpu_kmeans

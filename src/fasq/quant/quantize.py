@@ -1,6 +1,6 @@
 """Quantize one weight matrix: FASQ product quantization and RTN, into the storage format.
 
-Both return a dict of tensors in the layout of `ops.py`:
+Both return a dict of tensors in the layout of `core/ops.py`:
     codes [out, M], codebooks [C, K, d], scales [out, S] | None, offsets [out, S] | None
 """
 
@@ -175,12 +175,18 @@ def quantize_rtn(W: Tensor, cfg: RTNConfig, name: str = "weight", device=None) -
     }
 
 
+# method name -> quantizer(W, cfg, name, device, importance) -> the layer's tensors
+QUANTIZERS = {
+    "pq": quantize_pq,
+    "rtn": lambda W, cfg, name="weight", device=None, importance=None: quantize_rtn(W, cfg, name, device),
+}
+
+
 def quantize_weight(W: Tensor, cfg: LayerConfig, name: str = "weight", device=None,
                     importance: Tensor | None = None) -> dict[str, Tensor | None]:
-    """`importance` (per input column) is used by PQ; RTN ignores it."""
-    if cfg.method == "rtn":
-        return quantize_rtn(W, cfg, name=name, device=device)
-    return quantize_pq(W, cfg, name=name, device=device, importance=importance)
+    """The layer's tensors from its method's quantizer; `importance` (per input column) is
+    used by methods that learn codebooks (PQ), ignored by RTN."""
+    return QUANTIZERS[cfg.method](W, cfg, name=name, device=device, importance=importance)
 
 
 def error_report(W: Tensor, W_hat: Tensor, rows: int = 1024) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """Target-size solver: per-layer (d, K, scope, scale) under a byte budget, without data.
 
-`solve(model, target_bits=B)` or `solve(model, target_size=F)` returns a `QuantConfig`
+`fasq.stream.solve.solve(model, target_bits=B)` (or `target_size=F`, or `solve_streaming`
+on a streamed model) measures a `ProxyTable` and `solve_table` here returns a `QuantConfig`
 whose `overrides` give every quantized linear layer its own config, chosen from a
 candidate set to minimise a calibration-free proxy of the loss while the checkpoint
 lands within 1 % *below* the budget (the budget is never exceeded):
@@ -11,12 +12,11 @@ lands within 1 % *below* the budget (the budget is never exceeded):
   plus unquantized parameters at 2 bytes), as `size_table(...)["size_fraction_of_fp16"]`.
 
 Steps
-1. Sizes (from shapes alone: `candidate_table`, so `check_budget` refuses a budget out
-   of range before any weight is read). The exact stored bytes of a candidate on a layer come from `format.layer_size`
-   on an empty meta-device `PQLinear` (no tensors, no accounting duplicated here); the
-   bytes outside the quantized layers come from `module.size_table` on the model with its
-   linears temporarily swapped for such meta modules. So predicted sizes are the sizes
-   `quantize_model` + `size_table` report, byte for byte.
+1. Sizes (from shapes alone: `candidate_table` in `fasq.stream.solve`, so `check_budget`
+   refuses a budget out of range before any weight is read). A candidate's stored bytes
+   on a layer are `format.stored_layer_size`; the bytes outside the quantized layers are
+   every other floating tensor at 2 bytes, as the checkpoint stores them. The predicted
+   size is the size of the tensors written (tested against the file).
 2. Proxy. Per layer l and candidate j: err[l, j] = importance_l * ||W_l - Q_j(W_l)||_F^2,
    measured by really quantizing with candidate j (`quantize.quantize_weight`) a
    deterministic, evenly spaced sample of at most `sample_rows` (256) rows, with k-means
@@ -59,14 +59,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
 
-from ..core.config import DEFAULT_SKIP, ConfigError, LayerConfig, PQConfig, QuantConfig
+from ..core.config import ConfigError, LayerConfig, PQConfig, QuantConfig
 from ..core.format import stored_layer_size
-from ..core.module import size_table as model_size_table
-from ..core.module import PQLinear
 from ..core.ops import dequantize
-from ..core.convert import quantizable_linears, set_module
 from .quantize import quantize_weight
 
 TOLERANCE = 0.01  # land within 1 % below the budget
@@ -100,7 +96,7 @@ def parse_candidates(spec: str) -> list[LayerConfig]:
             raise ConfigError(f"candidate {item!r} is not of the form d<D>K<K> (e.g. d2K256); "
                               "give a comma-separated list such as d2K256,d3K512,d4K1024")
         out.append(_pq(int(m[1]), int(m[2])))  # PQConfig validates d and K
-    labels = [_label(c) for c in out]
+    labels = [c.label() for c in out]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"candidate list {spec!r} repeats a candidate")
     return out
@@ -122,26 +118,6 @@ def _fits(out_features: int, in_features: int, cfg: LayerConfig) -> bool:
         return True
     except ConfigError:
         return False
-
-
-def _quantizable(model: nn.Module, skip) -> list[tuple[str, nn.Linear]]:
-    return quantizable_linears(model, QuantConfig(skip=tuple(skip)))
-
-
-def model_bytes(model: nn.Module, layers: list[tuple[str, nn.Linear]], cfgs: list[LayerConfig]) -> dict:
-    """`size_table` of `model` as it would be with each named linear stored with its config.
-
-    Swaps in empty meta-device PQLinear modules for the call and restores the originals.
-    """
-    originals = [(name, model.get_submodule(name)) for name, _ in layers]
-    try:
-        for (name, lin), cfg in zip(layers, cfgs):
-            set_module(model, name, PQLinear(lin.in_features, lin.out_features, cfg,
-                                              bias=lin.bias is not None, device="meta"))
-        return model_size_table(model)
-    finally:
-        for name, lin in originals:
-            set_module(model, name, lin)
 
 
 # --- 2. proxy ---------------------------------------------------------------------------
@@ -208,7 +184,7 @@ def proxy_error(W: torch.Tensor, cfg: LayerConfig, sample_rows: int | None = 256
     if idx is not None and not _fits(len(idx), n, cfg):
         idx = None  # too few sub-vectors for this K in the sample: use all rows
     Ws = W if idx is None else W[idx]
-    if proxy_iters is not None and cfg.method == "pq":  # shortened k-means, fitted on <= 32 K points
+    if proxy_iters is not None and cfg.learns_codebooks:  # shortened k-means, fitted on <= 32 K points
         cap = 32 * cfg.K if not cfg.kmeans_sample else min(cfg.kmeans_sample, 32 * cfg.K)
         cfg = dataclasses.replace(cfg, kmeans_iters=min(cfg.kmeans_iters, proxy_iters), kmeans_sample=cap)
     t = quantize_weight(Ws, cfg, name=name)
@@ -235,38 +211,6 @@ def measure_layer(t: LayerTable, W: torch.Tensor, cands: list[LayerConfig], samp
     W = W.detach().to(device=device or W.device, dtype=torch.float32)
     t.sq_error = [proxy_error(W, cands[j], sample_rows, proxy_iters, t.name) for j in t.options]
     t.weight_sq_norm = W.double().pow(2).sum().item()
-
-
-def candidate_table(model: nn.Module, candidates=None, skip=DEFAULT_SKIP) -> ProxyTable:
-    """The candidates' sizes on every quantizable layer, from shapes alone (errors not yet
-    measured): enough to check a budget against the achievable range at once."""
-    cands = list(DEFAULT_CANDIDATES if candidates is None else candidates)
-    if not cands:
-        raise ValueError("the candidate set is empty")
-    layers = _quantizable(model, skip)
-    if not layers:
-        raise ValueError("the model has no linear layers to quantize (all skipped?)")
-    tables = [layer_sizes(name, lin.out_features, lin.in_features, lin.bias is not None, cands)
-              for name, lin in layers]
-    # Bytes outside the quantized layers: the model's size table with any fitting configs swapped in.
-    st = model_bytes(model, layers, [cands[t.options[0]] for t in tables])
-    fixed = st["total_bytes"] - sum(t.bytes[0] for t in tables)
-    return ProxyTable(candidates=cands, layers=tables, fixed_bytes=fixed, fp16_bytes=st["fp16_bytes"],
-                      skip=tuple(skip))
-
-
-def measure(model: nn.Module, candidates=None, skip=DEFAULT_SKIP, sample_rows: int | None = 256,
-            proxy_iters: int | None = 4, progress: bool = True, device=None,
-            table: ProxyTable | None = None) -> ProxyTable:
-    """Sizes and proxy errors of every candidate on every quantizable layer (the slow part)."""
-    from tqdm.auto import tqdm
-
-    table = table or candidate_table(model, candidates, skip)
-    t0 = time.perf_counter()
-    for t in tqdm(table.layers, desc="solver proxy", unit="layer", disable=not progress):
-        measure_layer(t, model.get_submodule(t.name).weight, table.candidates, sample_rows, proxy_iters, device)
-    table.seconds = time.perf_counter() - t0
-    return table
 
 
 # --- 3. the multiple-choice knapsack ------------------------------------------------------
@@ -519,12 +463,6 @@ class SolveReport:
                 f"(proxy {self.proxy_seconds:.1f}s, solve {self.solve_seconds:.2f}s)")
 
 
-def _label(cfg: LayerConfig) -> str:
-    if cfg.method == "rtn":
-        return f"rtn{cfg.bits}g{cfg.group_size}"
-    return f"d{cfg.d}K{cfg.K}" + ("" if cfg.codebook_scope == "matrix" else f"/{cfg.codebook_scope}")
-
-
 def budget_bounds(table: ProxyTable, target_bits: float | None = None,
                   target_size: float | None = None) -> tuple[int, int, str, float]:
     """(lower, upper) bytes for the quantized layers' codes+codebooks+scales."""
@@ -568,24 +506,17 @@ def check_budget(table: ProxyTable, target_bits: float | None = None,
     return lo, hi, kind, value
 
 
-def solve(model: nn.Module | None, target_bits: float | None = None, target_size: float | None = None,
-          candidates=None, skip=DEFAULT_SKIP, progress: bool = True, importance: str = "rel",
-          sample_rows: int | None = 256, proxy_iters: int | None = 4, table: ProxyTable | None = None,
-          device=None) -> tuple[QuantConfig, SolveReport]:
-    """Per-layer configs that meet the budget; returns (QuantConfig, SolveReport).
+def solve_table(table: ProxyTable, target_bits: float | None = None, target_size: float | None = None,
+                importance: str = "rel", base: QuantConfig | None = None) -> tuple[QuantConfig, SolveReport]:
+    """Per-layer configs that meet the budget, from a measured table (`fasq.stream.solve`
+    measures one); returns (QuantConfig, SolveReport).
 
     Exactly one of `target_bits` (bits per quantized weight, overhead included) or
     `target_size` (whole checkpoint as a fraction of the FP16 model). The result lands
-    in [0.99 * target, target]. `table` reuses a `measure(...)` result (same model,
-    candidates and skip) so several budgets cost one proxy measurement.
+    in [0.99 * target, target]. `importance`: the proxy's layer weighting ("rel", "sq").
+    `base`: the config whose other settings (importance estimate, transform) the result
+    keeps; its layer configs are replaced.
     """
-    if table is None:
-        table = candidate_table(model, candidates, skip)
-        check_budget(table, target_bits, target_size)  # before the slow measurement
-        measure(model, sample_rows=sample_rows, proxy_iters=proxy_iters, progress=progress, device=device,
-                table=table)
-    elif candidates is not None and list(candidates) != table.candidates:
-        raise ValueError("`table` was measured with other candidates")
     lo, hi, kind, value = check_budget(table, target_bits, target_size)
     rng = achievable_range(table)
     errs = table.errors(importance)
@@ -595,10 +526,11 @@ def solve(model: nn.Module | None, target_bits: float | None = None, target_size
 
     cands = table.candidates
     chosen = [cands[t.options[p]] for t, p in zip(table.layers, pick)]
-    labels = [_label(c) for c in chosen]
-    base = chosen[max(range(len(chosen)), key=lambda i: (labels.count(labels[i]), -i))]
-    qcfg = QuantConfig(layer=dataclasses.replace(base), skip=table.skip,
-                       overrides={t.name: dataclasses.replace(c) for t, c in zip(table.layers, chosen)})
+    labels = [c.label() for c in chosen]
+    common = chosen[max(range(len(chosen)), key=lambda i: (labels.count(labels[i]), -i))]
+    qcfg = dataclasses.replace(base or QuantConfig(), layer=dataclasses.replace(common), skip=table.skip,
+                               overrides={t.name: dataclasses.replace(c) for t, c in zip(table.layers, chosen)},
+                               modules=())
     qbytes = sum(t.bytes[p] for t, p in zip(table.layers, pick))
     total = qbytes + table.fixed_bytes
     rows = []

@@ -114,7 +114,7 @@ def fit_config(cfg: LayerConfig, shapes, tp_size: int) -> LayerConfig:
 
     if valid(cfg):
         return cfg
-    if cfg.method == "rtn":
+    if not cfg.learns_codebooks:  # RTN: one group size
         sizes = [g for g in range(1, widths[0] + 1) if all(w % g == 0 for w in widths)]
         g = _closest(sizes, cfg.group_size or widths[-1], lambda g: valid(dataclasses.replace(cfg, group_size=g)))
         return dataclasses.replace(cfg, group_size=g)
@@ -137,7 +137,7 @@ def fit_config(cfg: LayerConfig, shapes, tp_size: int) -> LayerConfig:
 
 def group_options(cfg: LayerConfig) -> str:
     """The `fasq quantize` options that set a config's groups."""
-    if cfg.method == "rtn":
+    if not cfg.learns_codebooks:  # RTN: one group size
         return f"--group-size {cfg.group_size}"
     opts = f"--codebook-group {cfg.codebook_group}" if cfg.codebook_scope == "group" else ""
     if cfg.scale_kinds()[0]:

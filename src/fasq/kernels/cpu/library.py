@@ -1,9 +1,9 @@
 """The CPU kernels of `fasq::pq_linear`: a small C++ library (csrc/pq_cpu*.cpp) called
 through ctypes, with the same signatures as the reference ops in `fasq.core.ops`; the path is
-picked and the op registered in `cpu_linear.py` (`pq_linear_cpu`).
+picked and the op registered in `linear.py` (`pq_linear_cpu`).
 
 Paths (see `dispatch.select_cpu_kernel`):
-    cpu_int8     decode, 1-16 tokens, d=2 K<=256 on AVX-512 VBMI+VNNI (cpu_int8.py): int8
+    cpu_int8     decode, 1-16 tokens, d=2 K<=256 on AVX-512 VBMI+VNNI (int8.py): int8
                  copies of the codebooks looked up 64 codes at a time, integer dot products
                  with int8 activations; within int8 rounding of the exact result.
                  FASQ_CPU_INT8=0 turns it off; elsewhere cpu_gemv runs
@@ -47,7 +47,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..dispatch import CPU_KERNELS
 
-# One library: the pq_linear kernels and the k-means helpers (cpu_kmeans.py)
+# One library: the pq_linear kernels and the k-means helpers (kmeans.py)
 SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("pq_cpu.cpp", "pq_cpu_int8.cpp", "kmeans_cpu.cpp"))
 HEADERS = (Path(__file__).with_name("csrc") / "pq_cpu.h",)  # included by the sources: part of the cache key
 _ERRORS = {1: "non-positive size", 2: "in_features not divisible by d", 3: "codebooks do not divide the subspaces",

@@ -1,5 +1,5 @@
 """`fasq::pq_linear` on the CPU: picks the path (see `dispatch.select_cpu_kernel`) among the
-exact kernels of `cpu.py`, the int8 kernel of `cpu_int8.py` and the torch reference, and
+exact kernels of `library.py`, the int8 kernel of `int8.py` and the torch reference, and
 registers itself as the op's CPU implementation. Its own module so that `cpu_int8` can
 build on `cpu` without a cycle.
 

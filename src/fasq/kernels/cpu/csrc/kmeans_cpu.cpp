@@ -1,4 +1,4 @@
-// k-means on the CPU for fasq/kmeans.py (Python side: fasq/kernels/cpu_kmeans.py).
+// k-means on the CPU for fasq/quant/kmeans.py (Python side: fasq/kernels/cpu/kmeans.py).
 //
 // Built into the same library as pq_cpu.cpp (same C ABI, same OpenMP runtime, same run
 // time choice of instruction set). Batched like the torch code: B independent problems.
@@ -308,7 +308,7 @@ int fasq_cpu_kmeans_assign(const float* points, const float* centroids, int64_t 
 // first[b] is the first centroid's point index; u[b, k] (k = 1..K-1) are uniforms in
 // [0, 1) that pick the others, with probability proportional to the squared distance to
 // the nearest centroid chosen so far (uniform when every distance is 0). See seed_one for
-// the exact procedure (the torch code in fasq/kmeans.py follows it step for step).
+// the exact procedure (the torch code in fasq/quant/kmeans.py follows it step for step).
 int fasq_cpu_kmeanspp(const float* points, int64_t B, int64_t N, int64_t K, int64_t d, const int64_t* first,
                       const double* u, float* centroids, int nthreads) {
   if (B <= 0 || N <= 0 || K <= 0 || d <= 0 || d > 16) return 1;

@@ -1,4 +1,4 @@
-// fasq CPU kernels for fasq::pq_linear (the Python side is fasq/kernels/cpu.py).
+// fasq CPU kernels for fasq::pq_linear (the Python side is fasq/kernels/cpu/library.py).
 //
 // A plain C ABI (no Python or torch headers), loaded with ctypes: one binary serves every
 // torch version and can ship prebuilt. The instruction set is picked at run time: AVX2+FMA

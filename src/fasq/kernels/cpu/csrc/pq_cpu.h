@@ -1,4 +1,4 @@
-// Declarations shared by pq_cpu.cpp and pq_cpu_int8.cpp (one library); kernels/cpu.py's
+// Declarations shared by pq_cpu.cpp and pq_cpu_int8.cpp (one library); kernels/cpu/library.py's
 // _LayerArgs mirrors FasqLayerArgs through ctypes.
 #pragma once
 

@@ -1,7 +1,7 @@
 // fasq decode GEMV for CUDA GPUs: y[t, o] += sum_m dot(W[o, m*D : (m+1)*D], x[t, m*D : (m+1)*D])
 // for a few tokens, straight from the codes (LUT-free direct compute, as in the FASQ paper).
 //
-// Compiled at run time with NVRTC (fasq/kernels/cuda_gemv.py), so users need no CUDA
+// Compiled at run time with NVRTC (fasq/kernels/cuda/gemv.py), so users need no CUDA
 // toolkit; every instantiation listed by the launcher is compiled in one program per GPU
 // architecture and cached on disk.
 //
