@@ -48,8 +48,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..dispatch import CPU_KERNELS
 
 # One library: the pq_linear kernels and the k-means helpers (kmeans.py)
-SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("pq_cpu.cpp", "pq_cpu_int8.cpp", "kmeans_cpu.cpp"))
-HEADERS = (Path(__file__).with_name("csrc") / "pq_cpu.h",)  # included by the sources: part of the cache key
+# pq_cpu.cpp: the exact kernels' C ABI, portable path and choice of instruction set;
+# pq_cpu_avx2.cpp / pq_cpu_avx512.cpp / pq_cpu_int8.cpp: one instruction set each
+SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("pq_cpu.cpp", "pq_cpu_avx2.cpp", "pq_cpu_avx512.cpp",
+                                                                 "pq_cpu_int8.cpp", "kmeans_cpu.cpp"))
+HEADERS = tuple(Path(__file__).with_name("csrc") / f  # included by the sources: part of the cache key
+                for f in ("pq_cpu.h", "pq_cpu_kernels.h"))
 _ERRORS = {1: "non-positive size", 2: "in_features not divisible by d", 3: "codebooks do not divide the subspaces",
            4: "scale groups do not divide the subspaces", 5: "offsets without scales", 6: "unsupported code dtype",
            7: "unsupported codebook or scale dtype"}
