@@ -12,7 +12,8 @@ from fasq.stream.memory import quantize_model
 from fasq.core.module import PQLinear
 from fasq.quant.quantize import quantize_weight
 from fasq.core.config import ConfigError
-from fasq.quant.solver import BudgetError, achievable_range, candidate_size, knapsack, lp_bound, parse_candidates, proxy_error
+from fasq.quant.knapsack import knapsack, lp_bound
+from fasq.quant.solver import BudgetError, achievable_range, candidate_size, parse_candidates, proxy_error
 from fasq.stream.solve import measure_model as measure, solve
 
 torch.set_num_threads(1)
