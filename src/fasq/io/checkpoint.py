@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .manifest import INDEX_NAME, REPORT_NAME, WEIGHTS_NAME, CheckpointError, file_record, verify_checkpoint, write_manifest
+from .manifest import INDEX_NAME, REPORT_NAME, WEIGHTS_NAME, CheckpointError, file_record, verified, write_manifest
 from .outdir import atomic_output_dir
 
 __all__ = ["CheckpointError", "load_quantized", "save_quantized", "state_for_saving", "write_checkpoint_files",
@@ -120,6 +120,6 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32, 
     registers)."""
     from transformers import AutoModelForCausalLM
 
-    verify_checkpoint(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device)
+    with verified(path):  # every file hashed once: the quantizer's own check reuses this one
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device)
     return model.eval()

@@ -13,6 +13,8 @@ the tensor checks, loads with a warning, and `fasq info` calls it unverified.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import os
@@ -158,14 +160,33 @@ def check_checkpoint(path: str | os.PathLike) -> CheckpointCheck:
     return CheckpointCheck(qdict, manifest is not None, covered)
 
 
+# (folder, quantization_config) of the checkpoint `verified` checked for the load now running
+# in this context: transformers' quantizer, called inside it, does not hash every file again.
+_VERIFIED: contextvars.ContextVar[tuple[Path, dict] | None] = contextvars.ContextVar("fasq_verified", default=None)
+
+
 def verify_checkpoint(path: str | os.PathLike) -> dict:
     """`check_checkpoint`, warning when there was no manifest to check against; returns
-    the quantization_config dict."""
+    the quantization_config dict. Inside `verified(path)` it returns what that checked."""
+    done = _VERIFIED.get()
+    if done is not None and done[0] == Path(path).resolve():
+        return done[1]
     res = check_checkpoint(path)
     if not res.manifest:
         warnings.warn(f"{path} has no {MANIFEST_NAME}: its files and quantization_config cannot be verified "
                       "(loading it unchecked); re-run `fasq quantize` for a verified checkpoint", stacklevel=2)
     return res.qdict
+
+
+@contextlib.contextmanager
+def verified(path: str | os.PathLike):
+    """Verify a checkpoint once for a load: `verify_checkpoint(path)` now, and within the
+    block (the loader's own call to it) the same result without reading the files again."""
+    token = _VERIFIED.set((Path(path).resolve(), verify_checkpoint(path)))
+    try:
+        yield _VERIFIED.get()[1]
+    finally:
+        _VERIFIED.reset(token)
 
 
 def _read_json(f: Path) -> dict:
