@@ -9,7 +9,6 @@ import torch
 
 from fasq.core.config import PQConfig, RTNConfig
 from fasq.core.format import pack_codes
-from fasq.core.module import PQLinear
 from fasq.core.ops import pq_linear_dequant
 from fasq.quant.quantize import quantize_weight
 from fasq.integrations.vllm import sharding

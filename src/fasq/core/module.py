@@ -15,6 +15,16 @@ from .format import layer_size, pack_codes, packed_row_bytes, size_summary, unpa
 from .transforms import Identity, get_transform
 
 
+def transformed_pq_linear(x: Tensor, transform, state: dict[str, Tensor], codes: Tensor, codebooks: Tensor,
+                          scales: Tensor | None, offsets: Tensor | None, bias: Tensor | None) -> Tensor:
+    """One quantized matrix behind its input transform: fasq::pq_linear(T x). The forward of
+    `PQLinear` and of each sub-matrix in the vLLM linear method. x: [..., in]; codes
+    [out, in / d]; `transform`: the class resolved once at construction (Identity: x as is)."""
+    if transform is not Identity:
+        x = transform.apply(x, state)
+    return torch.ops.fasq.pq_linear(x, codes, codebooks, scales, offsets, bias)
+
+
 class PQLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, config: LayerConfig, bias: bool = False,
                  device=None, dtype: torch.dtype = torch.float16):
@@ -85,9 +95,8 @@ class PQLinear(nn.Module):
         return {k: getattr(self, f"transform_{k}") for k in self.transform.tensor_specs(self.in_features)}
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.transform is not Identity:  # resolved once at construction, not per call
-            x = self.transform.apply(x, self.transform_state())
-        return torch.ops.fasq.pq_linear(x, self.codes, self.codebooks, self.scales, self.offsets, self.bias)
+        return transformed_pq_linear(x, self.transform, self.transform_state(), self.codes, self.codebooks,
+                                     self.scales, self.offsets, self.bias)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The stored W'[out, in] as a dense tensor (the weight the kernels multiply)."""

@@ -25,8 +25,8 @@ from ...core import ops  # noqa: F401 - registers fasq::pq_linear
 from ... import kernels  # noqa: F401 - and its CPU / CUDA implementations
 from ...core.config import QUANT_METHOD, ConfigError, LayerConfig, QuantConfig
 from ...io.manifest import verify_checkpoint
-from ...core.module import PQLinear
-from ...core.transforms import Identity, get_transform
+from ...core.module import PQLinear, transformed_pq_linear
+from ...core.transforms import get_transform
 from . import sharding
 
 QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
@@ -202,15 +202,11 @@ class FasqLinearMethod(LinearMethodBase):
         layer.fasq_states = [{k: getattr(layer, f"transform_{k}").data[j] for k in keys} for j in range(len(parts))]
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        parts = layer.fasq_parts  # x: [tokens, in / tp for row-parallel]
-        if layer.fasq_transform is not Identity:  # as PQLinear.forward: T x, per sub-matrix's own T
-            xs = [layer.fasq_transform.apply(x, st) for st in layer.fasq_states]
-        else:
-            xs = [x] * len(parts)
+        parts, T, states = layer.fasq_parts, layer.fasq_transform, layer.fasq_states  # x: [tokens, in / tp]
         if len(parts) == 1:
-            return torch.ops.fasq.pq_linear(xs[0], *parts[0], bias)
-        y = torch.cat([torch.ops.fasq.pq_linear(xj, *p, None) for xj, p in zip(xs, parts)], dim=-1)  # [tokens, out]
-        return y if bias is None else y + bias
+            return transformed_pq_linear(x, T, states[0], *parts[0], bias)
+        y = torch.cat([transformed_pq_linear(x, T, st, *p, None) for st, p in zip(states, parts)], dim=-1)
+        return y if bias is None else y + bias  # [tokens, out]
 
 
 def _rows(layer, name: str, r: int, n: int) -> torch.Tensor | None:

@@ -14,8 +14,6 @@ by all rows) and scales/offsets [out, S] (one per row and group of `in / S` colu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
