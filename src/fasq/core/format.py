@@ -19,6 +19,8 @@ from torch import Tensor
 
 from .transforms import get_transform
 
+STORE_DTYPE = torch.float16  # codebooks, scales, offsets and every other float a checkpoint holds
+
 
 # Pack at most this many rows at once (bounds the [rows, M, b] bit tensor).
 _PACK_ROWS = 4096

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..core.format import STORE_DTYPE
 from .manifest import INDEX_NAME, REPORT_NAME, WEIGHTS_NAME, CheckpointError, file_record, verified, write_manifest
 from .outdir import atomic_output_dir
 
@@ -54,7 +55,7 @@ def write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict:
 
 def write_checkpoint_files(folder: Path, config, qcfg: dict, files: dict[str, dict], report: dict | None,
                            generation_config=None, tokenizer=None, tokenizer_folder: str | None = None,
-                           dtype: torch.dtype = torch.float16, index: dict | None = None) -> None:
+                           dtype: torch.dtype = STORE_DTYPE, index: dict | None = None) -> None:
     """Everything beside the tensor files (`files`: their manifest records): the shard index
     (`index`: its contents, for a sharded checkpoint), config.json (a `PretrainedConfig`, or
     a raw dict for an architecture transformers does not know) with `qcfg` in it, the
@@ -102,7 +103,7 @@ def _write_tokenizer(folder: Path, tokenizer, tokenizer_folder: str | None) -> N
 
 
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, report: dict | None = None,
-                   overwrite: bool = False, dtype: torch.dtype = torch.float16, inputs=()) -> Path:
+                   overwrite: bool = False, dtype: torch.dtype = STORE_DTYPE, inputs=()) -> Path:
     """Write a quantized model's checkpoint atomically: temporary sibling folder, then rename.
     `inputs`: local paths the model was read from (an output on top of them is refused)."""
     with atomic_output_dir(out_dir, overwrite, inputs) as tmp:

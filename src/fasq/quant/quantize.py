@@ -13,10 +13,9 @@ from torch import Tensor
 
 from ..core import ops
 from ..core.config import LayerConfig, PQConfig, RTNConfig
-from .kmeans import assign, assign_weighted, kmeans, kmeans_weighted
+from ..core.format import STORE_DTYPE
 from ..core.transforms import get_transform
-
-STORE_DTYPE = torch.float16  # codebooks, scales and offsets are stored as fp16
+from .kmeans import assign, assign_weighted, kmeans, kmeans_weighted
 
 
 def _store(t: Tensor) -> Tensor:

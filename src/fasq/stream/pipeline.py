@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 
 from ..core.config import FORMAT_VERSION, ConfigError, QuantConfig
-from ..core.format import pack_codes, size_summary, stored_layer_size
+from ..core.format import STORE_DTYPE, pack_codes, size_summary, stored_layer_size
 from ..io.checkpoint import write_checkpoint_files, write_tensors
 from ..io.manifest import WEIGHTS_NAME, sha256
 from ..io.outdir import check_output_dir, output_lock, replace_dir
 from ..io.sources import ModelSourceError, load_model, local_paths
 from ..quant.importance import estimate, estimate_streaming
-from ..quant.quantize import STORE_DTYPE, error_report, quantize_transformed  # fp16, as save_quantized writes
+from ..quant.quantize import error_report, quantize_transformed
 from ..version import __version__
 from .readers import StreamingUnsupported, open_reader
 
