@@ -82,6 +82,9 @@ def test_single_file_checkpoint_is_byte_identical(tiny_dir, tmp_path):
     quantize_streaming(str(tiny_dir), tmp_path / "s", _qcfg(), progress=False)
     _in_memory(tiny_dir, tmp_path / "m", _qcfg())
     assert (tmp_path / "s/model.safetensors").read_bytes() == (tmp_path / "m/model.safetensors").read_bytes()
+    ms, mm = (json.loads((tmp_path / x / MANIFEST_NAME).read_text()) for x in ("s", "m"))
+    assert ms["files"] == mm["files"] == {"model.safetensors": ms["files"]["model.safetensors"]}
+    assert set(ms["files"]["model.safetensors"]) == {"bytes", "sha256"}  # records, nothing of the run's state
 
 
 def test_load_dtype_is_applied_as_the_in_memory_path_does(tiny_dir, tmp_path):

@@ -61,7 +61,7 @@ def write_checkpoint_files(folder: Path, config, qcfg: dict, files: dict[str, di
     a raw dict for an architecture transformers does not know) with `qcfg` in it, the
     generation config, the tokenizer (or, without one, its files copied from
     `tokenizer_folder`), the report and the manifest."""
-    files = dict(files)
+    files = {name: {"bytes": rec["bytes"], "sha256": rec["sha256"]} for name, rec in files.items()}
     if index is not None:
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
         files[INDEX_NAME] = file_record(folder / INDEX_NAME)
