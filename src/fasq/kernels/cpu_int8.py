@@ -2,7 +2,9 @@
 "cpu_int8" path of `fasq.kernels.cpu`.
 
 At a layer's first call its codebooks are copied as int8 (one step per codebook: max |value|
-/ 127), its codes repacked so that 16 rows share each 64-byte SIMD register, and its scales
+/ 127, or 1 when every value is an integer in [-127, 127], as RTN's grid: then the copy is
+exact), its codes repacked so that 16 rows share each 64-byte SIMD register (two codes a
+byte at d=1 K<=16), and its scales
 and offsets laid out 16 rows at a time; the checkpoint is unchanged, and the copies live
 beside the layer's prepared arguments (rebuilt when a tensor changes). Per call the
 activations are quantized to int8 per 8 columns. The result differs from the exact float
@@ -10,8 +12,9 @@ path by the int8 rounding of codebooks and activations (bounded in tests/test_cp
 WikiText-2 perplexity of the default checkpoint moves by far less than the 0.5 % allowed
 (README, "Speed on the CPU").
 
-Taken: d=2, K <= 256, uint8 codes, runs of whole 4-subspace steps, on CPUs with AVX-512
-VBMI and VNNI (and the instruction-set cap at "avx512"). Anything else returns None from
+Taken: d=2 K <= 256 (lookups by vpermi2b) and d=1 K <= 16 (d=1 K=16, RTN at 1-4 bits:
+lookups by vpermb), uint8 codes, codebook runs and scale groups of whole 8-column steps,
+on CPUs with AVX-512 VBMI and VNNI (and the instruction-set cap at "avx512"). Anything else returns None from
 `prepared`, and the caller keeps the exact float kernel.
 
 Switches: FASQ_CPU_INT8=0 keeps automatic selection on the float kernel for a process;
@@ -45,7 +48,7 @@ def available() -> bool:
 
 def format_supported(d: int, K: int, code_dtype: torch.dtype) -> bool:
     """Whether the path takes this format at all (alignment is checked per layer)."""
-    return d == 2 and K <= 256 and code_dtype == _SUPPORTED_CODE
+    return ((d == 2 and K <= 256) or (d == 1 and K <= 16)) and code_dtype == _SUPPORTED_CODE
 
 
 class _Int8Layer(ctypes.Structure):
