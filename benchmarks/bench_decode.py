@@ -57,8 +57,8 @@ MODEL_CONFIGS = [
 ]
 KERNEL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (14336, 4096)]
 # (name, d, K, exact): exact rows keep the float kernels (FASQ_CPU_INT8=0: cpu_gemv up to 6
-# tokens, else rebuild + matmul); the others take the default selection
-# (cpu_int8 where it takes the layer). "rtn-*" rows are RTN layers (a grid codebook, a scale
+# tokens, else rebuild + matmul); the others take cpu_int8 wherever it takes the layer (for
+# fasq-d1k16 automatic selection does so only with FASQ_CPU_INT8=all). "rtn-*" rows are RTN layers (a grid codebook, a scale
 # and a minimum per group), "fasq-d1k16" PQ at d=1 K=16 in the default scope.
 KERNEL_CONFIGS = [("fasq-d2k256", 2, 256, False), ("fasq-d2k256-exact", 2, 256, True), ("fasq-d2k64", 2, 64, False),
                   ("fasq-d4k4096", 4, 4096, False), ("fasq-d1k16", 1, 16, False), ("fasq-d1k16-exact", 1, 16, True),

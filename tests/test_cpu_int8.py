@@ -231,3 +231,23 @@ def test_changed_tensors_are_prepared_again():
         emu, _ = _emulate(x, codes, cb, scales, offsets)
         y = cpu_int8.gemv(x, codes, cb, scales, offsets)
         assert float((y.double() - emu).abs().max()) < 2e-6 * _scale(x, codes, cb, scales, offsets)
+
+
+def test_default_selection_of_d1_layers(monkeypatch):
+    """d=1 layers take the int8 path automatically only where their codebooks are copied
+    exactly (RTN's integer grid); float d=1 codebooks need FASQ_CPU_INT8=all or kernel=."""
+    if not cpu_int8.available():
+        pytest.skip("no AVX-512 VBMI/VNNI here")
+    calls = []
+    monkeypatch.setattr(cpu, "gemv", lambda *a, **k: calls.append("gemv") or torch.zeros(1))
+    monkeypatch.setattr(cpu_int8, "run", lambda *a, **k: calls.append("int8") or torch.zeros(1))
+    pq, rtn = _make(CASES[6]), _make(RTN_CASES[0])
+    run = lambda layer: torch.ops.fasq.pq_linear(torch.randn(1, layer[0].shape[1]), *layer, None)  # noqa: E731
+    run(pq), run(rtn), run(_make(CASES[1]))
+    assert calls == ["gemv", "int8", "int8"]
+    calls.clear()
+    monkeypatch.setenv("FASQ_CPU_INT8", "all")
+    run(pq), run(rtn)
+    monkeypatch.delenv("FASQ_CPU_INT8")
+    cpu_linear.pq_linear_cpu(torch.randn(1, CASES[6][1]), *pq, kernel="cpu_int8")  # forced
+    assert calls == ["int8", "int8", "int8"]
