@@ -21,7 +21,7 @@ call cycles through enough copies of the layer (at most --max-copies) that they 
 the machine this was written on), so codes and weights come from memory as in a real
 forward pass; bf16 and every config are timed in turn within each repetition (a slow
 spell of a shared machine hits all alike); time per call = median over repetitions of
-the pass time / copies. Models: `fasq.speed.measure` (static KV cache, batch 1, a
+the pass time / copies. Models: `fasq.eval.speed.measure` (static KV cache, batch 1, a
 128-token prompt, 64 greedy steps), eager and under torch.compile: all models are loaded
 and warmed up first, then timed in turn over 5 rounds (each reports its best round); checkpoints are made with `fasq quantize` in --runs-dir
 (reused when present). Every row is measured in the same run, side by side.
@@ -104,9 +104,9 @@ def _interleaved_us(groups: dict, reps: int) -> dict:
 
 def _layer(out: int, inn: int, d: int, K: int, gen: torch.Generator, rtn: bool = False):
     """Random codes, codebooks, scales (and offsets for RTN) in the default scope, bf16; RTN's
-    codebook is its grid 0..K-1 (fasq.quantize.quantize_rtn)."""
-    from fasq.config import PQConfig, RTNConfig
-    from fasq.ops import code_dtype
+    codebook is its grid 0..K-1 (fasq.quant.quantize.quantize_rtn)."""
+    from fasq.core.config import PQConfig, RTNConfig
+    from fasq.core.ops import code_dtype
 
     cfg = RTNConfig(bits=K.bit_length() - 1, group_size=128 if inn % 128 == 0 else 192) if rtn else PQConfig(d=d, K=K)
     C, S = cfg.num_codebooks(inn), inn // cfg.scale_group_size(inn)
@@ -124,7 +124,7 @@ def _read_bytes(out: int, inn: int, d: int, K: int) -> int:
 
 
 def _kernel_name(T: int, layer, exact: bool) -> str:
-    from fasq.kernels import cpu_int8
+    from fasq.kernels.cpu import int8 as cpu_int8
     from fasq.kernels.dispatch import CPU_GEMV_MAX_TOKENS, CPU_INT8_MAX_TOKENS
 
     if not exact and T <= CPU_INT8_MAX_TOKENS and cpu_int8.prepared(*layer, None) is not None:
@@ -134,8 +134,8 @@ def _kernel_name(T: int, layer, exact: bool) -> str:
 
 def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int | None = None,
                   max_copies: int = 64) -> list[dict]:
-    from fasq.format import packed_row_bytes
-    from fasq.kernels import cpu, cpu_linear
+    from fasq.core.format import packed_row_bytes
+    from fasq.kernels.cpu import library as cpu, linear as cpu_linear
 
     rotate_bytes = ROTATE_BYTES if rotate_bytes is None else rotate_bytes
 
@@ -181,7 +181,7 @@ def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int | No
 
 
 def _checkpoint(runs: Path, name: str, args: list[str]) -> Path:
-    from fasq.model import is_checkpoint
+    from fasq.io.manifest import is_checkpoint
 
     path = runs / name
     if not is_checkpoint(path):
@@ -212,8 +212,8 @@ def bench_models(runs: Path, prompt_len: int, new_tokens: int, modes: list[bool]
                  only: list[str] | None = None) -> list[dict]:
     """All models are loaded (and compiled) first; then every round times each in turn,
     and each reports its best round, so a slow spell of the machine hits all alike."""
-    from fasq import speed
-    from fasq.sources import load_model
+    from fasq.eval import speed
+    from fasq.io.sources import load_model
 
     want = lambda name: not only or name in only  # noqa: E731
     cases = [c for c in [("fp32", "default", torch.float32), ("bf16", "default", torch.bfloat16)] if want(c[0])]
@@ -279,7 +279,7 @@ print(json.dumps({"prefill_tok_s": prompt_len / min(pre), "tok_s": new_tokens / 
 
 
 def bench_llama_cpp(python: str, prompt_len: int, new_tokens: int) -> dict | None:
-    from fasq.sources import default_model_file
+    from fasq.io.sources import default_model_file
 
     gguf = default_model_file()
     r = subprocess.run([python, "-c", LLAMA_CPP, str(gguf), str(torch.get_num_threads()), str(prompt_len),
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "decode-cpu.json"))
     a = ap.parse_args(argv)
 
-    from fasq.kernels import cpu
+    from fasq.kernels.cpu import library as cpu
 
     if not cpu.available():
         print("the fasq CPU kernel is unavailable here: nothing to measure", file=sys.stderr)

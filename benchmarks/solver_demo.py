@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/solver_demo.py [--sizes 0.30 0.35 0.40 0.45 0.50] [--table t.pkl]
 
 Measures the proxy table once (timed), solves each `--target-size`, then quantizes a copy
-of the model with the returned QuantConfig through `fasq.model.quantize_model` and reads
+of the model with the returned QuantConfig through `fasq.io.checkpoint.quantize_model` and reads
 `format.size_table`. For speed the size check runs k-means with 0 Lloyd iterations and
 random init (same d, K, scope, scale: the stored size depends only on those and the
 shapes); pass --full-kmeans to quantize with the real settings. One CPU thread.
@@ -29,9 +29,10 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
 
-    from fasq.model import quantize_model
-    from fasq.solver import achievable_range, measure, solve
-    from fasq.sources import load_model
+    from fasq.stream.memory import quantize_model
+    from fasq.quant.solver import achievable_range
+    from fasq.stream.solve import measure_model as measure, solve
+    from fasq.io.sources import load_model
 
     model, _ = load_model("default")
     if a.table and os.path.exists(a.table):

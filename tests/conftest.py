@@ -39,7 +39,7 @@ def save_tiny_llama(d, dtype=torch.float32, max_shard_size=None, **overrides):
     """A tiny random Llama with the default model's tokenizer, saved as a HF folder `d`."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from fasq.sources import default_model_file
+    from fasq.io.sources import default_model_file
 
     f = default_model_file()
     tok = AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name)

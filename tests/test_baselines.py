@@ -14,12 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fasq.baselines import (BaselineError, INFO_NAME, calibration_batches, calibration_texts,
-                            group_quant_size)
+from fasq.eval.baselines import BaselineError, INFO_NAME, calibration_batches, calibration_texts, group_quant_size
 from fasq.cli import main
-from fasq.config import DEFAULT_SKIP, QuantConfig, RTNConfig
-from fasq.model import quantizable_linears
-from fasq.solver import model_bytes
+from fasq.core.config import DEFAULT_SKIP, QuantConfig, RTNConfig
+from fasq.core.convert import quantizable_linears
+from fasq.core.convert import model_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE_PY = ROOT / ".venv-baselines" / "bin" / "python"
@@ -85,7 +84,7 @@ def test_missing_library_is_a_clear_error(tmp_path, capsys, monkeypatch):
         return real(name, *a, **k)
 
     monkeypatch.setattr(importlib, "import_module", no_llmc)
-    from fasq.baselines import _require
+    from fasq.eval.baselines import _require
 
     with pytest.raises(BaselineError, match=r"pip install 'fasq\[baselines\]'"):
         _require("llmcompressor", "gptq")

@@ -20,7 +20,7 @@ def bench(monkeypatch):
 def test_kernel_rows(bench):
     rows = bench.bench_kernels([1, 9], reps=2, bw_gbps=10.0)
     assert len(rows) == 2 * len(bench.KERNEL_CONFIGS)
-    from fasq.kernels import cpu_int8
+    from fasq.kernels.cpu import int8 as cpu_int8
 
     for r in rows:
         assert r["time_us"] > 0 and r["bf16_us"] > 0 and r["speedup_vs_bf16"] > 0

@@ -5,8 +5,8 @@ import importlib.util
 import json
 from pathlib import Path
 
-import fasq.kmeans as km
-import fasq.quantize as Q
+import fasq.quant.kmeans as km
+import fasq.quant.quantize as Q
 
 
 def test_profile_accounts_for_every_step(tmp_path, monkeypatch):

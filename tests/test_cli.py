@@ -160,8 +160,8 @@ def test_quantize_falls_back_to_in_memory_for_conv1d_models(tmp_path, capsys):
 
 
 def test_tensor_parallel_picks_groups_that_split_every_layer(tiny_dir, tmp_path, capsys):
-    from fasq.config import QuantConfig
-    from fasq.tensor_parallel import splits
+    from fasq.core.config import QuantConfig
+    from fasq.quant.tensor_parallel import splits
 
     out = tmp_path / "tp"
     # codebooks of >= 13 subspaces: 16 in the 64-wide layers, 16 in the 96-wide down_proj,

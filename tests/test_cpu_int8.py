@@ -1,4 +1,4 @@
-"""The int8 CPU decode kernel (fasq.kernels.cpu_int8) against two oracles.
+"""The int8 CPU decode kernel (fasq.kernels.cpu.int8) against two oracles.
 
 1. An emulation of its arithmetic in float64: codebooks rounded to int8 with one step per
    codebook (max |value| / 127), activations rounded to int8 per block of 8 columns inside
@@ -17,10 +17,11 @@ threads, run with 2 threads. Outputs are poisoned with NaN first.
 import pytest
 import torch
 
-from fasq import ops
-from fasq.config import RTNConfig
-from fasq.quantize import quantize_rtn
-from fasq.kernels import cpu, cpu_int8, cpu_linear, dispatch
+from fasq.core import ops
+from fasq.core.config import RTNConfig
+from fasq.quant.quantize import quantize_rtn
+from fasq.kernels.cpu import library as cpu, int8 as cpu_int8, linear as cpu_linear
+from fasq.kernels import dispatch
 
 from test_ops import _layer
 
@@ -41,7 +42,7 @@ CASES = [
     (48, 520, 1, 16, 1, 0, False),      # d=1, one run of 520 columns, no scales
 ]
 # (out, in, bits, group_size): RTN layers (a grid codebook 0..K-1, a scale and a minimum
-# per group), quantized from random weights by fasq.quantize
+# per group), quantized from random weights by fasq.quant.quantize
 RTN_CASES = [(150, 1024, 4, 64), (37, 2048, 4, 128), (64, 576, 4, 0), (48, 512, 2, 32)]
 
 

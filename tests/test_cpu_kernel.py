@@ -1,4 +1,4 @@
-"""The CPU kernel (fasq.kernels.cpu) against the float64 oracle, on every path.
+"""The CPU kernel (fasq.kernels.cpu.library) against the float64 oracle, on every path.
 
 Every instruction-set path (the portable C loops, AVX2 and AVX-512 where the CPU has
 them, each forced with `cpu.limit_isa`) and both kernels (decode GEMV, dequantize + matmul) run on shapes
@@ -14,9 +14,10 @@ import textwrap
 import pytest
 import torch
 
-from fasq import ops
-from fasq.config import PQConfig, QuantConfig, RTNConfig
-from fasq.kernels import cpu, cpu_linear, dispatch
+from fasq.core import ops
+from fasq.core.config import PQConfig, QuantConfig, RTNConfig
+from fasq.kernels.cpu import library as cpu, linear as cpu_linear
+from fasq.kernels import dispatch
 
 from test_ops import CASES, _dense_ref, _layer
 
@@ -97,6 +98,22 @@ def test_every_path_and_dtype(case, dtype, kernel, isa):
     assert y.dtype == dtype and y.shape == (3, case[0])
     ref = _dense_ref(x, codes, cb, scales, offsets, bias)
     assert _rel_err(y, ref, x, codes, cb, scales, offsets, bias) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_rebuild_overwrites_its_reused_buffer(dtype):
+    """cpu_dequant rebuilds W into a buffer kept between calls: poisoned with NaN first, a
+    rebuild that skipped any element would leak NaN into the output."""
+    case = ALL_CASES[-1]
+    codes, cb, scales, offsets = _layer(*case)
+    n = case[0] * case[1]
+    buf = cpu._weight_buffer(n, dtype).fill_(float("nan"))  # the buffer the next call reuses
+    x = _randn(9, case[1]).to(dtype)
+    y = cpu_linear.pq_linear_cpu(x, codes, cb, scales, offsets, None, kernel="cpu_dequant")
+    assert cpu._weight_buffer(n, dtype).data_ptr() == buf.data_ptr()  # it was reused, not reallocated
+    assert not buf.isnan().any() and not y.isnan().any()
+    ref = _dense_ref(x, codes, cb, scales, offsets, None)
+    assert _rel_err(y, ref, x, codes, cb, scales, offsets, None) < TOL[dtype]
 
 
 def test_fp32_codebooks_that_are_not_fp16_values_stay_exact():
@@ -211,7 +228,7 @@ def test_model_through_the_int8_kernel_stays_near_the_reference(tiny_llama):
     """The default selection (the int8 kernel for decode where the CPU has it): logits within
     a few percent of the exact ones (int8 rounding of codebooks and activations per layer)."""
     from fasq import quantize_model
-    from fasq.kernels import cpu_int8
+    from fasq.kernels.cpu import int8 as cpu_int8
 
     if not cpu_int8.available():
         pytest.skip("no AVX-512 VBMI/VNNI here")

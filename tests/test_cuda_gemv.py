@@ -1,4 +1,4 @@
-"""The CUDA C++ decode GEMV (fasq.kernels.cuda_gemv).
+"""The CUDA C++ decode GEMV (fasq.kernels.cuda.gemv).
 
 Without a GPU (CI): every kernel variant compiles with NVRTC for sm_80 and sm_90, and the
 launch geometry is checked. On a GPU (`pytest -m gpu`): results against the float64
@@ -12,7 +12,7 @@ import platform
 import pytest
 import torch
 
-from fasq.kernels import cuda_gemv
+from fasq.kernels.cuda import gemv as cuda_gemv
 
 from test_ops import CASES, _dense_ref, _layer
 

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from fasq.kernels import dispatch
-from fasq.kernels.dispatch import KERNELS, select_kernel
+from fasq.kernels import KERNELS
+from fasq.kernels.dispatch import select_kernel
 
 
 def test_decode_tokens_use_gemv():

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from fasq.config import PQConfig, RTNConfig
-from fasq.format import layer_size, pack_codes, packed_row_bytes, unpack_codes
-from fasq.module import PQLinear
-from fasq.ops import code_dtype
+from fasq.core.config import PQConfig, RTNConfig
+from fasq.core.format import layer_size, pack_codes, packed_row_bytes, unpack_codes
+from fasq.core.module import PQLinear
+from fasq.core.ops import code_dtype
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16])

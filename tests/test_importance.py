@@ -1,4 +1,4 @@
-"""Data-free input-channel importance (fasq.importance) and importance-weighted PQ."""
+"""Data-free input-channel importance (fasq.quant.importance) and importance-weighted PQ."""
 
 import builtins
 import io
@@ -7,12 +7,12 @@ import os
 import pytest
 import torch
 
-from fasq import importance
-from fasq.config import ConfigError, PQConfig, QuantConfig
-from fasq.kmeans import assign_weighted, kmeans, kmeans_weighted
-from fasq.model import quantizable_linears
-from fasq.ops import dequantize
-from fasq.quantize import quantize_pq
+from fasq.quant import importance
+from fasq.core.config import ConfigError, PQConfig, QuantConfig
+from fasq.quant.kmeans import assign_weighted, kmeans, kmeans_weighted
+from fasq.core.convert import quantizable_linears
+from fasq.core.ops import dequantize
+from fasq.quant.quantize import quantize_pq
 
 
 def _names(model):
@@ -124,7 +124,7 @@ def test_importance_setting_is_validated_and_saved():
 
 def test_block_by_block_pass_gives_the_whole_models_statistics(tiny_dir):
     """The streaming pipeline's forward pass (one block's weights in memory at a time)."""
-    from fasq.sources import load_model
+    from fasq.io.sources import load_model
     from fasq.stream import make_plan
 
     plan = make_plan(str(tiny_dir), QuantConfig())

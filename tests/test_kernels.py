@@ -16,7 +16,7 @@ from conftest import require, skip_or_fail  # noqa: E402
 
 require("triton", reason="triton is not installed (pip install 'fasq[triton]')")
 
-from fasq import ops  # noqa: E402
+from fasq.core import ops  # noqa: E402
 from fasq.kernels import pq_linear_triton  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -131,7 +131,7 @@ def test_kernel_matches_reference(kernel, case):
 def test_triton_dequantize_matches_reference(d, K, scope, scales, offsets, dtype):
     """The weight rebuild of the dequant_cublas path (its d=2 interleaved store and the
     strided store of the other d) against ops.dequantize, element by element."""
-    from fasq.kernels.dequant_cublas import dequantize_triton
+    from fasq.kernels.triton.dequant_matmul import dequantize_triton
     codes, cb, sc, of, _ = make_layer(37, 24 * d, d, K, scope, scales, offsets)
     W = dequantize_triton(codes, cb, sc, of, dtype=dtype)
     ref = ops.dequantize(codes, cb, sc, of, dtype=torch.float32)

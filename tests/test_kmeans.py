@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import STRICT, require
 
-from fasq.kmeans import assign, kmeans
+from fasq.quant.kmeans import assign, kmeans
 
 
 def _blobs(B=3, K=8, per=50, d=2, seed=0):
@@ -38,7 +38,7 @@ def test_assign_is_nearest_centroid():
 
 
 def test_assign_chunking_matches(monkeypatch):
-    import fasq.kmeans as km
+    import fasq.quant.kmeans as km
 
     pts, _ = _blobs(B=2, per=40)
     cents = pts[:, :8].clone()
@@ -72,7 +72,7 @@ def test_more_centroids_than_points_is_an_error():
 
 # --- the CPU library backend (kernels/cpu_kmeans.py) against the torch code --------------
 
-cpu = require("fasq.kernels.cpu")
+cpu = require("fasq.kernels.cpu.library")
 # under FASQ_STRICT (make test) the library must build: these tests then fail instead of skipping
 needs_library = pytest.mark.skipif(not (STRICT or cpu.available()), reason="no C++ compiler for the fasq CPU library")
 

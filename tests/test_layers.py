@@ -8,16 +8,14 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fasq"
 
 # lowest first; a module's layer is that of the longest prefix listed
 LAYERS = [
-    ("fasq.version", "fasq.transforms", "fasq.config", "fasq.format"),  # configs, storage format
-    ("fasq.ops",),                                                      # reference ops
-    ("fasq.kernels",),                                                  # kernels beside their references
-    ("fasq.module", "fasq.kmeans", "fasq.quantize", "fasq.tensor_parallel", "fasq.importance"),  # the algorithm
-    ("fasq.convert", "fasq.manifest", "fasq.outdir", "fasq.solver"),    # conversion, checkpoint files
-    ("fasq.model", "fasq.hf", "fasq.sources", "fasq.export"),           # models, transformers
-    ("fasq.stream",),                                                   # streaming quantization
-    ("fasq.data", "fasq.perplexity", "fasq.zeroshot", "fasq.speed", "fasq.baselines",
-     "fasq.vllm_plugin"),                                               # evaluation, serving
-    ("fasq.cli", "fasq"),                                               # entry points
+    ("fasq.version", "fasq.core"),  # configs, storage format, reference ops, PQLinear
+    ("fasq.kernels",),              # kernels beside their references
+    ("fasq.quant",),                # k-means, PQ and RTN, importance, tensor-parallel fits, solver
+    ("fasq.io",),                   # checkpoint files, sources, save and load
+    ("fasq.integrations",),         # transformers, vLLM
+    ("fasq.stream",),               # the quantization pipeline
+    ("fasq.eval",),                 # data, perplexity, zero-shot, speed, baselines
+    ("fasq.cli", "fasq"),           # entry points
 ]
 
 
@@ -103,14 +101,17 @@ def test_imports_point_down_the_layers():
 
 def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
     pkg = tmp_path / "fasq"
-    (pkg / "kernels").mkdir(parents=True)
+    for sub in ("core", "kernels", "quant"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
-    (pkg / "config.py").write_text("from .ops import x\n")
-    (pkg / "ops.py").write_text("def f():\n    from . import config\n")  # inside a function counts too
+    (pkg / "core" / "config.py").write_text("from .ops import x\n")
+    (pkg / "core" / "ops.py").write_text("def f():\n    from . import config\n    from ..quant import solver\n")  # inside a function counts too
+    (pkg / "quant" / "solver.py").write_text("")
     (pkg / "kernels" / "__init__.py").write_text("from ..cli import main\n")
     (pkg / "cli.py").write_text("")
     monkeypatch.setitem(globals(), "SRC", pkg)
     g = _graph()
-    assert _cycles(g) == [["fasq.config", "fasq.ops", "fasq.config"]]
-    assert _upward(g) == ["fasq.config (layer 0) imports fasq.ops (layer 1)",
-                          "fasq.kernels (layer 2) imports fasq.cli (layer 8)"]
+    assert _cycles(g) == [["fasq.core.config", "fasq.core.ops", "fasq.core.config"]]
+    assert _upward(g) == ["fasq.core.ops (layer 0) imports fasq.quant.solver (layer 2)",
+                          "fasq.kernels (layer 1) imports fasq.cli (layer 7)"]

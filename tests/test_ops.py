@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fasq import ops
+from fasq.core import ops
 
 # (out, in, d, K, C, S, offsets) covering every scope and scale layout, odd sizes included
 CASES = [

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from fasq import ops
-from fasq.config import ConfigError, PQConfig, RTNConfig
-from fasq.quantize import error_report, quantize_pq, quantize_rtn, quantize_weight
+from fasq.core import ops
+from fasq.core.config import ConfigError, PQConfig, RTNConfig
+from fasq.quant.quantize import error_report, quantize_pq, quantize_rtn, quantize_weight
 
 
 def _dequant(t):

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import fasq
-from fasq.data import default_data_dir, wikitext2_test
-from fasq.perplexity import perplexity, tokenize_text
-from fasq.sources import load_model
+from fasq.eval.data import default_data_dir, wikitext2_test
+from fasq.eval.perplexity import perplexity, tokenize_text
+from fasq.io.sources import load_model
 
 
 @pytest.fixture(scope="module")

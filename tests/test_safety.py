@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from fasq.cli import main
-from fasq.config import ConfigError, PQConfig, QuantConfig
-from fasq.manifest import MANIFEST_NAME, WEIGHTS_NAME, CheckpointError, check_checkpoint
-from fasq.model import load_quantized
-from fasq.outdir import OutputBusyError, lock_path, output_lock
+from fasq.core.config import ConfigError, PQConfig, QuantConfig
+from fasq.io.manifest import MANIFEST_NAME, WEIGHTS_NAME, CheckpointError, check_checkpoint
+from fasq.io.checkpoint import load_quantized
+from fasq.io.outdir import OutputBusyError, lock_path, output_lock
 from fasq.stream import pipeline
 
 Q16 = ["-d", "2", "-K", "16", "--kmeans-iters", "2"]
@@ -271,3 +271,19 @@ def test_skip_patterns_that_match_nothing_are_reported(tiny_dir, tmp_path, capsy
                  "--json"]) == 0
     err = capsys.readouterr().err
     assert "--skip 'lm_heed' matches no module of the model" in err and "embed_tokens" not in err
+
+
+def test_loading_hashes_each_file_once_and_still_refuses_a_corrupted_one(ck_copy, monkeypatch):
+    from fasq.io import manifest
+
+    hashed, real = [], manifest.sha256
+    monkeypatch.setattr(manifest, "sha256", lambda f: hashed.append(f.name) or real(f))
+    load_quantized(ck_copy)
+    assert hashed == [WEIGHTS_NAME]  # load_quantized's check; the quantizer inside reuses it
+    with open(ck_copy / WEIGHTS_NAME, "r+b") as f:  # one byte flipped at the end of the data
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_quantized(ck_copy)

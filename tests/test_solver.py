@@ -5,15 +5,16 @@ import random
 import pytest
 import torch
 
-from fasq.config import PQConfig, QuantConfig
-from fasq.format import layer_size
-from fasq.module import size_table
-from fasq.model import quantize_model
-from fasq.module import PQLinear
-from fasq.quantize import quantize_weight
-from fasq.config import ConfigError
-from fasq.solver import (BudgetError, achievable_range, candidate_size, knapsack, lp_bound, measure,
-                         parse_candidates, proxy_error, solve)
+from fasq.core.config import PQConfig, QuantConfig
+from fasq.io.checkpoint import save_quantized, state_for_saving, write_tensors
+from fasq.io.manifest import WEIGHTS_NAME, read_safetensors_header
+from fasq.stream.memory import quantize_model
+from fasq.core.module import PQLinear
+from fasq.quant.quantize import quantize_weight
+from fasq.core.config import ConfigError
+from fasq.quant.knapsack import knapsack, lp_bound
+from fasq.quant.solver import BudgetError, achievable_range, candidate_size, parse_candidates, proxy_error
+from fasq.stream.solve import measure_model as measure, solve
 
 torch.set_num_threads(1)
 
@@ -44,17 +45,24 @@ def _brute(costs, errs, hi, lo):
     return best
 
 
-def test_candidate_size_matches_real_layer():
+def _file_tensor_bytes(path) -> dict[str, int]:
+    """Bytes of each tensor in a safetensors file, from its header (what is on disk)."""
+    return {n: h["data_offsets"][1] - h["data_offsets"][0] for n, h in read_safetensors_header(path).items()}
+
+
+def test_candidate_size_is_the_bytes_written(tmp_path):
     torch.manual_seed(0)
     W = torch.randn(48, 96)
-    for cfg in [PQConfig(d=2, K=32), PQConfig(d=4, K=16, scale="minmax", scale_group=32),
-                PQConfig(d=2, K=8, codebook_scope="subspace", scale="none")]:
+    for i, cfg in enumerate([PQConfig(d=2, K=32), PQConfig(d=4, K=16, scale="minmax", scale_group=32),
+                             PQConfig(d=2, K=8, codebook_scope="subspace", scale="none"), PQConfig(d=1, K=16)]):
         t = quantize_weight(W, cfg)
         pq = PQLinear(96, 48, cfg, bias=True)
         for k, v in t.items():
             if v is not None:
                 getattr(pq, k).copy_(v)
-        assert candidate_size(48, 96, cfg, bias=True) == layer_size(pq)
+        f = tmp_path / f"layer{i}.safetensors"
+        write_tensors(state_for_saving(pq, torch.float16), f)
+        assert candidate_size(48, 96, cfg, bias=True).total == sum(_file_tensor_bytes(f).values()), cfg
 
 
 def test_knapsack_matches_brute_force():
@@ -97,11 +105,13 @@ def test_knapsack_without_lower_bound_is_lagrangian_exact_on_convex():
 
 @pytest.mark.parametrize("kw", [dict(target_bits=3.0), dict(target_bits=4.5), dict(target_bits=6.0),
                                 dict(target_size=0.36), dict(target_size=0.42), dict(target_size=0.5)])
-def test_budget_hit_with_real_quantization(tiny_llama, table, kw):
+def test_budget_hit_with_real_quantization(tiny_llama, table, kw, tmp_path):
     qcfg, rep = solve(tiny_llama, table=table, **kw)
     model = copy.deepcopy(tiny_llama)
-    st = quantize_model(model, qcfg, progress=False)["size"]
-    assert st == size_table(model)
+    report = quantize_model(model, qcfg, progress=False)
+    st = report["size"]
+    ck = save_quantized(model, tmp_path / "ck", report=report)
+    assert rep.predicted["total_bytes"] == sum(_file_tensor_bytes(ck / WEIGHTS_NAME).values())  # bytes on disk
     assert st["total_bytes"] == rep.predicted["total_bytes"]
     assert st["fp16_bytes"] == rep.predicted["fp16_bytes"]
     assert st["bits_per_weight"] == pytest.approx(rep.predicted["bits_per_weight"], rel=1e-12)
@@ -164,7 +174,7 @@ def test_proxy_error_tracks_real_error():
     W = torch.randn(256, 64)
     cfg = PQConfig(d=2, K=64)
     t = quantize_weight(W, cfg)
-    from fasq.ops import dequantize
+    from fasq.core.ops import dequantize
     real = (W - dequantize(t["codes"], t["codebooks"], t["scales"], t["offsets"], dtype=torch.float32)).pow(2).sum()
     assert proxy_error(W, cfg, sample_rows=None, proxy_iters=None) == pytest.approx(real.item(), rel=1e-5)
     est = proxy_error(W, cfg, sample_rows=128, proxy_iters=6)

@@ -7,8 +7,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fasq.config import ConfigError, PQConfig, QuantConfig, RTNConfig
-from fasq.model import INDEX_NAME, MANIFEST_NAME, load_quantized, quantize_model, save_quantized, verify_checkpoint
+from fasq.core.config import ConfigError, PQConfig, QuantConfig, RTNConfig
+from fasq.io.manifest import INDEX_NAME, MANIFEST_NAME, verify_checkpoint
+from fasq.io.checkpoint import load_quantized, save_quantized
+from fasq.stream.memory import quantize_model
 from fasq.stream import make_plan, quantize_streaming
 from fasq.stream import pipeline
 from fasq.stream.readers import StreamingUnsupported
@@ -43,7 +45,7 @@ def _tensors(folder):
 
 
 def _in_memory(source, out, qcfg, dtype=torch.float32):
-    from fasq.sources import load_model
+    from fasq.io.sources import load_model
 
     model, tok = load_model(str(source), dtype=dtype)
     report = quantize_model(model, qcfg, progress=False)
@@ -207,7 +209,7 @@ def test_conv1d_models_are_refused_for_streaming(tmp_path):
 def test_gguf_streams_to_the_in_memory_checkpoint(tmp_path):
     """The default model from its GGUF: names mapped and llama.cpp's q/k permutation undone
     exactly as transformers' loader does (same tensors, byte for byte)."""
-    from fasq.sources import default_model_file
+    from fasq.io.sources import default_model_file
 
     default_model_file()
     qcfg = lambda: QuantConfig(layer=RTNConfig(bits=4, group_size=64))  # noqa: E731 - fast, deterministic
@@ -223,9 +225,8 @@ def test_gguf_streams_to_the_in_memory_checkpoint(tmp_path):
 # --- the solver on a streamed model ---------------------------------------------------------
 
 def test_streaming_solver_matches_the_in_memory_solver(sharded_dir):
-    from fasq.solver import solve
-    from fasq.sources import load_model
-    from fasq.stream.solve import solve_streaming
+    from fasq.io.sources import load_model
+    from fasq.stream.solve import solve, solve_streaming
 
     cands = [PQConfig(d=d, K=K, codebook_scope="matrix") for d, K in ((2, 16), (2, 64), (1, 16))]
     plan = make_plan(str(sharded_dir), QuantConfig())
@@ -237,7 +238,7 @@ def test_streaming_solver_matches_the_in_memory_solver(sharded_dir):
 
 
 def test_budget_outside_the_range_is_refused_before_reading_weights(sharded_dir, monkeypatch):
-    from fasq import solver
+    from fasq.quant import solver
     from fasq.stream import solve as ssolve
 
     def boom(*a, **k):
@@ -248,10 +249,10 @@ def test_budget_outside_the_range_is_refused_before_reading_weights(sharded_dir,
     plan = make_plan(str(sharded_dir), QuantConfig())
     with pytest.raises(solver.BudgetError, match="achievable range"):
         ssolve.solve_streaming(plan, target_size=0.05, progress=False)
-    from fasq.sources import load_model
+    from fasq.io.sources import load_model
 
     with pytest.raises(solver.BudgetError, match="achievable range"):
-        solver.solve(load_model(str(sharded_dir))[0], target_size=0.05, progress=False)
+        ssolve.solve(load_model(str(sharded_dir))[0], target_size=0.05, progress=False)
 
 
 @pytest.mark.parametrize("importance", ["random-tokens", "norm", "none"])

@@ -8,11 +8,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fasq import transforms
-from fasq.config import ConfigError, PQConfig, QuantConfig, RTNConfig
-from fasq.kernels import cpu, pq_linear_triton
-from fasq.model import load_quantized, quantize_model, save_quantized
-from fasq.module import PQLinear
+from fasq.core import transforms
+from fasq.core.config import ConfigError, PQConfig, QuantConfig, RTNConfig
+from fasq.kernels.cpu import library as cpu
+from fasq.kernels import pq_linear_triton
+from fasq.io.checkpoint import load_quantized, save_quantized
+from fasq.stream.memory import quantize_model
+from fasq.core.module import PQLinear
 from fasq.stream import quantize_streaming
 
 FAST = dict(kmeans_iters=2, kmeans_sample=2048)
@@ -91,7 +93,7 @@ def test_transform_tensors_round_trip_in_memory_and_streamed(perm_transform, tin
 
     src = save_tiny_llama(tmp_path / "src")
     qcfg = QuantConfig(layer=PQConfig(d=2, K=16, transform=perm_transform, **FAST))
-    from fasq.sources import load_model
+    from fasq.io.sources import load_model
 
     model, tok = load_model(str(src))
     rep = quantize_model(model, qcfg, progress=False)
@@ -112,7 +114,7 @@ def test_transform_tensors_round_trip_in_memory_and_streamed(perm_transform, tin
     info = json.loads((tmp_path / "str" / "config.json").read_text())
     assert info["quantization_config"]["layer"]["transform"] == perm_transform
     # the permutation is a checked fact: a checkpoint whose config drops it is refused
-    from fasq.manifest import MANIFEST_NAME, CheckpointError
+    from fasq.io.manifest import MANIFEST_NAME, CheckpointError
 
     info["quantization_config"]["layer"]["transform"] = "none"
     (tmp_path / "str" / "config.json").write_text(json.dumps(info))

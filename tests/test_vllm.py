@@ -128,7 +128,7 @@ def compare(name: str, a: list[list[int]], b: list[list[int]], margins_a, margin
 
 @pytest.mark.parametrize("name", ["fasq", "rtn"])
 def test_vllm_matches_transformers(name, checkpoints, vllm_results, monkeypatch):
-    from fasq.model import load_quantized
+    from fasq.io.checkpoint import load_quantized
     from transformers import AutoTokenizer
 
     monkeypatch.setenv("FASQ_CPU_INT8", "0")  # the exact kernel on both sides (see _env)
@@ -227,7 +227,7 @@ import fasq
 assert "vllm" not in sys.modules, "import fasq imported vllm"
 from importlib.metadata import entry_points
 eps = [e for e in entry_points(group="vllm.general_plugins") if e.name == "fasq"]
-assert [e.value for e in eps] == ["fasq.vllm_plugin:register"], eps
+assert [e.value for e in eps] == ["fasq.integrations.vllm:register"], eps
 from vllm.plugins import load_general_plugins
 load_general_plugins()
 eps[0].load()()  # again, as a second load in the same process would

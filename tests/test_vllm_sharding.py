@@ -7,12 +7,11 @@ row-parallel); the shards' outputs, concatenated or summed, must equal the whole
 import pytest
 import torch
 
-from fasq.config import PQConfig, RTNConfig
-from fasq.format import pack_codes
-from fasq.module import PQLinear
-from fasq.ops import pq_linear_dequant
-from fasq.quantize import quantize_weight
-from fasq.vllm_plugin import sharding
+from fasq.core.config import PQConfig, RTNConfig
+from fasq.core.format import pack_codes
+from fasq.core.ops import pq_linear_dequant
+from fasq.quant.quantize import quantize_weight
+from fasq.integrations.vllm import sharding
 
 CONFIGS = [
     PQConfig(d=2, K=16, codebook_scope="group", codebook_group=8, scale_group=16),  # 4-bit packed codes
@@ -93,7 +92,7 @@ def test_straddling_codebook_is_a_clear_error():
                                  PQConfig(d=2, K=64, codebook_scope="matrix", scale_group=0)])
 @pytest.mark.parametrize("tp", [2, 3, 4, 6])
 def test_fit_config_splits_every_layer_at_the_asked_size(cfg, tp):
-    from fasq.tensor_parallel import fit_config, splits
+    from fasq.quant.tensor_parallel import fit_config, splits
 
     shapes = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # the default model's q, k/v, gate/up, down
     fitted = fit_config(cfg, shapes, tp)
@@ -106,8 +105,8 @@ def test_fit_config_splits_every_layer_at_the_asked_size(cfg, tp):
 
 
 def test_fit_config_refuses_widths_that_cannot_split():
-    from fasq.config import ConfigError
-    from fasq.tensor_parallel import fit_config
+    from fasq.core.config import ConfigError
+    from fasq.quant.tensor_parallel import fit_config
 
     with pytest.raises(ConfigError, match="cannot be split into 5 shards"):
         fit_config(PQConfig(d=2, K=256), [(576, 576)], 5)

@@ -1,4 +1,4 @@
-"""Zero-shot evaluation through lm-eval on local files (fasq.zeroshot).
+"""Zero-shot evaluation through lm-eval on local files (fasq.eval.zeroshot).
 
 A tiny random Llama with the default model's tokenizer and synthetic task files in
 the documented layouts (docs/tasks.md); no network, no real weights. Runs in ~30 s on
@@ -19,7 +19,7 @@ from conftest import require, skip_or_fail  # noqa: E402
 require("lm_eval")
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from fasq import zeroshot as zs  # noqa: E402
+from fasq.eval import zeroshot as zs  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 YES, NO = "yes yes", "no no"  # " yes" is one token of the SmolLM2 tokenizer

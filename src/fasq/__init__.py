@@ -5,15 +5,17 @@ method with transformers (when installed), so that
 `AutoModelForCausalLM.from_pretrained(checkpoint_dir)` loads fasq checkpoints.
 """
 
-from . import ops  # noqa: F401 - registers the fasq::pq_linear custom op
+from .core import ops  # noqa: F401 - registers the fasq::pq_linear custom op
 from . import kernels  # noqa: F401 - its CUDA implementation (triton imported only when called)
-from .config import ConfigError, PQConfig, QuantConfig, RTNConfig
-from .model import CheckpointError, load_quantized, quantize_model, save_quantized
-from .module import PQLinear
+from .core.config import ConfigError, PQConfig, QuantConfig, RTNConfig
+from .io.manifest import CheckpointError
+from .io.checkpoint import load_quantized, save_quantized
+from .stream.memory import quantize_model
+from .core.module import PQLinear
 from .version import __version__
 
 try:  # transformers is a dependency, but keep the core usable without it
-    from . import hf as _hf  # noqa: F401
+    from .integrations import hf as _hf  # noqa: F401
 except ImportError:  # pragma: no cover
     pass
 

@@ -7,8 +7,8 @@ below, in microseconds per call with CUDA-graph timing).
 
 from __future__ import annotations
 
-KERNELS = ("gemv", "lut_gemm", "dequant_gemm", "dequant_cublas", "cuda_gemv", "reference")
-# cuda_gemv (CUDA C++ compiled with NVRTC, kernels/cuda_gemv.py) is only run when asked
+# The kernels are named in `registry` (each family registers its own). cuda_gemv (CUDA C++
+# compiled with NVRTC, kernels/cuda/gemv.py) is never chosen here: it runs only when asked
 # for (kernel="cuda_gemv") until it has been checked and timed on a GPU.
 
 # Decode: up to this many tokens the direct-compute GEMV (codes read once for all
@@ -39,7 +39,7 @@ def select_kernel(device_type: str, tokens: int, d: int, K: int, *, has_triton: 
     device_type: torch device type of the activations ("cuda", "cpu", ...);
     has_triton: whether triton can be imported; interpret: TRITON_INTERPRET=1 (the
     kernels then run, slowly, on CPU tensors, which the tests use).
-    Returns one of KERNELS; "reference" means dequantize-then-matmul in torch.
+    Returns a registered kernel name; "reference" means dequantize-then-matmul in torch.
     """
     if not has_triton or tokens <= 0:
         return "reference"

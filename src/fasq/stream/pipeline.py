@@ -27,16 +27,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from ..config import FORMAT_VERSION, ConfigError, QuantConfig
-from ..format import pack_codes, size_summary, stored_layer_size
-from ..manifest import INDEX_NAME, REPORT_NAME, WEIGHTS_NAME, file_record, sha256, write_manifest
-from ..outdir import check_output_dir, output_lock, replace_dir
-from ..quantize import STORE_DTYPE, error_report, quantize_transformed  # fp16, as save_quantized writes
-from ..sources import ModelSourceError, local_paths
+from ..core.config import FORMAT_VERSION, ConfigError, QuantConfig
+from ..core.format import STORE_DTYPE, pack_codes, size_summary, stored_layer_size
+from ..io.checkpoint import write_checkpoint_files, write_tensors
+from ..io.manifest import WEIGHTS_NAME, sha256
+from ..io.outdir import check_output_dir, output_lock, replace_dir
+from ..io.sources import ModelSourceError, load_model, local_paths
+from ..quant.importance import estimate, estimate_streaming
+from ..quant.quantize import error_report, quantize_transformed
 from ..version import __version__
 from .readers import StreamingUnsupported, open_reader
+
 
 STATE_NAME = "fasq_stream_state.json"
 # Architectures whose 2-D weights are not nn.Linear (GPT-2's Conv1D stores W transposed):
@@ -52,9 +54,12 @@ def _config_value(config, key: str, default=None):
 
 
 def linear_modules(reader, qcfg: QuantConfig, config) -> list[str]:
-    """Names of the modules whose `.weight` is quantized: every 2-D floating `.weight` that
-    is neither skipped nor an embedding (the rule `quantizable_linears` follows on a built
-    model, read off the tensor names)."""
+    """Names of the modules whose `.weight` is quantized, in the reader's order: the one
+    selection of the in-memory and streaming paths. A built model (`memory.ModuleReader`)
+    names its nn.Linear modules; files are read by the same rule off the tensor names:
+    every 2-D floating `.weight` that is not an embedding. Skipped modules are left out."""
+    if hasattr(reader, "linear_names"):  # a built model knows its nn.Linear modules
+        return [m for m in reader.linear_names() if not qcfg.is_skipped(m)]
     model_type = _config_value(config, "model_type", "")
     if model_type in CONV1D_MODEL_TYPES:
         raise StreamingUnsupported(f"model type {model_type!r} keeps its projections in Conv1D "
@@ -95,7 +100,7 @@ class Plan:
     qcfg: QuantConfig
     modules: list[str]
     dropped: set[str] = field(default_factory=set)
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | None = torch.float32  # None: tensors as the reader gives them
     importance: dict[str, torch.Tensor] = field(default_factory=dict)  # column weights per module
 
     def shard_names(self) -> list[str]:
@@ -224,42 +229,49 @@ def _natural(name: str):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def set_importance(plan: Plan, source: str, log) -> None:
-    """Fill `plan.importance` as `model.quantize_model` does (nothing for "none" or when no
-    layer is PQ). An architecture transformers cannot build gets the weights-only "norm"
-    estimate instead of "random-tokens", said in the log and in the saved config."""
+def set_importance(plan: Plan, load_whole, log) -> None:
+    """Fill `plan.importance` (nothing for "none" or when no layer is PQ). A built model
+    (`reader.model`) runs the estimate on itself; files run it block by block, or on the
+    whole model `load_whole()` gives. A model the random-token pass cannot run gets the
+    weights-only "norm" estimate instead, said through `log` and in the saved config."""
     if plan.qcfg.importance == "none" or plan.importance:
         return
-    if not any(plan.qcfg.for_module(m).method == "pq" for m in plan.modules):
+    if not any(plan.qcfg.for_module(m).learns_codebooks for m in plan.modules):  # RTN ignores it
         return
-    from ..importance import estimate_streaming
-    from ..sources import load_model
 
-    def load_whole():
-        return load_model(source, dtype=plan.dtype)[0]
+    model = getattr(plan.reader, "model", None)
+
+    def run(kind: str) -> dict[str, torch.Tensor]:
+        if model is not None:
+            return estimate(model, kind, plan.modules)
+        return estimate_streaming(load_whole, kind, plan.reader, plan.shapes(), dtype=plan.dtype,
+                                  config=plan.config)
 
     try:
-        plan.importance = estimate_streaming(load_whole, plan.qcfg.importance, plan.reader, plan.shapes(),
-                                             dtype=plan.dtype, config=plan.config)
-    except (ModelSourceError, OSError, ValueError, KeyError) as e:
+        plan.importance = run(plan.qcfg.importance)
+    except (ModelSourceError, OSError, ValueError, KeyError, AttributeError, TypeError, RuntimeError,
+            NotImplementedError) as e:
         if plan.qcfg.importance != "random-tokens":
             raise
-        log(f"fasq quantize: the random-token importance estimate needs to run the model, which "
-            f"could not be built ({type(e).__name__}: {e}); using the norm-weight estimate (--importance norm)")
+        log(f"the random-token importance estimate needs to run the model, which failed here "
+            f"({type(e).__name__}: {e}); using the norm-weight estimate (importance 'norm')")
         plan.qcfg = dataclasses.replace(plan.qcfg, importance="norm")
-        plan.importance = estimate_streaming(load_whole, "norm", plan.reader, plan.shapes(), dtype=plan.dtype)
+        plan.importance = run("norm")
 
 
 def quantize_layer(plan: Plan, module: str, W: torch.Tensor, device=None):
-    """(stored tensors, report row) of one linear weight W [out, in]."""
+    """(tensors, report row) of one linear weight W [out, in]: the quantize-and-report step
+    of both paths. `tensors`: codes, codebooks, scales, offsets and the input transform's
+    tensors, unpacked, on `device` (default: W's)."""
     cfg = plan.qcfg.for_module(module)
-    W = W.to(device or "cpu")  # once: k-means and the error report run where the codes are made
+    if device is not None:
+        W = W.to(device)  # once: k-means and the error report run where the codes are made
     q, What = quantize_transformed(W, cfg, name=module, device=device, importance=plan.importance.get(module))
     out_f, in_f = W.shape
     row = {"name": module, "out": out_f, "in": in_f,
            "bits_per_weight": stored_layer_size(out_f, in_f, cfg, plan.has_bias(module)).bits_per_weight,
            **error_report(W, What)}
-    return stored_tensors(module, q, cfg), row
+    return q, row
 
 
 def write_shard(plan: Plan, names: list[str], path: Path, device, bar) -> dict:
@@ -277,9 +289,9 @@ def write_shard(plan: Plan, names: list[str], path: Path, device, bar) -> dict:
             module, _, leaf = name.rpartition(".")
             if leaf == "weight" and module in modules:
                 t0 = time.perf_counter()
-                tensors, row = quantize_layer(plan, module, t, device)
+                q, row = quantize_layer(plan, module, t, device)
                 seconds += time.perf_counter() - t0
-                stored.update(tensors)
+                stored.update(stored_tensors(module, q, plan.qcfg.for_module(module)))
                 rows.append(row)
             else:
                 stored[name] = _stored_plain(t)
@@ -288,10 +300,7 @@ def write_shard(plan: Plan, names: list[str], path: Path, device, bar) -> dict:
             del t
         bar.update(info.nbytes)
     plan.reader.close()
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(stored, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
-    return {**file_record(path), "layers": rows, "other_elements": other,
+    return {**write_tensors(stored, path), "layers": rows, "other_elements": other,
             "seconds": seconds, "tensors": {k: v.numel() * v.element_size() for k, v in stored.items()}}
 
 
@@ -315,7 +324,7 @@ def _run(plan: Plan, source: str, out: Path, device, progress: bool, extra_repor
     from tqdm.auto import tqdm
 
     t_imp = time.perf_counter()
-    set_importance(plan, source, log)  # before the fingerprint: it may fall back to another estimate
+    set_importance(plan, lambda: load_model(source, dtype=plan.dtype)[0], log)  # before the fingerprint: it may fall back to another estimate
     t_imp = time.perf_counter() - t_imp
     work = work_dir(out)
     state = State.open(work, fingerprint(plan, device), log)
@@ -352,57 +361,31 @@ def _report(plan: Plan, state: State, source: str, extra: dict | None) -> dict:
 def _finish(plan: Plan, state: State, work: Path, out: Path, report: dict) -> None:
     """Config, tokenizer, report, index and manifest into the work folder, then rename it."""
     shards = plan.shard_names()
+    index = None
     if len(shards) > 1:
         weight_map = {t: s for s in shards for t in state.done[s]["tensors"]}
         total = sum(b for s in shards for b in state.done[s]["tensors"].values())
-        (work / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
-                                                   "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     qcfg = dataclasses.replace(plan.qcfg, modules=tuple(sorted(plan.modules, key=_natural)))
-    _write_config(plan, qcfg, work)
-    _write_tokenizer(plan, work)
-    (work / REPORT_NAME).write_text(json.dumps(report, indent=1))
-    files = {s: {"bytes": state.done[s]["bytes"], "sha256": state.done[s]["sha256"]} for s in shards}
-    if len(shards) > 1:
-        files[INDEX_NAME] = file_record(work / INDEX_NAME)
-    write_manifest(work, files, qcfg.to_dict())
+    path, kw = plan.reader.tokenizer_source
+    try:
+        tokenizer = plan.reader.load_tokenizer()
+    except (OSError, ValueError, KeyError):
+        tokenizer = None
+    write_checkpoint_files(work, plan.config, qcfg.to_dict(), {s: state.done[s] for s in shards}, report,
+                           _generation_config(plan), tokenizer, None if kw else path, STORE_DTYPE, index)
     (work / STATE_NAME).unlink()
     replace_dir(work, out)
 
 
-def _write_config(plan: Plan, qcfg: QuantConfig, folder: Path) -> None:
-    config = plan.config
-    if isinstance(config, dict):  # an architecture this transformers does not know
-        config = {**config, "quantization_config": qcfg.to_dict(), "dtype": "float16"}
-        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        return
-    config.quantization_config = qcfg.to_dict()
-    config.dtype = STORE_DTYPE
-    if not getattr(config, "architectures", None):  # unset for GGUF sources; serving engines read it
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
-        config.architectures = [name] if name else None
-    config.save_pretrained(folder)
+def _generation_config(plan: Plan):
+    """The source's generation config, else one made from its model config (None for a
+    config transformers does not know)."""
+    if isinstance(plan.config, dict):
+        return None
     from transformers import GenerationConfig
 
-    path, _ = plan.reader.tokenizer_source
     try:
-        gen = GenerationConfig.from_pretrained(path)
+        return GenerationConfig.from_pretrained(plan.reader.tokenizer_source[0])
     except OSError:
-        gen = GenerationConfig.from_model_config(config)
-    gen.save_pretrained(folder)
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja")
-
-
-def _write_tokenizer(plan: Plan, folder: Path) -> None:
-    """The tokenizer as transformers saves it; for a folder transformers cannot read, its files."""
-    path, kw = plan.reader.tokenizer_source
-    try:
-        plan.reader.load_tokenizer().save_pretrained(folder)
-    except (OSError, ValueError, KeyError):
-        for f in TOKENIZER_FILES:
-            if (Path(path) / f).is_file() and not kw:
-                shutil.copy2(Path(path) / f, folder / f)
+        return GenerationConfig.from_model_config(plan.config)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ..manifest import INDEX_NAME as INDEX_FILE
-from ..manifest import WEIGHTS_NAME as SINGLE_FILE
-from ..manifest import SAFETENSORS_DTYPES, read_safetensors_header, tensor_files
-from ..sources import ModelSourceError, resolve
+from ..io.manifest import INDEX_NAME as INDEX_FILE
+from ..io.manifest import WEIGHTS_NAME as SINGLE_FILE
+from ..io.manifest import SAFETENSORS_DTYPES, read_safetensors_header, tensor_files
+from ..io.sources import ModelSourceError, resolve
 
 # GGUF files are one file: their tensors are cut into output shards of about this many
 # input bytes (dequantized to fp32), which is also the granularity of resuming.

@@ -1,14 +1,19 @@
-"""The target-size solver on a streamed model: sizes from the tensor shapes (a budget
-outside the achievable range is refused before any weight is read), then one pass over
-the weights to measure the candidates' proxy errors, then the knapsack (`fasq.solver`)."""
+"""The target-size solver on a plan (a streamed model, or a built one through
+`memory.ModuleReader`): sizes from the tensor shapes (a budget outside the achievable range
+is refused before any weight is read), then one pass over the weights to measure the
+candidates' proxy errors, then the knapsack (`fasq.quant.solver.solve_table`)."""
 
 from __future__ import annotations
 
 import math
 import time
 
-from ..solver import DEFAULT_CANDIDATES, ProxyTable, check_budget, layer_sizes, measure_layer, solve
-from .pipeline import Plan
+from torch import nn
+
+from ..core.config import DEFAULT_SKIP, QuantConfig
+from ..quant.solver import DEFAULT_CANDIDATES, ProxyTable, check_budget, layer_sizes, measure_layer, solve_table
+from .memory import ModuleReader
+from .pipeline import Plan, make_plan
 
 
 def candidate_table(plan: Plan, candidates=None) -> ProxyTable:
@@ -44,7 +49,9 @@ def measure(plan: Plan, table: ProxyTable, progress: bool = True, device=None, *
             for n in names:
                 t = by_name.get(n[: -len(".weight")]) if n.endswith(".weight") else None
                 if t is not None:
-                    measure_layer(t, plan.reader.read(n).to(plan.dtype), table.candidates, device=device, **proxy)
+                    W = plan.reader.read(n)
+                    measure_layer(t, W if plan.dtype is None else W.to(plan.dtype), table.candidates,
+                                  device=device, **proxy)
                     bar.update(1)
             plan.reader.close()
     table.seconds = time.perf_counter() - t0
@@ -52,9 +59,40 @@ def measure(plan: Plan, table: ProxyTable, progress: bool = True, device=None, *
 
 
 def solve_streaming(plan: Plan, target_bits: float | None = None, target_size: float | None = None,
-                    candidates=None, progress: bool = True, device=None, **kw):
-    """(QuantConfig with per-layer overrides, SolveReport) for the plan's model."""
+                    candidates=None, progress: bool = True, device=None, sample_rows: int | None = 256,
+                    proxy_iters: int | None = 4, **kw):
+    """(QuantConfig with per-layer overrides, SolveReport) for the plan's model; the
+    config keeps the plan's other settings (importance estimate, transform)."""
     table = candidate_table(plan, candidates)
     check_budget(table, target_bits, target_size)  # at once, before reading any weight
-    measure(plan, table, progress=progress, device=device)
-    return solve(None, target_bits=target_bits, target_size=target_size, table=table, **kw)
+    measure(plan, table, progress=progress, device=device, sample_rows=sample_rows, proxy_iters=proxy_iters)
+    return solve_table(table, target_bits=target_bits, target_size=target_size, base=plan.qcfg, **kw)
+
+
+def model_plan(model: nn.Module, skip=DEFAULT_SKIP, base: QuantConfig | None = None) -> Plan:
+    """A plan over a built model's layers (those `skip` leaves), for the solver."""
+    import dataclasses
+
+    qcfg = dataclasses.replace(base, skip=tuple(skip)) if base is not None else QuantConfig(skip=tuple(skip))
+    return make_plan(None, qcfg, reader=ModuleReader(model), dtype=None)
+
+
+def measure_model(model: nn.Module, candidates=None, skip=DEFAULT_SKIP, progress: bool = True, device=None,
+                  **proxy) -> ProxyTable:
+    """Sizes and proxy errors of every candidate on every layer of a built model."""
+    plan = model_plan(model, skip)
+    return measure(plan, candidate_table(plan, candidates), progress=progress, device=device, **proxy)
+
+
+def solve(model: nn.Module | None, target_bits: float | None = None, target_size: float | None = None,
+          candidates=None, skip=DEFAULT_SKIP, progress: bool = True, importance: str = "rel",
+          sample_rows: int | None = 256, proxy_iters: int | None = 4, table: ProxyTable | None = None,
+          device=None, base: QuantConfig | None = None):
+    """`solve_streaming` for a model in memory; `table` reuses a `measure_model(...)` result
+    (same model, candidates and skip) so several budgets cost one proxy measurement."""
+    if table is not None:
+        if candidates is not None and list(candidates) != table.candidates:
+            raise ValueError("`table` was measured with other candidates")
+        return solve_table(table, target_bits, target_size, importance, base)
+    return solve_streaming(model_plan(model, skip, base), target_bits, target_size, candidates, progress, device,
+                           sample_rows, proxy_iters, importance=importance)

@@ -1,0 +1,1 @@
+"""Configs, the storage format, the reference ops and the `PQLinear` module."""

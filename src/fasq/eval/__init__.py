@@ -1,0 +1,1 @@
+"""Evaluation: data, perplexity, zero-shot (lm-eval), speed, baselines."""

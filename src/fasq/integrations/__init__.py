@@ -1,0 +1,1 @@
+"""transformers and vLLM integration."""

@@ -1,0 +1,1 @@
+"""Checkpoint files: where models come from, the manifest and load-time checks, atomic output folders, save and load."""

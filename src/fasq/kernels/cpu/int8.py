@@ -1,0 +1,130 @@
+"""CPU decode through int8 lookups and integer dot products (csrc/pq_cpu_int8.cpp): the
+"cpu_int8" path of `fasq.kernels.cpu.library`.
+
+At a layer's first call its codebooks are copied as int8 (one step per codebook: max |value|
+/ 127, or 1 when every value is an integer in [-127, 127], as RTN's grid: then the copy is
+exact), its codes repacked so that 16 rows share each 64-byte SIMD register (two codes a
+byte at d=1 K<=16), and its scales
+and offsets laid out 16 rows at a time; the checkpoint is unchanged, and the copies live
+beside the layer's prepared arguments (rebuilt when a tensor changes). Per call the
+activations are quantized to int8 per 8 columns. The result differs from the exact float
+path by the int8 rounding of codebooks and activations (bounded in tests/test_cpu_int8.py);
+WikiText-2 perplexity of the default checkpoint moves by far less than the 0.5 % allowed
+(README, "Speed on the CPU").
+
+Taken: d=2 K <= 256 (lookups by vpermi2b) and d=1 K <= 16 (d=1 K=16, RTN at 1-4 bits:
+lookups by vpermb), uint8 codes, codebook runs and scale groups of whole 8-column steps,
+on CPUs with AVX-512 VBMI and VNNI (and the instruction-set cap at "avx512"). Anything else returns None from
+`prepared`, and the caller keeps the exact float kernel.
+
+Default: automatic selection takes this path for d=2 layers and for d=1 layers whose
+codebooks are integers in [-127, 127] (RTN's grid: copied exactly, only the activations are
+rounded; WikiText-2 of RTN 4-bit g64 on the default model +0.40 %). d=1 K=16 product
+quantization (float codebooks) moved WikiText-2 by +0.75 % through it (24.331 -> 24.514 on
+the default model), over the 0.5 % the int8 path is allowed, so those layers keep the exact
+kernel unless FASQ_CPU_INT8=all (or kernel="cpu_int8") asks for it.
+
+Switches: FASQ_CPU_INT8=0 keeps automatic selection on the float kernel for a process,
+FASQ_CPU_INT8=all also sends d=1 layers with float codebooks through the int8 path;
+kernel="cpu_gemv" (or `cpu.use_kernel("cpu_gemv")`) keeps the float kernel for a call or a
+block.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+from torch import Tensor
+
+from . import library as cpu
+
+_SUPPORTED_CODE = torch.uint8
+
+
+def _setting() -> str:
+    return os.environ.get("FASQ_CPU_INT8", "1").strip().lower()
+
+
+def enabled() -> bool:
+    """Whether automatic selection may take the int8 path (FASQ_CPU_INT8 unset or not 0)."""
+    return _setting() not in ("0", "false", "no", "off")
+
+
+def chosen(prep: "_Prepared") -> bool:
+    """Whether automatic selection takes the int8 path for a prepared layer: by default where
+    its accuracy was shown (d=2, or codebooks copied exactly); FASQ_CPU_INT8=all: always."""
+    return prep.default or _setting() == "all"
+
+
+def available() -> bool:
+    """Whether this CPU runs the int8 path now (AVX-512 VBMI + VNNI, and `cpu.limit_isa` /
+    FASQ_CPU_ISA not below "avx512")."""
+    lib = cpu.load_library()
+    return lib is not None and bool(lib.fasq_cpu_int8_available())
+
+
+def format_supported(d: int, K: int, code_dtype: torch.dtype) -> bool:
+    """Whether the path takes this format at all (alignment is checked per layer)."""
+    return ((d == 2 and K <= 256) or (d == 1 and K <= 16)) and code_dtype == _SUPPORTED_CODE
+
+
+class _Int8Layer(ctypes.Structure):
+    """Mirror of Int8Layer in csrc/pq_cpu_int8.cpp (every field 8 bytes)."""
+
+    _fields_ = [(n, ctypes.c_void_p) for n in ("args", "codes", "tabs", "cbscale", "scales", "offsets")]
+
+
+class _Prepared:
+    """A layer's int8 copies (tensors kept here) and the struct the library reads."""
+
+    def __init__(self, plan: "cpu._Plan", sizes):
+        lib = cpu.load_library()
+        self.codes = torch.empty(sizes[0], dtype=torch.uint8)                     # [OB, M/4, 16, 4]
+        self.tabs = torch.empty(sizes[1], dtype=torch.uint8)                      # [C, 2, 256]
+        self.cbscale = torch.empty(sizes[2], dtype=torch.float32)                 # [C]
+        self.scales = torch.empty(sizes[3], dtype=torch.float32)                  # [OB, S, 16]
+        self.offsets = torch.empty(sizes[4], dtype=torch.float32) if sizes[4] else None  # [OB, S, 16]
+        ptrs = [t.data_ptr() for t in (self.codes, self.tabs, self.cbscale, self.scales)]
+        cpu._check(lib.fasq_cpu_int8_prepare(plan.address, *ptrs, cpu._ptr(self.offsets)), "int8 prepare")
+        self.args = _Int8Layer(plan.address, *ptrs, cpu._ptr(self.offsets))
+        self.address = ctypes.addressof(self.args)
+        self.plan = plan  # keeps plan.args (pointed to by self.args) alive
+        # taken by default: d=2, or every codebook value an integer in [-127, 127] (an exact copy)
+        cb = plan.src[0]
+        self.default = cb.shape[2] == 2 or bool(((cb == cb.round()) & (cb.abs() <= 127)).all())
+
+
+def prepared(codes: Tensor, codebooks: Tensor, scales: Tensor | None, offsets: Tensor | None,
+             bias: Tensor | None) -> _Prepared | None:
+    """The layer's int8 copies, made at its first call (None: the path does not take it)."""
+    if not format_supported(codebooks.shape[2], codebooks.shape[1], codes.dtype) or not available():
+        return None
+    plan = cpu._plan(codes, codebooks, scales, offsets, bias)
+    hit = getattr(plan, "int8", False)
+    if hit is False:  # not tried yet for this plan (a changed tensor makes a new plan)
+        sizes = (ctypes.c_int64 * 5)()
+        ok = cpu.load_library().fasq_cpu_int8_sizes(plan.address, sizes) == 0
+        hit = plan.int8 = _Prepared(plan, list(sizes)) if ok else None
+    return hit
+
+
+def gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = None,
+         offsets: Tensor | None = None, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """y[..., out] = x[..., in] @ W.T + bias through int8 lookups; the exact float kernel
+    (`cpu.gemv`) where this path does not take the layer or the CPU.
+
+    x: [..., in] fp32, bf16 or fp16 (other dtypes go through fp32); y has x's dtype.
+    out: optional contiguous [tokens, out] tensor of that dtype to write into.
+    """
+    prep = prepared(codes, codebooks, scales, offsets, bias)
+    if prep is None:
+        return cpu.gemv(x, codes, codebooks, scales, offsets, bias, out=out)
+    return run(prep, x, out)
+
+
+def run(prep: _Prepared, x: Tensor, out: Tensor | None = None) -> Tensor:
+    """`gemv` for a layer already prepared (`prepared` returned `prep`)."""
+    lib = cpu.load_library()
+    return cpu.run_linear(x, prep.plan, out, lambda *args: lib.fasq_cpu_int8_linear(prep.address, *args), "int8 gemv")

@@ -1,0 +1,53 @@
+"""`fasq::pq_linear` on the CPU: picks the path (see `dispatch.select_cpu_kernel`) among the
+exact kernels of `library.py`, the int8 kernel of `int8.py` and the torch reference, and
+registers itself as the op's CPU implementation. Its own module so that `cpu_int8` can
+build on `cpu` without a cycle.
+
+    pq_linear_cpu(x, codes, codebooks, scales=None, offsets=None, bias=None, kernel="auto")
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import Tensor
+
+from ...core import ops
+from . import library as cpu, int8 as cpu_int8
+from ..dispatch import CPU_INT8_MAX_TOKENS, CPU_KERNELS, select_cpu_kernel
+
+
+def pq_linear_cpu(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = None,
+                  offsets: Tensor | None = None, bias: Tensor | None = None, kernel: str = "auto") -> Tensor:
+    """y[..., out] = x[..., in] @ dequantize(codes, codebooks, scales, offsets).T + bias.
+
+    kernel: "auto" (select_cpu_kernel decides) or force one of CPU_KERNELS.
+    """
+    if kernel == "auto":
+        kernel = cpu._forced or os.environ.get("FASQ_CPU_KERNEL") or "auto"
+    if kernel == "auto":
+        tokens = x.numel() // max(1, x.shape[-1])
+        d, K, has = codebooks.shape[2], codebooks.shape[1], cpu.available()
+        prep = (cpu_int8.prepared(codes, codebooks, scales, offsets, bias)
+                if has and tokens <= CPU_INT8_MAX_TOKENS and cpu_int8.enabled() else None)
+        if prep is not None and not cpu_int8.chosen(prep):  # d=1 float codebooks: FASQ_CPU_INT8=all
+            prep = None
+        kernel = select_cpu_kernel(tokens, d, K, has_library=has, int8=prep is not None)
+        if kernel == "cpu_int8":
+            return cpu_int8.run(prep, x)
+    if kernel not in CPU_KERNELS:
+        raise ValueError(f"unknown CPU kernel {kernel!r}; choose 'auto' or one of {CPU_KERNELS}")
+    if kernel == "reference":
+        return ops.pq_linear_dequant(x, codes, codebooks, scales, offsets, bias)
+    if not cpu.available():
+        raise RuntimeError(f"the fasq CPU kernel is unavailable: {cpu._lib_error}")
+    fn = {"cpu_int8": cpu_int8.gemv, "cpu_gemv": cpu.gemv}.get(kernel, cpu.dequant_matmul)
+    return fn(x, codes, codebooks, scales, offsets, bias)
+
+
+def _pq_linear_cpu_op(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None,
+                      offsets: Tensor | None, bias: Tensor | None) -> Tensor:
+    return pq_linear_cpu(x, codes, codebooks, scales, offsets, bias, kernel="auto")
+
+
+ops.register_kernel("cpu", _pq_linear_cpu_op)
