@@ -57,10 +57,12 @@ MODEL_CONFIGS = [
 ]
 KERNEL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (14336, 4096)]
 # (name, d, K, exact): exact rows keep the float kernels (FASQ_CPU_INT8=0: cpu_gemv up to 6
-# tokens, else rebuild + matmul); the others take the default selection (cpu_int8 where it
-# takes the layer)
+# tokens, else rebuild + matmul); the others take cpu_int8 wherever it takes the layer (for
+# fasq-d1k16 automatic selection does so only with FASQ_CPU_INT8=all). "rtn-*" rows are RTN layers (a grid codebook, a scale
+# and a minimum per group), "fasq-d1k16" PQ at d=1 K=16 in the default scope.
 KERNEL_CONFIGS = [("fasq-d2k256", 2, 256, False), ("fasq-d2k256-exact", 2, 256, True), ("fasq-d2k64", 2, 64, False),
-                  ("fasq-d4k4096", 4, 4096, False), ("rtn-w4", 1, 16, False)]
+                  ("fasq-d4k4096", 4, 4096, False), ("fasq-d1k16", 1, 16, False), ("fasq-d1k16-exact", 1, 16, True),
+                  ("rtn-w4", 1, 16, False), ("rtn-w4-exact", 1, 16, True)]
 
 
 def cpu_name() -> str:
@@ -100,18 +102,25 @@ def _interleaved_us(groups: dict, reps: int) -> dict:
     return {name: (sorted(t)[len(t) // 2] * 1e6, min(t) * 1e6) for name, t in times.items()}
 
 
-def _layer(out: int, inn: int, d: int, K: int, gen: torch.Generator):
-    """Random codes, codebooks, scales (and offsets for RTN) in the default scope, bf16."""
+def _layer(out: int, inn: int, d: int, K: int, gen: torch.Generator, rtn: bool = False):
+    """Random codes, codebooks, scales (and offsets for RTN) in the default scope, bf16; RTN's
+    codebook is its grid 0..K-1 (fasq.quant.quantize.quantize_rtn)."""
     from fasq.core.config import PQConfig, RTNConfig
     from fasq.core.ops import code_dtype
 
-    cfg = RTNConfig(bits=4, group_size=128 if inn % 128 == 0 else 192) if d == 1 else PQConfig(d=d, K=K)
+    cfg = RTNConfig(bits=K.bit_length() - 1, group_size=128 if inn % 128 == 0 else 192) if rtn else PQConfig(d=d, K=K)
     C, S = cfg.num_codebooks(inn), inn // cfg.scale_group_size(inn)
     codes = torch.randint(0, K, (out, inn // d), generator=gen).to(code_dtype(K))
-    cb = torch.randn(C, K, d, generator=gen).to(torch.bfloat16)
+    cb = (torch.arange(K, dtype=torch.float32).view(1, K, 1) if rtn else torch.randn(C, K, d, generator=gen))
     scales = (torch.rand(out, S, generator=gen) + 0.5).to(torch.bfloat16)
-    offsets = torch.randn(out, S, generator=gen).to(torch.bfloat16) if d == 1 else None
-    return codes, cb, scales, offsets
+    offsets = torch.randn(out, S, generator=gen).to(torch.bfloat16) if rtn else None
+    return codes, cb.to(torch.bfloat16), scales, offsets
+
+
+def _read_bytes(out: int, inn: int, d: int, K: int) -> int:
+    """Code bytes a decode call reads: the int8 path's copy at d=1 K<=16 holds two codes a
+    byte; otherwise the codes in memory (1 byte each up to K=256, else 2)."""
+    return out * inn // 2 if d == 1 and K <= 16 else out * (inn // d) * (1 if K <= 256 else 2)
 
 
 def _kernel_name(T: int, layer, exact: bool) -> str:
@@ -137,9 +146,9 @@ def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int | No
         weights = [torch.randn(out, inn, generator=gen).to(torch.bfloat16) for _ in range(n_w)]
         layer_sets = {}
         for name, d, K, _ in KERNEL_CONFIGS:  # the same layers for every token count
-            n = max(2, min(max_copies, rotate_bytes // (out * (inn // d) * (1 if K <= 256 else 2))))
-            layer_sets[name] = layer_sets.get(name.removesuffix("-exact")) or [_layer(out, inn, d, K, gen)
-                                                                             for _ in range(n)]
+            n = max(2, min(max_copies, rotate_bytes // _read_bytes(out, inn, d, K)))
+            layer_sets[name] = layer_sets.get(name.removesuffix("-exact")) or [
+                _layer(out, inn, d, K, gen, rtn=name.startswith("rtn")) for _ in range(n)]
         for T in tokens_list:
             x = torch.randn(T, inn, generator=gen).to(torch.bfloat16)
             groups = {"bf16": [lambda W=W: torch.nn.functional.linear(x, W) for W in weights]}
@@ -160,7 +169,7 @@ def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int | No
                        "time_us_min": round(low, 1), "bf16_us_min": round(blow, 1),
                        "speedup_vs_bf16_min": round(blow / low, 3),
                        "stream_us": round(code_bytes / bw_gbps / 1e3, 1), "kernel": kernels[name],
-                       "copies": len(groups[name]), "rotated_bytes": len(groups[name]) * out * (inn // d)}
+                       "copies": len(groups[name]), "rotated_bytes": len(groups[name]) * _read_bytes(out, inn, d, K)}
                 rows.append(row)
                 print(f"  {out:>5}x{inn:<5} T={T:<2} {name:<17} {row['time_us']:9.1f} us  bf16 {row['bf16_us']:9.1f} us"
                       f"  x{row['speedup_vs_bf16']:5.2f}  min {row['time_us_min']:8.1f} / {row['bf16_us_min']:8.1f} us"

@@ -18,22 +18,32 @@ import pytest
 import torch
 
 from fasq.core import ops
+from fasq.core.config import RTNConfig
+from fasq.quant.quantize import quantize_rtn
 from fasq.kernels.cpu import library as cpu, int8 as cpu_int8, linear as cpu_linear
 from fasq.kernels import dispatch
 
 from test_ops import _layer
 
-ABLK = 4  # subspaces per activation block (csrc/pq_cpu_int8.cpp)
-# (out, in, K, C, S, offsets): several row blocks with a partial last one, K above and
-# below 128 (two lookups and a blend, or one), scale groups, offsets, no scales
+BCOLS = 8  # columns per activation block (csrc/pq_cpu_int8.cpp)
+# (out, in, d, K, C, S, offsets): several row blocks with a partial last one, K above and
+# below 128 (two lookups and a blend, or one), scale groups, offsets, no scales; d=1 K<=16
+# (two codes a byte, vpermb lookups)
 CASES = [
-    (200, 768, 256, 4, 8, False),    # 153600 weights: threaded; runs of 48 subspaces
-    (37, 2048, 256, 8, 16, True),    # 3 row blocks, partial; runs of 64 with offsets
-    (130, 576, 64, 3, 6, False),     # the default model's width, K = 64
-    (64, 1024, 16, 2, 4, True),      # a 16-entry codebook
-    (48, 520, 256, 1, 1, False),     # one run of 260 subspaces
-    (96, 1024, 256, 4, 0, False),    # no scales
+    (200, 768, 2, 256, 4, 8, False),    # 153600 weights: threaded; runs of 48 subspaces
+    (37, 2048, 2, 256, 8, 16, True),    # 3 row blocks, partial; runs of 64 with offsets
+    (130, 576, 2, 64, 3, 6, False),     # the default model's width, K = 64
+    (64, 1024, 2, 16, 2, 4, True),      # a 16-entry codebook
+    (48, 520, 2, 256, 1, 1, False),     # one run of 260 subspaces
+    (96, 1024, 2, 256, 4, 0, False),    # no scales
+    (200, 768, 1, 16, 6, 8, False),     # d=1 K=16, threaded; runs cut at 96 and 128 columns
+    (37, 2048, 1, 16, 16, 16, True),    # d=1, partial row block, offsets
+    (130, 576, 1, 8, 3, 6, False),      # d=1 K=8 (codes 0..7 in the low halves' 3 bits)
+    (48, 520, 1, 16, 1, 0, False),      # d=1, one run of 520 columns, no scales
 ]
+# (out, in, bits, group_size): RTN layers (a grid codebook 0..K-1, a scale and a minimum
+# per group), quantized from random weights by fasq.quant.quantize
+RTN_CASES = [(150, 1024, 4, 64), (37, 2048, 4, 128), (64, 576, 4, 0), (48, 512, 2, 32)]
 
 
 @pytest.fixture(autouse=True)
@@ -53,8 +63,13 @@ def isa(request):
 
 
 def _make(case, seed=0):
-    out, inn, K, C, S, with_offsets = case
-    codes, cb, scales, offsets = _layer(out, inn, 2, K, C, max(S, 1), with_offsets)
+    if len(case) == 4:  # RTN
+        out, inn, bits, group = case
+        W = torch.randn(out, inn, generator=torch.Generator().manual_seed(seed))
+        q = quantize_rtn(W, RTNConfig(bits=bits, group_size=group))
+        return q["codes"], q["codebooks"].float(), q["scales"].float(), q["offsets"].float()
+    out, inn, d, K, C, S, with_offsets = case
+    codes, cb, scales, offsets = _layer(out, inn, d, K, C, max(S, 1), with_offsets)
     return codes, cb.float(), (scales.float() if S else None), (offsets.float() if with_offsets else None)
 
 
@@ -68,39 +83,49 @@ def _runs(M, C, S):
     return runs
 
 
+def _int8_codebooks(cb):
+    """(int8 values, step per codebook) as the kernel copies them: step = max |value| / 127
+    (fp32), or 1 where every value is an integer in [-127, 127] (then the copy is exact)."""
+    C = cb.shape[0]
+    amax = cb.abs().amax(dim=(1, 2))
+    integral = ((cb == cb.round()).flatten(1).all(1)) & (amax <= 127)
+    step = torch.where(integral, torch.ones(C), (amax / 127).where(amax > 0, torch.ones(C)))
+    return (cb / step[:, None, None]).round().clamp(-127, 127), step
+
+
 def _emulate(x, codes, cb, scales, offsets):
     """(the int8 arithmetic in float64, the int8 rounding bound) for x [T, in] fp32."""
     T, inn = x.shape
     out, M = codes.shape
-    C, K, _ = cb.shape
+    C, K, d = cb.shape
     S = scales.shape[1] if scales is not None else 0
-    step_c = (cb.abs().amax(dim=(1, 2)) / 127).where(cb.abs().amax(dim=(1, 2)) > 0, torch.ones(C))  # fp32, as C
-    q_cb = (cb / step_c[:, None, None]).round().clamp(-127, 127)
+    q_cb, step_c = _int8_codebooks(cb)
     y = torch.zeros(T, out, dtype=torch.float64)
     bound = torch.zeros(T, out, dtype=torch.float64)
     s64 = scales.double() if scales is not None else torch.ones(out, 1, dtype=torch.float64)
     for m0, m1, c, g in _runs(M, C, S):
         sub = codes[:, m0:m1].long()
-        v_hat = q_cb[c][sub].double() * float(step_c[c])            # [out, n, 2]
-        v = cb[c][sub].double()
+        v_hat = (q_cb[c][sub].double() * float(step_c[c])).reshape(out, -1)  # [out, columns]
+        v = cb[c][sub].double().reshape(out, -1)
         acc = torch.zeros(T, out, dtype=torch.float64)
         err = torch.zeros(T, out, dtype=torch.float64)
-        for b0 in range(m0, m1, ABLK):
-            b1 = min(m1, b0 + ABLK)
-            xb = x[:, 2 * b0:2 * b1]
+        for b0 in range(0, (m1 - m0) * d, BCOLS):
+            b1 = b0 + BCOLS
+            xb = x[:, m0 * d + b0:m0 * d + b1]
             amax = xb.abs().amax(dim=1, keepdim=True)
             inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))  # fp32, as C
             dx = (amax / 127).double()  # the block's step, fp32 as in C
             x_hat = (xb * inv).round().double() * dx
-            vb, vhb = v[:, b0 - m0:b1 - m0].reshape(out, -1), v_hat[:, b0 - m0:b1 - m0].reshape(out, -1)
+            vb, vhb = v[:, b0:b1], v_hat[:, b0:b1]
             acc += x_hat @ vhb.T
-            # |v x - v_hat x_hat| <= |x| dc / 2 + (|v| + dc / 2) dx / 2, summed over the block
-            dc = float(step_c[c])
+            # |v x - v_hat x_hat| <= |x| |v - v_hat| + (|v| + |v - v_hat|) dx / 2, summed over the
+            # block, with |v - v_hat| <= dc / 2 (0 for an exact copy)
+            dc = float(step_c[c]) if not bool((vhb == vb).all()) else 0.0
             err += xb.double().abs().sum(1, keepdim=True) * dc / 2 + dx / 2 * (vb.abs() + dc / 2).sum(1)[None, :]
         y += acc * s64[:, g][None, :]
         bound += err * s64[:, g].abs()[None, :]
         if offsets is not None:
-            y += x[:, 2 * m0:2 * m1].double().sum(1, keepdim=True) * offsets[:, g].double()[None, :]
+            y += x[:, m0 * d:m1 * d].double().sum(1, keepdim=True) * offsets[:, g].double()[None, :]
     return y, bound
 
 
@@ -116,7 +141,7 @@ def _scale(x, codes, cb, scales, offsets):
     return float((x.double().abs() @ W.T).max())
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("case", CASES + RTN_CASES, ids=lambda c: ("rtn" if len(c) == 4 else "") + "x".join(map(str, c)))
 @pytest.mark.parametrize("tokens", [1, 2, 3, 6, 16, 17])
 def test_int8_kernel_matches_its_emulation_and_the_rounding_bound(case, tokens, isa):
     codes, cb, scales, offsets = _make(case)
@@ -186,7 +211,11 @@ def test_selection_switch_and_fallbacks(monkeypatch):
     torch.ops.fasq.pq_linear(torch.randn(1, 64), c4, cb4.float(), s4.float(), None, None)
     c6, cb6, s6, _ = _layer(16, 12, 2, 16, 1, 1, False)  # M = 6 subspaces: not whole 4-subspace steps
     torch.ops.fasq.pq_linear(torch.randn(1, 12), c6, cb6.float(), s6.float(), None, None)
-    assert calls == ["gemv"] * 5
+    c1, cb1, s1, _ = _layer(16, 64, 1, 32, 1, 2, False)  # d=1 K=32: not taken
+    torch.ops.fasq.pq_linear(torch.randn(1, 64), c1, cb1.float(), s1.float(), None, None)
+    c1, cb1, s1, _ = _layer(16, 20, 1, 16, 1, 1, False)  # d=1, 20 columns: not whole 8-column steps
+    torch.ops.fasq.pq_linear(torch.randn(1, 20), c1, cb1.float(), s1.float(), None, None)
+    assert calls == ["gemv"] * 7
     assert dispatch.select_cpu_kernel(16, 2, 256, int8=True) == "cpu_int8"
     assert dispatch.select_cpu_kernel(17, 2, 256, int8=True) == "cpu_dequant"
     assert dispatch.select_cpu_kernel(1, 2, 256, int8=False) == "cpu_gemv"
@@ -203,3 +232,23 @@ def test_changed_tensors_are_prepared_again():
         emu, _ = _emulate(x, codes, cb, scales, offsets)
         y = cpu_int8.gemv(x, codes, cb, scales, offsets)
         assert float((y.double() - emu).abs().max()) < 2e-6 * _scale(x, codes, cb, scales, offsets)
+
+
+def test_default_selection_of_d1_layers(monkeypatch):
+    """d=1 layers take the int8 path automatically only where their codebooks are copied
+    exactly (RTN's integer grid); float d=1 codebooks need FASQ_CPU_INT8=all or kernel=."""
+    if not cpu_int8.available():
+        pytest.skip("no AVX-512 VBMI/VNNI here")
+    calls = []
+    monkeypatch.setattr(cpu, "gemv", lambda *a, **k: calls.append("gemv") or torch.zeros(1))
+    monkeypatch.setattr(cpu_int8, "run", lambda *a, **k: calls.append("int8") or torch.zeros(1))
+    pq, rtn = _make(CASES[6]), _make(RTN_CASES[0])
+    run = lambda layer: torch.ops.fasq.pq_linear(torch.randn(1, layer[0].shape[1]), *layer, None)  # noqa: E731
+    run(pq), run(rtn), run(_make(CASES[1]))
+    assert calls == ["gemv", "int8", "int8"]
+    calls.clear()
+    monkeypatch.setenv("FASQ_CPU_INT8", "all")
+    run(pq), run(rtn)
+    monkeypatch.delenv("FASQ_CPU_INT8")
+    cpu_linear.pq_linear_cpu(torch.randn(1, CASES[6][1]), *pq, kernel="cpu_int8")  # forced
+    assert calls == ["int8", "int8", "int8"]

@@ -2,7 +2,9 @@
 "cpu_int8" path of `fasq.kernels.cpu.library`.
 
 At a layer's first call its codebooks are copied as int8 (one step per codebook: max |value|
-/ 127), its codes repacked so that 16 rows share each 64-byte SIMD register, and its scales
+/ 127, or 1 when every value is an integer in [-127, 127], as RTN's grid: then the copy is
+exact), its codes repacked so that 16 rows share each 64-byte SIMD register (two codes a
+byte at d=1 K<=16), and its scales
 and offsets laid out 16 rows at a time; the checkpoint is unchanged, and the copies live
 beside the layer's prepared arguments (rebuilt when a tensor changes). Per call the
 activations are quantized to int8 per 8 columns. The result differs from the exact float
@@ -10,12 +12,22 @@ path by the int8 rounding of codebooks and activations (bounded in tests/test_cp
 WikiText-2 perplexity of the default checkpoint moves by far less than the 0.5 % allowed
 (README, "Speed on the CPU").
 
-Taken: d=2, K <= 256, uint8 codes, runs of whole 4-subspace steps, on CPUs with AVX-512
-VBMI and VNNI (and the instruction-set cap at "avx512"). Anything else returns None from
+Taken: d=2 K <= 256 (lookups by vpermi2b) and d=1 K <= 16 (d=1 K=16, RTN at 1-4 bits:
+lookups by vpermb), uint8 codes, codebook runs and scale groups of whole 8-column steps,
+on CPUs with AVX-512 VBMI and VNNI (and the instruction-set cap at "avx512"). Anything else returns None from
 `prepared`, and the caller keeps the exact float kernel.
 
-Switches: FASQ_CPU_INT8=0 keeps automatic selection on the float kernel for a process;
-kernel="cpu_gemv" (or `cpu.use_kernel("cpu_gemv")`) does for a call or a block.
+Default: automatic selection takes this path for d=2 layers and for d=1 layers whose
+codebooks are integers in [-127, 127] (RTN's grid: copied exactly, only the activations are
+rounded; WikiText-2 of RTN 4-bit g64 on the default model +0.40 %). d=1 K=16 product
+quantization (float codebooks) moved WikiText-2 by +0.75 % through it (24.331 -> 24.514 on
+the default model), over the 0.5 % the int8 path is allowed, so those layers keep the exact
+kernel unless FASQ_CPU_INT8=all (or kernel="cpu_int8") asks for it.
+
+Switches: FASQ_CPU_INT8=0 keeps automatic selection on the float kernel for a process,
+FASQ_CPU_INT8=all also sends d=1 layers with float codebooks through the int8 path;
+kernel="cpu_gemv" (or `cpu.use_kernel("cpu_gemv")`) keeps the float kernel for a call or a
+block.
 """
 
 from __future__ import annotations
@@ -31,9 +43,19 @@ from . import library as cpu
 _SUPPORTED_CODE = torch.uint8
 
 
+def _setting() -> str:
+    return os.environ.get("FASQ_CPU_INT8", "1").strip().lower()
+
+
 def enabled() -> bool:
     """Whether automatic selection may take the int8 path (FASQ_CPU_INT8 unset or not 0)."""
-    return os.environ.get("FASQ_CPU_INT8", "1").strip().lower() not in ("0", "false", "no", "off")
+    return _setting() not in ("0", "false", "no", "off")
+
+
+def chosen(prep: "_Prepared") -> bool:
+    """Whether automatic selection takes the int8 path for a prepared layer: by default where
+    its accuracy was shown (d=2, or codebooks copied exactly); FASQ_CPU_INT8=all: always."""
+    return prep.default or _setting() == "all"
 
 
 def available() -> bool:
@@ -45,7 +67,7 @@ def available() -> bool:
 
 def format_supported(d: int, K: int, code_dtype: torch.dtype) -> bool:
     """Whether the path takes this format at all (alignment is checked per layer)."""
-    return d == 2 and K <= 256 and code_dtype == _SUPPORTED_CODE
+    return ((d == 2 and K <= 256) or (d == 1 and K <= 16)) and code_dtype == _SUPPORTED_CODE
 
 
 class _Int8Layer(ctypes.Structure):
@@ -69,6 +91,9 @@ class _Prepared:
         self.args = _Int8Layer(plan.address, *ptrs, cpu._ptr(self.offsets))
         self.address = ctypes.addressof(self.args)
         self.plan = plan  # keeps plan.args (pointed to by self.args) alive
+        # taken by default: d=2, or every codebook value an integer in [-127, 127] (an exact copy)
+        cb = plan.src[0]
+        self.default = cb.shape[2] == 2 or bool(((cb == cb.round()) & (cb.abs() <= 127)).all())
 
 
 def prepared(codes: Tensor, codebooks: Tensor, scales: Tensor | None, offsets: Tensor | None,

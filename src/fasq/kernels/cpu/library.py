@@ -3,10 +3,13 @@ through ctypes, with the same signatures as the reference ops in `fasq.core.ops`
 picked and the op registered in `linear.py` (`pq_linear_cpu`).
 
 Paths (see `dispatch.select_cpu_kernel`):
-    cpu_int8     decode, 1-16 tokens, d=2 K<=256 on AVX-512 VBMI+VNNI (int8.py): int8
-                 copies of the codebooks looked up 64 codes at a time, integer dot products
+    cpu_int8     decode, 1-16 tokens, d=2 K<=256 and d=1 K<=16 (RTN 4-bit included) on
+                 AVX-512 VBMI+VNNI (int8.py): int8 copies of the codebooks looked up
+                 64 codes at a time, integer dot products
                  with int8 activations; within int8 rounding of the exact result.
-                 FASQ_CPU_INT8=0 turns it off; elsewhere cpu_gemv runs
+                 Automatic for d=2 and RTN's integer grid; d=1 float codebooks only
+                 with FASQ_CPU_INT8=all. FASQ_CPU_INT8=0 turns it off; elsewhere
+                 cpu_gemv runs
     cpu_gemv     decode: codes index the codebooks, centroids go straight into SIMD
                  registers and FMAs; W is never built (a few tokens)
     cpu_dequant  prefill: the library rebuilds W once per call into a reused buffer, then

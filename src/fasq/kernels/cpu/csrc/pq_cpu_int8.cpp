@@ -3,9 +3,10 @@
 // in pq_cpu.cpp. Why: the float kernel needs one table access per code (about a code per
 // cycle); here 64 codes are looked up per instruction, so decode runs near memory speed.
 //
-// Formats: d=2, K <= 256, one-byte codes (the default d=2 K=256, and d=2 K=64), codebook
-// runs and scale groups a multiple of 4 subspaces. Anything else: the caller keeps the
-// float path (fasq_cpu_int8_sizes says so).
+// Formats: one-byte codes with d=2, K <= 256 (the default d=2 K=256, and d=2 K=64), or
+// d=1, K <= 16 (d=1 K=16, and RTN at 1-4 bits: a grid codebook 0..K-1 with a scale and a
+// minimum per group); codebook runs and scale groups a multiple of 8 columns. Anything
+// else: the caller keeps the float path (fasq_cpu_int8_sizes says so).
 //
 // Load time (fasq_cpu_int8_prepare, once per layer; the checkpoint is unchanged):
 //   codes   uint8 [OB][M/4][16][4]   OB = ceil(out/16) row blocks; a 64-byte step holds 4
@@ -13,10 +14,12 @@
 //                                    per row), padding rows code 0
 //   tabs    uint8 [C][2][256]        first / second value of each centroid as int8 + 128
 //                                    (vpdpbusd multiplies unsigned by signed bytes)
-//   cbscale float [C]                the codebook's int8 step: max |value| / 127
+//   cbscale float [C]                the codebook's int8 step: max |value| / 127, or 1 when
+//                                    every value is an integer in [-127, 127] (RTN's grid:
+//                                    then the copy is exact)
 //   scales  float [OB][S][16]        row scales (1 without scales), 16 rows per vector
 //   offsets float [OB][S][16]        or nothing
-// Per call: activations quantized to int8 per block of ABLK subspaces (2*ABLK columns,
+// Per call: activations quantized to int8 per block of 8 columns (BCOLS; ABLK d=2 subspaces,
 // inside one run) with a float step per block and the block's int8 sum; per 64-byte step
 // two 256-entry lookups (two vpermi2b on 128-byte halves, blended on the code's top bit),
 // then per token two vpdpbusd against broadcast groups of 4 activations. The +128 shift of
@@ -24,6 +27,16 @@
 // activations). Per block and token one int->float and one FMA; per run one FMA with the
 // 16 rows' scales. Up to 8 tokens share each lookup; more tokens go 8 at a time over the
 // same row block (its codes still in L1/L2).
+//
+// d=1, K <= 16 (the "nibble" layout; everything else as above):
+//   codes   uint8 [OB][in/8][16][4]  per 64-byte step 8 columns of 16 rows, two codes a byte:
+//                                    byte j of row r's lane holds column 8s+j in its low
+//                                    and column 8s+4+j in its high half
+//   tabs    uint8 [C][64]            each codebook's 16 values as int8 + 128, repeated 4
+//                                    times (a 64-entry vpermb table that ignores index
+//                                    bits 4-5, so neither half needs masking)
+// per step one load, one shift, two vpermb (low halves, then high ones), then per token
+// two vpdpbusd against the step's 8 activations in column order.
 
 #include <stdint.h>
 #include <string.h>
@@ -40,10 +53,12 @@
 
 namespace {
 
-// Subspaces per activation block: 4 (8 columns, one step). Blocks of 32 columns (as llama.cpp's
-// Q8_0) cost 13-23 % less at 1 token in cache but moved the default model's WikiText-2 perplexity by
-// +0.71 % (activation rounding was 4x the codebook int8 error there); with 8 columns +0.375 %.
-constexpr int64_t ABLK = 4;
+// Columns per activation block: 8 (one step: 4 subspaces at d=2, 8 at d=1). Blocks of 32 columns
+// (as llama.cpp's Q8_0) cost 13-23 % less at 1 token in cache but moved the default model's
+// WikiText-2 perplexity by +0.71 % (activation rounding was 4x the codebook int8 error there); with
+// 8 columns +0.375 %.
+constexpr int64_t BCOLS = 8;
+constexpr int64_t ABLK = BCOLS / 2;  // the same block in d=2 subspaces
 constexpr int NT_MAX = 8;      // tokens per pass over a row block
 constexpr int64_t PARALLEL_MIN_WEIGHTS = 1 << 16;  // as pq_cpu.cpp: smaller layers, one thread
 
@@ -107,17 +122,21 @@ struct Run {  // subspaces [m0, m1), codebook c, scale group g
   int64_t m0, m1, c, g;
 };
 
+// d=1 K<=16: two codes a byte, vpermb lookups; else d=2 K<=256, vpermi2b lookups.
+inline bool nibble(const LayerArgs& a) { return a.d == 1; }
+
 // 0 when the int8 path takes this layer, else why not (1 format, 2 alignment).
 int supported(const LayerArgs& a) {
-  if (a.d != 2 || a.code_bytes != 1 || a.K > 256 || a.K < 1 || a.in <= 0 || a.out <= 0 || a.in % 2) return 1;
-  const int64_t M = a.in / 2;
+  const bool fmt = (a.d == 2 && a.K <= 256) || (a.d == 1 && a.K <= 16);
+  if (!fmt || a.code_bytes != 1 || a.K < 1 || a.in <= 0 || a.out <= 0 || a.in % a.d) return 1;
+  const int64_t M = a.in / a.d, per = 8 / a.d;  // subspaces per 8 columns
   if (a.C <= 0 || M % a.C || (a.scales && (a.S <= 0 || M % a.S)) || (a.offsets && !a.scales)) return 1;
-  if (M % 4 || (M / a.C) % 4 || (a.scales && (M / a.S) % 4)) return 2;
+  if (M % per || (M / a.C) % per || (a.scales && (M / a.S) % per)) return 2;
   return 0;
 }
 
 std::vector<Run> make_runs(const LayerArgs& a) {
-  const int64_t M = a.in / 2, span = M / a.C, gsub = a.scales ? M / a.S : M;
+  const int64_t M = a.in / a.d, span = M / a.C, gsub = a.scales ? M / a.S : M;
   std::vector<Run> runs;
   for (int64_t m = 0; m < M;) {
     const int64_t c = m / span, g = m / gsub, end = std::min((c + 1) * span, (g + 1) * gsub);
@@ -129,10 +148,10 @@ std::vector<Run> make_runs(const LayerArgs& a) {
 
 inline int64_t n_groups(const LayerArgs& a) { return a.scales ? a.S : 1; }
 
-// One call's quantized activations. Blocks: each run cut into ABLK-subspace pieces, numbered
+// One call's quantized activations. Blocks: each run cut into 8-column pieces, numbered
 // in run order (the kernel walks them in the same order).
 struct Acts {
-  const int8_t* xq;    // [T][M/4][8]
+  const int8_t* xq;    // [T][in/8][8]
   const float* xs;     // [T][nblk] float step of each block
   const int32_t* xqs;  // [T][nblk] sum of the block's int8 values
   const float* xsum;   // [T][R] float sums of x over each run (offsets), or NULL
@@ -245,7 +264,63 @@ BlockFn pick_nt(int nt) {
   }
 }
 
-BlockFn pick(bool big, bool off, int nt) {
+// d=1, K <= 16 (nibble layout): as row_block, with runs in columns (= subspaces) and one
+// 64-byte step of codes per 8 columns.
+template <int NT, bool OFF>
+FASQ_I8 void row_block_nib(const Run* runs, int64_t R, int64_t M, int64_t S, const Prepared& P, int64_t rb,
+                           const Acts& A, float* tot) {
+  const int64_t M8 = M / 8;
+  const __m512i* code = reinterpret_cast<const __m512i*>(P.codes) + rb * M8;
+  __m512 tv[NT];
+  for (int t = 0; t < NT; t++) tv[t] = _mm512_setzero_ps();
+  __m512i tab = _mm512_setzero_si512();
+  int64_t loaded = -1, blk = 0;
+  for (int64_t r = 0; r < R; r++) {
+    const Run run = runs[r];
+    if (run.c != loaded) {
+      tab = _mm512_loadu_si512(P.tabs + run.c * 64);
+      loaded = run.c;
+    }
+    __m512 racc[NT];
+    for (int t = 0; t < NT; t++) racc[t] = _mm512_setzero_ps();
+    for (int64_t step = run.m0 / 8; step < run.m1 / 8; step++, blk++) {
+      const __m512i idx = _mm512_loadu_si512(code + step);
+      const __m512i wa = _mm512_permutexvar_epi8(idx, tab);                          // low halves
+      const __m512i wb = _mm512_permutexvar_epi8(_mm512_srli_epi16(idx, 4), tab);    // high halves
+      for (int t = 0; t < NT; t++) {
+        const int32_t* xp = reinterpret_cast<const int32_t*>(A.xq + (t * M8 + step) * 8);
+        __m512i acc = _mm512_set1_epi32(-128 * A.xqs[t * A.nblk + blk]);
+        acc = _mm512_dpbusd_epi32(acc, wa, _mm512_set1_epi32(xp[0]));
+        acc = _mm512_dpbusd_epi32(acc, wb, _mm512_set1_epi32(xp[1]));
+        racc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(A.xs[t * A.nblk + blk]), racc[t]);
+      }
+    }
+    const __m512 sv = _mm512_mul_ps(_mm512_loadu_ps(P.scales + (rb * S + run.g) * 16), _mm512_set1_ps(P.cbscale[run.c]));
+    for (int t = 0; t < NT; t++) tv[t] = _mm512_fmadd_ps(racc[t], sv, tv[t]);
+    if (OFF) {
+      const __m512 ov = _mm512_loadu_ps(P.offsets + (rb * S + run.g) * 16);
+      for (int t = 0; t < NT; t++) tv[t] = _mm512_fmadd_ps(ov, _mm512_set1_ps(A.xsum[t * R + r]), tv[t]);
+    }
+  }
+  for (int t = 0; t < NT; t++) _mm512_storeu_ps(tot + t * 16, tv[t]);
+}
+
+template <bool OFF>
+BlockFn pick_nib(int nt) {
+  switch (nt) {
+    case 1: return row_block_nib<1, OFF>;
+    case 2: return row_block_nib<2, OFF>;
+    case 3: return row_block_nib<3, OFF>;
+    case 4: return row_block_nib<4, OFF>;
+    case 5: return row_block_nib<5, OFF>;
+    case 6: return row_block_nib<6, OFF>;
+    case 7: return row_block_nib<7, OFF>;
+    default: return row_block_nib<8, OFF>;
+  }
+}
+
+BlockFn pick(bool nib, bool big, bool off, int nt) {
+  if (nib) return off ? pick_nib<true>(nt) : pick_nib<false>(nt);
   if (big) return off ? pick_nt<true, true>(nt) : pick_nt<true, false>(nt);
   return off ? pick_nt<false, true>(nt) : pick_nt<false, false>(nt);
 }
@@ -269,8 +344,8 @@ int fasq_cpu_int8_available(void) { return cpu_has_int8() && fasq_cpu_isa_level(
 int fasq_cpu_int8_sizes(const LayerArgs* a, int64_t* sizes) {
   if (int err = supported(*a)) return err;
   const int64_t OB = (a->out + 15) / 16, G = n_groups(*a);
-  sizes[0] = OB * 16 * (a->in / 2);
-  sizes[1] = a->C * 512;
+  sizes[0] = OB * 16 * (a->in / 2);  // one byte per 2 columns in both layouts
+  sizes[1] = a->C * (nibble(*a) ? 64 : 512);
   sizes[2] = a->C;
   sizes[3] = OB * G * 16;
   sizes[4] = a->offsets ? OB * G * 16 : 0;
@@ -281,27 +356,38 @@ int fasq_cpu_int8_sizes(const LayerArgs* a, int64_t* sizes) {
 int fasq_cpu_int8_prepare(const LayerArgs* a, uint8_t* codes, uint8_t* tabs, float* cbscale, float* scales,
                           float* offsets) {
   if (int err = supported(*a)) return err;
-  const int64_t M = a->in / 2, M4 = M / 4, OB = (a->out + 15) / 16, G = n_groups(*a), K = a->K;
+  const int64_t OB = (a->out + 15) / 16, G = n_groups(*a), K = a->K, d = a->d, M = a->in / d;
+  const int64_t steps = a->in / 8;  // 64-byte steps per row block
+  const bool nib = nibble(*a);
   const uint8_t* src = static_cast<const uint8_t*>(a->codes);
   for (int64_t rb = 0; rb < OB; rb++)
-    for (int64_t s = 0; s < M4; s++)
+    for (int64_t s = 0; s < steps; s++)
       for (int64_t r = 0; r < 16; r++) {
         const int64_t o = rb * 16 + r;
-        uint8_t* dst = codes + ((rb * M4 + s) * 16 + r) * 4;
-        if (o < a->out) memcpy(dst, src + o * M + s * 4, 4);
-        else memset(dst, 0, 4);
+        uint8_t* dst = codes + ((rb * steps + s) * 16 + r) * 4;
+        if (o >= a->out) memset(dst, 0, 4);
+        else if (!nib) memcpy(dst, src + o * M + s * 4, 4);
+        else
+          for (int j = 0; j < 4; j++) dst[j] = (uint8_t)((src[o * M + s * 8 + j] & 15) | (src[o * M + s * 8 + 4 + j] << 4));
       }
+  const int64_t tab_bytes = nib ? 64 : 512;
   for (int64_t c = 0; c < a->C; c++) {
     float amax = 0.f;
-    for (int64_t j = 0; j < K * 2; j++) amax = std::max(amax, std::fabs(get(a->codebooks, c * K * 2 + j, (int)a->cb_dtype)));
-    const float step = amax > 0.f ? amax / 127.f : 1.f;
+    bool integral = true;
+    for (int64_t j = 0; j < K * d; j++) {
+      const float v = get(a->codebooks, c * K * d + j, (int)a->cb_dtype);
+      amax = std::max(amax, std::fabs(v));
+      integral = integral && v == std::nearbyint(v) && std::fabs(v) <= 127.f;
+    }
+    const float step = integral ? 1.f : amax > 0.f ? amax / 127.f : 1.f;
     cbscale[c] = step;
-    for (int64_t k = 0; k < 256; k++)
-      for (int e = 0; e < 2; e++) {
-        const float v = k < K ? get(a->codebooks, (c * K + k) * 2 + e, (int)a->cb_dtype) : 0.f;
-        const long q = std::lrint(v / step);  // |q| <= 127
-        tabs[c * 512 + e * 256 + k] = (uint8_t)(std::max(-127L, std::min(127L, q)) + 128);
-      }
+    for (int64_t i = 0; i < tab_bytes; i++) {
+      // d=2: [2][256] by value e, centroid k; d=1: [64], centroid i % 16
+      const int64_t k = nib ? i % 16 : i % 256, e = nib ? 0 : i / 256;
+      const float v = k < K ? get(a->codebooks, (c * K + k) * d + e, (int)a->cb_dtype) : 0.f;
+      const long q = std::lrint(v / step);  // |q| <= 127
+      tabs[c * tab_bytes + i] = (uint8_t)(std::max(-127L, std::min(127L, q)) + 128);
+    }
   }
   for (int64_t rb = 0; rb < OB; rb++)
     for (int64_t g = 0; g < G; g++)
@@ -335,33 +421,33 @@ int fasq_cpu_int8_linear(const Int8Layer* p, const void* x, int x_dtype, int64_t
   if (!fasq_cpu_int8_available()) return 3;
   if (T <= 0) return 0;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  const int64_t M = a->in / 2, M4 = M / 4, out = a->out, OB = (out + 15) / 16, G = n_groups(*a);
+  const int64_t d = a->d, M = a->in / d, steps = a->in / 8, out = a->out, OB = (out + 15) / 16, G = n_groups(*a);
+  const bool nib = nibble(*a);
   const std::vector<Run> runs = make_runs(*a);
   const int64_t R = runs.size();
   int64_t nblk = 0;
-  for (const Run& r : runs) nblk += (r.m1 - r.m0 + ABLK - 1) / ABLK;
+  for (const Run& r : runs) nblk += (r.m1 - r.m0) * d / BCOLS;  // runs are whole steps (supported)
   // quantize the activations: per block, step = max |x| / 127, values rounded to nearest
-  std::vector<int8_t> xq(T * M * 2);
-  std::vector<float> xs(T * nblk), xsum(offsets ? T * R : 0), xf(2 * ABLK);
+  std::vector<int8_t> xq(T * a->in);
+  std::vector<float> xs(T * nblk), xsum(offsets ? T * R : 0), xf(BCOLS);
   std::vector<int32_t> xqs(T * nblk);
   for (int64_t t = 0; t < T; t++) {
     int64_t blk = 0;
     for (int64_t r = 0; r < R; r++) {
       float rs = 0.f;
-      for (int64_t b0 = runs[r].m0; b0 < runs[r].m1; b0 += ABLK, blk++) {
-        const int64_t n = 2 * (std::min(runs[r].m1, b0 + ABLK) - b0);
+      for (int64_t c0 = runs[r].m0 * d; c0 < runs[r].m1 * d; c0 += BCOLS, blk++) {
         float amax = 0.f;
-        for (int64_t j = 0; j < n; j++) {
-          xf[j] = get(x, t * a->in + 2 * b0 + j, x_dtype);
+        for (int64_t j = 0; j < BCOLS; j++) {
+          xf[j] = get(x, t * a->in + c0 + j, x_dtype);
           amax = std::max(amax, std::fabs(xf[j]));
           rs += xf[j];
         }
         const float step = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
         int32_t qs = 0;
-        for (int64_t j = 0; j < n; j++) {
-          const int64_t col = 2 * b0 + j, s = col / 8, w = col % 8;
-          const int8_t q = (int8_t)std::lrint(xf[j] * inv);
-          xq[(t * M4 + s) * 8 + (w % 2) * 4 + w / 2] = q;  // even columns, then odd ones
+        for (int64_t w = 0; w < BCOLS; w++) {
+          const int8_t q = (int8_t)std::lrint(xf[w] * inv);
+          // d=2: even columns, then odd ones (first / second centroid values); d=1: in order
+          xq[t * a->in + c0 + (nib ? w : (w % 2) * 4 + w / 2)] = q;
           qs += q;
         }
         xs[t * nblk + blk] = step;
@@ -381,9 +467,9 @@ int fasq_cpu_int8_linear(const Int8Layer* p, const void* x, int x_dtype, int64_t
     for (int64_t rb = 0; rb < OB; rb++)
       for (int64_t t0 = 0; t0 < T; t0 += NT_MAX) {
         const int nt = (int)std::min<int64_t>(NT_MAX, T - t0);
-        const Acts at{acts.xq + t0 * M4 * 8, acts.xs + t0 * nblk, acts.xqs + t0 * nblk,
+        const Acts at{acts.xq + t0 * steps * 8, acts.xs + t0 * nblk, acts.xqs + t0 * nblk,
                       off ? acts.xsum + t0 * R : nullptr, nblk, R};
-        pick(big, off, nt)(runs.data(), R, M, G, P, rb, at, tot);
+        pick(nib, big, off, nt)(runs.data(), R, M, G, P, rb, at, tot);
         const int64_t rows = std::min<int64_t>(16, out - rb * 16);
         for (int t = 0; t < nt; t++)
           for (int64_t r = 0; r < rows; r++) {
