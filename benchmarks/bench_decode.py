@@ -257,6 +257,69 @@ def bench_models(runs: Path, prompt_len: int, new_tokens: int, modes: list[bool]
     return rows
 
 
+def time_split(model, ids, prompt_len: int, new_tokens: int, rounds: int) -> dict:
+    """Per decode token (eager, batch 1): ms in the quantized linear layers, in the other
+    linear layers (lm_head; every projection of an unquantized model) and in the rest
+    (attention, norms, embedding, argmax, Python), from forward hooks on one-token calls.
+    The best of `rounds` decodes; the hooks' own cost (a few us per call) lands in the rest."""
+    from torch import nn
+
+    from fasq.core.module import PQLinear
+    from fasq.eval import speed
+
+    spent, started = {"quantized": 0.0, "dense": 0.0}, {}
+
+    def pre(mod, args):
+        if args[0].shape[-2] == 1:  # a decode step, not the prefill
+            started[mod] = time.perf_counter()
+
+    def post(kind):
+        def hook(mod, args, out):
+            if mod in started:
+                spent[kind] += time.perf_counter() - started.pop(mod)
+        return hook
+
+    handles = []
+    for mod in model.modules():
+        kind = "quantized" if isinstance(mod, PQLinear) else "dense" if isinstance(mod, nn.Linear) else None
+        if kind:
+            handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post(kind))]
+    try:
+        r = speed.DecodeRunner(model, ids, prompt_len=prompt_len, new_tokens=new_tokens)
+        r.warm_up()
+        best = None
+        for _ in range(rounds):
+            spent.update(quantized=0.0, dense=0.0)
+            _, dec = r.run()
+            if best is None or dec < best[0]:
+                best = (dec, dict(spent))
+    finally:
+        for h in handles:
+            h.remove()
+    dec, s = best
+    per = lambda x: round(1e3 * x / new_tokens, 3)  # noqa: E731
+    return {"ms_per_token": per(dec), "quantized_linear_ms": per(s["quantized"]), "dense_linear_ms": per(s["dense"]),
+            "rest_ms": per(dec - s["quantized"] - s["dense"])}
+
+
+def bench_split(runs: Path, prompt_len: int, new_tokens: int, rounds: int) -> list[dict]:
+    """`time_split` of the bf16 model and of the default fasq checkpoint (int8 and exact paths)."""
+    from fasq.io.sources import load_model
+
+    rows = []
+    for name, source in [("bf16", "default"), ("fasq-d2k256", str(_checkpoint(runs, "fasq-d2k256", []))),
+                         ("fasq-d2k256-exact", str(runs / "fasq-d2k256"))]:
+        model, tok = load_model(source, dtype=torch.bfloat16)
+        ids = tok("The capital of France is", return_tensors="pt").input_ids[0]
+        row = {"config": name, **_run_as(name, lambda: time_split(model, ids, prompt_len, new_tokens, rounds))}
+        print(f"  {name:<18} {row['ms_per_token']:7.2f} ms/token: quantized linears {row['quantized_linear_ms']:6.2f}, "
+              f"other linears {row['dense_linear_ms']:6.2f}, rest {row['rest_ms']:6.2f}", flush=True)
+        rows.append(row)
+        del model
+        gc.collect()
+    return rows
+
+
 LLAMA_CPP = r"""
 import json, sys, time
 from llama_cpp import Llama
@@ -299,7 +362,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu"], default="cpu",
                     help="cpu (the GPU decode benchmark of the CUDA kernels is not written yet)")
-    ap.add_argument("--only", choices=["kernels", "models"], default=None)
+    ap.add_argument("--only", choices=["kernels", "models", "split"], default=None,
+                    help="one section: kernel rows, whole-model rows, or the per-token time split")
     ap.add_argument("--tokens", default="1,4,16", help="kernel token counts (default 1,4,16)")
     ap.add_argument("--rotate-mb", type=int, default=ROTATE_BYTES >> 20,
                     help="MB of layer copies each kernel row cycles through (default %(default)s)")
@@ -330,12 +394,15 @@ def main(argv=None) -> int:
     if a.shapes:
         global KERNEL_SHAPES
         KERNEL_SHAPES = [tuple(int(v) for v in sh.split("x")) for sh in a.shapes.split(",")]
-    if a.only != "models":
+    if a.only == "split":
+        res["split"] = bench_split(Path(a.runs_dir), a.prompt_len, a.new_tokens, a.rounds)
+        res["split_command"] = command
+    if a.only in (None, "kernels"):
         res["kernels"] = bench_kernels([int(t) for t in a.tokens.split(",")], a.reps, bw, a.rotate_mb << 20,
                                        a.max_copies)
         res["kernels_rotate_mb"], res["kernels_max_copies"] = a.rotate_mb, a.max_copies
         res["kernels_command"] = command
-    if a.only != "kernels":
+    if a.only in (None, "models"):
         modes = [m == "compile" for m in a.modes.split(",")]
         rows = bench_models(Path(a.runs_dir), a.prompt_len, a.new_tokens, modes, a.rounds,
                             a.configs.split(",") if a.configs else None)

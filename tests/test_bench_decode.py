@@ -32,3 +32,27 @@ def test_kernel_rows(bench):
     for name in ("fasq-d1k16", "rtn-w4"):  # 4-bit codes, 192 per row; the int8 copy reads two a byte
         r = next(r for r in rows if r["config"] == name)
         assert r["code_bytes"] == 5 * 96 and r["rotated_bytes"] == r["copies"] * 5 * 96
+
+
+def test_time_split_counts_only_decode_calls_of_each_kind(bench, tiny_llama):
+    import copy
+
+    import torch
+
+    from fasq import PQConfig, QuantConfig, quantize_model
+
+    model = copy.deepcopy(tiny_llama).eval()
+    quantize_model(model, QuantConfig(layer=PQConfig(d=2, K=16, codebook_scope="matrix")), progress=False)
+    calls = []
+    from fasq.core.module import PQLinear
+
+    for m in model.modules():  # one more hook: how many one-token calls the quantized layers get
+        if isinstance(m, PQLinear):
+            m.register_forward_pre_hook(lambda mod, a: calls.append(a[0].shape[-2]))
+    s = bench.time_split(model, torch.tensor([1, 2, 3]), prompt_len=5, new_tokens=4, rounds=2)
+    n_pq = sum(isinstance(m, PQLinear) for m in model.modules())
+    # warm-up (3 steps) and 2 rounds of 4 steps, plus the prefills (5 tokens): only 1-token calls are decode
+    assert calls.count(1) == n_pq * (3 + 2 * 4) and calls.count(5) == n_pq * 3
+    assert s["quantized_linear_ms"] > 0 and s["dense_linear_ms"] > 0 and s["rest_ms"] > 0
+    total = s["quantized_linear_ms"] + s["dense_linear_ms"] + s["rest_ms"]
+    assert abs(total - s["ms_per_token"]) < 1e-2
