@@ -135,7 +135,7 @@ def _kernel_name(T: int, layer, exact: bool) -> str:
 def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int | None = None,
                   max_copies: int = 64) -> list[dict]:
     from fasq.core.format import packed_row_bytes
-    from fasq.kernels.cpu import library as cpu, linear as cpu_linear
+    from fasq.kernels.cpu import linear as cpu_linear
 
     rotate_bytes = ROTATE_BYTES if rotate_bytes is None else rotate_bytes
 
@@ -180,17 +180,21 @@ def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int | No
     return rows
 
 
-def _checkpoint(runs: Path, name: str, args: list[str]) -> Path:
+def fasq_checkpoint(source: str, out: Path, args: list[str]) -> Path:
+    """`fasq quantize source --out out *args`, unless a checkpoint is there already."""
     from fasq.io.manifest import is_checkpoint
 
-    path = runs / name
-    if not is_checkpoint(path):
-        print(f"  quantizing {name} -> {path}", flush=True)
-        r = subprocess.run([sys.executable, "-m", "fasq.cli", "quantize", "default", "--out", str(path),
+    if not is_checkpoint(out):
+        print(f"  quantizing {out.name} -> {out}", flush=True)
+        r = subprocess.run([sys.executable, "-m", "fasq.cli", "quantize", source, "--out", str(out),
                             "--overwrite", *args], capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"fasq quantize {name} failed:\n{r.stderr[-2000:]}")
-    return path
+            raise RuntimeError(f"fasq quantize {out.name} failed:\n{r.stderr[-2000:]}")
+    return out
+
+
+def _checkpoint(runs: Path, name: str, args: list[str]) -> Path:
+    return fasq_checkpoint("default", runs / name, args)
 
 
 def _run_as(name: str, fn):
@@ -311,7 +315,7 @@ def bench_split(runs: Path, prompt_len: int, new_tokens: int, rounds: int) -> li
                          ("fasq-d2k256-exact", str(runs / "fasq-d2k256"))]:
         model, tok = load_model(source, dtype=torch.bfloat16)
         ids = tok("The capital of France is", return_tensors="pt").input_ids[0]
-        row = {"config": name, **_run_as(name, lambda: time_split(model, ids, prompt_len, new_tokens, rounds))}
+        row = {"config": name, **_run_as(name, lambda m=model, i=ids: time_split(m, i, prompt_len, new_tokens, rounds))}
         print(f"  {name:<18} {row['ms_per_token']:7.2f} ms/token: quantized linears {row['quantized_linear_ms']:6.2f}, "
               f"other linears {row['dense_linear_ms']:6.2f}, rest {row['rest_ms']:6.2f}", flush=True)
         rows.append(row)
@@ -323,13 +327,13 @@ def bench_split(runs: Path, prompt_len: int, new_tokens: int, rounds: int) -> li
 LLAMA_CPP = r"""
 import json, sys, time
 from llama_cpp import Llama
-path, threads, prompt_len, new_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+path, threads, prompt_len, new_tokens, reps = sys.argv[1], *map(int, sys.argv[2:6])
 llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=prompt_len + new_tokens + 8,
             verbose=False)
 ids = llm.tokenize(b"The capital of France is")
 ids = (ids * (prompt_len // len(ids) + 1))[:prompt_len]
 pre, dec = [], []
-for rep in range(6):  # the first pass warms up; best of the other five
+for rep in range(reps + 1):  # the first pass warms up
     llm.reset()
     t0 = time.perf_counter(); llm.eval(ids); t1 = time.perf_counter()
     for _ in range(new_tokens):
@@ -337,22 +341,32 @@ for rep in range(6):  # the first pass warms up; best of the other five
     t2 = time.perf_counter()
     if rep:
         pre.append(t1 - t0); dec.append(t2 - t1)
-print(json.dumps({"prefill_tok_s": prompt_len / min(pre), "tok_s": new_tokens / min(dec)}))
+print(json.dumps({"prefill_s": min(pre), "decode_s": min(dec)}))
 """
+
+
+def llama_cpp_times(python: str, path: Path, prompt_len: int, new_tokens: int, reps: int = 5) -> tuple[float, float]:
+    """(prefill s, decode s) of a GGUF through llama-cpp-python in a fresh process, on this
+    process's thread count: the best of `reps` passes after a warm-up pass."""
+    r = subprocess.run([python, "-c", LLAMA_CPP, str(path), str(torch.get_num_threads()), str(prompt_len),
+                        str(new_tokens), str(reps)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"llama.cpp on {Path(path).name} failed:\n{r.stderr[-2000:]}")
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    return res["prefill_s"], res["decode_s"]
 
 
 def bench_llama_cpp(python: str, prompt_len: int, new_tokens: int) -> dict | None:
     from fasq.io.sources import default_model_file
 
     gguf = default_model_file()
-    r = subprocess.run([python, "-c", LLAMA_CPP, str(gguf), str(torch.get_num_threads()), str(prompt_len),
-                        str(new_tokens)], capture_output=True, text=True)
-    if r.returncode != 0:
-        print(f"  llama.cpp failed: {r.stderr[-500:]}")
+    try:
+        prefill_s, decode_s = llama_cpp_times(python, gguf, prompt_len, new_tokens)
+    except RuntimeError as e:
+        print(f"  {e}")
         return None
-    res = json.loads(r.stdout.strip().splitlines()[-1])
     row = {"config": "llama.cpp-q4_1", "model": gguf.name, "dtype": "q4_1", "batch": 1, "compiled": None,
-           "tok_s": round(res["tok_s"], 2), "prefill_tok_s": round(res["prefill_tok_s"], 1),
+           "tok_s": round(new_tokens / decode_s, 2), "prefill_tok_s": round(prompt_len / prefill_s, 1),
            "weight_bytes": gguf.stat().st_size}
     print(f"  llama.cpp     decode {row['tok_s']:7.2f} tok/s  prefill {row['prefill_tok_s']:8.1f} tok/s", flush=True)
     return row

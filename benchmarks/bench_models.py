@@ -31,6 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path (tests)
+from bench_decode import fasq_checkpoint, llama_cpp_times  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {
     # Llama-3.2-1B: 16 layers, hidden 2048, MLP 8192, 32 query / 8 KV heads, tied embeddings
@@ -185,45 +188,6 @@ def make_all(name: str, runs: Path, llama_python: str | None = None) -> dict[str
 FASQ_CONFIGS = [("fasq-d2k256", []), ("fasq-d2k64", ["-d", "2", "-K", "64"]),
                 ("fasq-d1k16", ["-d", "1", "-K", "16"]), ("rtn-w4g64", ["--method", "rtn", "--group-size", "64"])]
 
-LLAMA_CPP_DECODE = r"""
-import json, sys, time
-from llama_cpp import Llama
-path, threads, prompt_len, new_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=prompt_len + new_tokens + 8,
-            verbose=False)
-ids = (llm.tokenize(b"The capital of France is") * prompt_len)[:prompt_len]
-runs = []
-for rep in range(2):  # the first pass warms up
-    llm.reset()
-    t0 = time.perf_counter(); llm.eval(ids); t1 = time.perf_counter()
-    for _ in range(new_tokens):
-        llm.eval([llm.sample(temp=0.0)])
-    runs.append((t1 - t0, time.perf_counter() - t1))
-print(json.dumps({"prefill_s": runs[-1][0], "decode_s": runs[-1][1]}))
-"""
-
-
-def _fasq_checkpoint(hf: Path, out: Path, args: list[str]) -> Path:
-    from fasq.io.manifest import is_checkpoint
-
-    if not is_checkpoint(out):
-        print(f"  quantizing {out.name}", flush=True)
-        r = subprocess.run([sys.executable, "-m", "fasq.cli", "quantize", str(hf), "--out", str(out), "--overwrite",
-                            *args], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"fasq quantize {out.name} failed:\n{r.stderr[-2000:]}")
-    return out
-
-
-def _llama_cpp_round(python: str, path: Path, prompt_len: int, new_tokens: int) -> tuple[float, float]:
-    r = subprocess.run([python, "-c", LLAMA_CPP_DECODE, str(path), str(torch.get_num_threads()), str(prompt_len),
-                        str(new_tokens)], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"llama.cpp on {path.name} failed:\n{r.stderr[-2000:]}")
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    return res["prefill_s"], res["decode_s"]
-
-
 def bench(name: str, runs: Path, llama_python: str | None, rounds: int = 3, prompt_len: int = 128,
           new_tokens: int = 32, compile: bool = False) -> list[dict]:
     """Decode tok/s at batch 1 of the bf16 model, its fasq/RTN checkpoints and llama.cpp's
@@ -233,7 +197,7 @@ def bench(name: str, runs: Path, llama_python: str | None, rounds: int = 3, prom
     from fasq.io.sources import load_model
 
     files = make_all(name, runs, llama_python)
-    cases = [("bf16", files["hf"])] + [(c, _fasq_checkpoint(files["hf"], runs / name / c, args))
+    cases = [("bf16", files["hf"])] + [(c, fasq_checkpoint(str(files["hf"]), runs / name / c, args))
                                          for c, args in FASQ_CONFIGS]
     runners = {}
     for config, path in cases:
@@ -248,7 +212,7 @@ def bench(name: str, runs: Path, llama_python: str | None, rounds: int = 3, prom
         for config, runner in runners.items():
             timed[config].append(runner.run())
         for config, path in ggufs.items():
-            timed[config].append(_llama_cpp_round(llama_python, path, prompt_len, new_tokens))
+            timed[config].append(llama_cpp_times(llama_python, path, prompt_len, new_tokens, reps=1))
         print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{c} {new_tokens / t[-1][1]:.1f}" for c, t in timed.items()),
               flush=True)
     rows = []
