@@ -61,10 +61,20 @@ bench-vllm: $(STAMP) $(VSTAMP)
 
 # llama.cpp (through llama-cpp-python, built from source: ~9 min) for the reference row of
 # the CPU decode benchmark; never needed by the package or the tests
+# llama.cpp is built from source with the CPU's vector extensions (read from /proc/cpuinfo)
+# but without AMX: on a VM that reports AMX whose tile instructions fault, a native build
+# dies with SIGSEGV in its first matmul. --no-cache-dir: pip would reuse a cached native build.
 LVENV := .venv-llamacpp
+cpu_has = $(if $(shell grep -qw $(1) /proc/cpuinfo 2>/dev/null && echo y),ON,OFF)
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+	-DGGML_AVX=$(call cpu_has,avx) -DGGML_AVX2=$(call cpu_has,avx2) -DGGML_FMA=$(call cpu_has,fma) \
+	-DGGML_F16C=$(call cpu_has,f16c) -DGGML_AVX512=$(call cpu_has,avx512f) \
+	-DGGML_AVX512_VBMI=$(call cpu_has,avx512vbmi) -DGGML_AVX512_VNNI=$(call cpu_has,avx512_vnni) \
+	-DGGML_AVX512_BF16=$(call cpu_has,avx512_bf16)
 $(LVENV)/.installed: pyproject.toml Makefile
 	test -x $(LVENV)/bin/python || $(PY) -m venv $(LVENV)
-	$(LVENV)/bin/python -m pip install -q llama-cpp-python==0.3.36
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(LVENV)/bin/python -m pip install -q --no-cache-dir --no-binary llama-cpp-python \
+		llama-cpp-python==0.3.36
 	touch $@
 
 llamacpp-env: $(LVENV)/.installed
