@@ -410,7 +410,7 @@ def main(argv=None) -> int:
         KERNEL_SHAPES = [tuple(int(v) for v in sh.split("x")) for sh in a.shapes.split(",")]
     if a.only == "split":
         res["split"] = bench_split(Path(a.runs_dir), a.prompt_len, a.new_tokens, a.rounds)
-        res["split_command"] = command
+        res["split_command"], res["split_threads"] = command, torch.get_num_threads()
     if a.only in (None, "kernels"):
         res["kernels"] = bench_kernels([int(t) for t in a.tokens.split(",")], a.reps, bw, a.rotate_mb << 20,
                                        a.max_copies)
