@@ -8,10 +8,10 @@ method with transformers (when installed), so that
 from .core import ops  # noqa: F401 - registers the fasq::pq_linear custom op
 from . import kernels  # noqa: F401 - its CUDA implementation (triton imported only when called)
 from .core.config import ConfigError, PQConfig, QuantConfig, RTNConfig
-from .io.manifest import CheckpointError
-from .io.checkpoint import load_quantized, save_quantized
-from .stream.memory import quantize_model
 from .core.module import PQLinear
+from .io.checkpoint import load_quantized, save_quantized
+from .io.manifest import CheckpointError
+from .stream.memory import quantize_model
 from .version import __version__
 
 try:  # transformers is a dependency, but keep the core usable without it

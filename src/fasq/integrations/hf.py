@@ -15,8 +15,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..core.config import QUANT_METHOD, QuantConfig
 from ..core.convert import replace_linears
-from ..io.manifest import verify_checkpoint
 from ..core.module import PQLinear
+from ..io.manifest import verify_checkpoint
 
 
 class FasqHfConfig(QuantizationConfigMixin):

@@ -19,8 +19,8 @@ from ..core.config import QuantConfig
 from ..core.convert import linear_names, set_module
 from ..core.module import PQLinear, size_table
 from ..io.manifest import WEIGHTS_NAME
-from .readers import TensorInfo
 from .pipeline import make_plan, quantize_layer, set_importance
+from .readers import TensorInfo
 
 
 class ModuleReader:

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from ..io.manifest import INDEX_NAME as INDEX_FILE
-from ..io.manifest import WEIGHTS_NAME as SINGLE_FILE
 from ..io.manifest import SAFETENSORS_DTYPES, read_safetensors_header, tensor_files
+from ..io.manifest import WEIGHTS_NAME as SINGLE_FILE
 from ..io.sources import ModelSourceError, resolve
 
 # GGUF files are one file: their tensors are cut into output shards of about this many

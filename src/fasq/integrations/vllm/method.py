@@ -21,12 +21,12 @@ from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase, QKV
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.utils import set_weight_attrs
 
-from ...core import ops  # noqa: F401 - registers fasq::pq_linear
 from ... import kernels  # noqa: F401 - and its CPU / CUDA implementations
+from ...core import ops  # noqa: F401 - registers fasq::pq_linear
 from ...core.config import QUANT_METHOD, ConfigError, LayerConfig, QuantConfig
-from ...io.manifest import verify_checkpoint
 from ...core.module import PQLinear, transformed_pq_linear
 from ...core.transforms import get_transform
+from ...io.manifest import verify_checkpoint
 from . import sharding
 
 QKV_SHARDS = {"q": 0, "k": 1, "v": 2}

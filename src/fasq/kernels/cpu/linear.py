@@ -13,8 +13,8 @@ import os
 from torch import Tensor
 
 from ...core import ops
-from . import library as cpu, int8 as cpu_int8
 from ..dispatch import CPU_INT8_MAX_TOKENS, CPU_KERNELS, select_cpu_kernel
+from . import library as cpu, int8 as cpu_int8
 
 
 def pq_linear_cpu(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = None,

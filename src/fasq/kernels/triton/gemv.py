@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, Problem, launch, next_pow2, num_sms, split_range, store_output, tune_bench
 from ..dispatch import GEMV_TOKEN_LIMIT as MAX_TOKENS  # tokens held in registers at once
+from .common import INTERPRET, Problem, launch, next_pow2, num_sms, split_range, store_output, tune_bench
 
 
 def _configs():
