@@ -168,6 +168,19 @@ def test_solve_measures_and_skips(tiny_llama):
     assert rr.importance == "rel" and rr.predicted["bits_per_weight"] <= 4.0
 
 
+def test_solver_keeps_the_base_configs_seed(tiny_llama, table):
+    qa, _ = solve(tiny_llama, table=table, target_bits=3.7)
+    qb, _ = solve(tiny_llama, table=table, target_bits=3.7, base=QuantConfig(layer=PQConfig(seed=7)))
+    assert {c.seed for c in qa.overrides.values()} == {0}
+    assert {c.seed for c in qb.overrides.values()} == {7}
+    assert {n: c.label() for n, c in qa.overrides.items()} == {n: c.label() for n, c in qb.overrides.items()}
+    ma, mb = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    quantize_model(ma, qa, progress=False), quantize_model(mb, qb, progress=False)
+    name = next(iter(qa.overrides))
+    assert not torch.equal(ma.get_submodule(name).codebooks, mb.get_submodule(name).codebooks)
+
+
+
 def test_proxy_error_tracks_real_error():
     torch.manual_seed(1)
     W = torch.randn(256, 64)

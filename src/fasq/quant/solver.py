@@ -506,6 +506,11 @@ def check_budget(table: ProxyTable, target_bits: float | None = None,
     return lo, hi, kind, value
 
 
+# k-means settings of the base config's layer that the solver's per-layer choices take over
+# (`fasq quantize --seed S --target-bits B` fits every chosen layer with seed S)
+FIT_KNOBS = ("seed", "kmeans_iters", "kmeans_init", "kmeans_sample")
+
+
 def solve_table(table: ProxyTable, target_bits: float | None = None, target_size: float | None = None,
                 importance: str = "rel", base: QuantConfig | None = None) -> tuple[QuantConfig, SolveReport]:
     """Per-layer configs that meet the budget, from a measured table (`fasq.stream.solve`
@@ -515,7 +520,8 @@ def solve_table(table: ProxyTable, target_bits: float | None = None, target_size
     `target_size` (whole checkpoint as a fraction of the FP16 model). The result lands
     in [0.99 * target, target]. `importance`: the proxy's layer weighting ("rel", "sq").
     `base`: the config whose other settings (importance estimate, transform) the result
-    keeps; its layer configs are replaced.
+    keeps; its layer configs are replaced, the chosen candidates taking its k-means
+    settings (`FIT_KNOBS`: seed, iterations, init, sample).
     """
     lo, hi, kind, value = check_budget(table, target_bits, target_size)
     rng = achievable_range(table)
@@ -525,7 +531,12 @@ def solve_table(table: ProxyTable, target_bits: float | None = None, target_size
     solve_s = time.perf_counter() - t0
 
     cands = table.candidates
-    chosen = [cands[t.options[p]] for t, p in zip(table.layers, pick)]
+    knobs = {}
+    if base is not None and base.layer.learns_codebooks:
+        knobs = {k: getattr(base.layer, k) for k in FIT_KNOBS if hasattr(base.layer, k)}
+    chosen = [dataclasses.replace(cands[t.options[p]], **{k: v for k, v in knobs.items()
+                                                          if hasattr(cands[t.options[p]], k)})
+              for t, p in zip(table.layers, pick)]
     labels = [c.label() for c in chosen]
     common = chosen[max(range(len(chosen)), key=lambda i: (labels.count(labels[i]), -i))]
     qcfg = dataclasses.replace(base or QuantConfig(), layer=dataclasses.replace(common), skip=table.skip,
