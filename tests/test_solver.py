@@ -33,6 +33,14 @@ def table(tiny_llama):
     return _CACHE["t"]
 
 
+@pytest.fixture
+def wtable(tiny_llama):
+    """Measured with the input-channel importance, as the output proxies need."""
+    if "w" not in _CACHE:
+        _CACHE["w"] = measure(tiny_llama, CANDS, progress=False, weighted=True)
+    return _CACHE["w"]
+
+
 def _brute(costs, errs, hi, lo):
     best = None
     for pick in itertools.product(*[range(len(c)) for c in costs]):
@@ -151,13 +159,15 @@ def test_impossible_budgets(tiny_llama, table):
     assert 0.99 * hi_bits <= rep.predicted["bits_per_weight"] <= hi_bits
 
 
-def test_deterministic(tiny_llama, table):
-    t2 = measure(tiny_llama, CANDS, progress=False)
-    assert [l.sq_error for l in t2.layers] == [l.sq_error for l in table.layers]
-    assert [l.out_error for l in t2.layers] == [l.out_error for l in table.layers]
-    assert table.importance == "random-tokens"
-    a, ra = solve(tiny_llama, table=table, target_bits=3.7)
-    b, rb = solve(tiny_llama, table=t2, target_bits=3.7)
+@pytest.mark.parametrize("proxy", ["rel", "output"])
+def test_deterministic(tiny_llama, table, wtable, proxy):
+    first = wtable if proxy == "output" else table
+    t2 = measure(tiny_llama, CANDS, progress=False, weighted=proxy == "output")
+    assert [l.sq_error for l in t2.layers] == [l.sq_error for l in first.layers]
+    assert [l.out_error for l in t2.layers] == [l.out_error for l in first.layers]
+    assert first.importance == ("random-tokens" if proxy == "output" else "none")
+    a, ra = solve(tiny_llama, table=first, target_bits=3.7, importance=proxy)
+    b, rb = solve(tiny_llama, table=t2, target_bits=3.7, importance=proxy)
     assert a.to_dict() == b.to_dict() and ra.layers == rb.layers
 
 
@@ -166,11 +176,12 @@ def test_solve_measures_and_skips(tiny_llama):
                                                                               "down_proj"), progress=False)
     assert not any("down_proj" in n for n in qcfg.overrides)
     assert len(rep.layers) == 2 * 6 and "bits/weight" in rep.format()
-    qr, rr = solve(tiny_llama, target_bits=4.0, candidates=CANDS[1:4], importance="rel", progress=False)
-    assert rr.importance == "rel" and rr.predicted["bits_per_weight"] <= 4.0
-    assert rep.importance == "output" and rep.proxy_importance == "random-tokens"  # the default proxy
-    assert "proxy             output: relative output error" in rep.format() and "random-tokens" in rep.format()
-    assert rr.proxy_importance == "none" and "rel: relative weight error" in rr.format()
+    qr, rr = solve(tiny_llama, target_bits=4.0, candidates=CANDS[1:4], importance="output", progress=False)
+    assert rr.importance == "output" and rr.predicted["bits_per_weight"] <= 4.0
+    assert rep.importance == "rel" and rep.proxy_importance == "none"  # the default proxy
+    assert "proxy             rel: relative weight error" in rep.format()
+    assert rr.proxy_importance == "random-tokens"
+    assert "proxy             output: relative output error" in rr.format() and "random-tokens" in rr.format()
     with pytest.raises(ValueError, match="proxy"):
         solve(tiny_llama, target_bits=4.0, candidates=CANDS[1:4], importance="weights", progress=False)
 
@@ -203,17 +214,17 @@ def test_output_proxy_ranks_candidates_by_the_important_channel():
     assert rank(plain) != rank(out)  # the channel's error is not what the weight error sees
 
 
-def test_measured_tables_use_each_layers_importance(tiny_llama, table):
+def test_measured_tables_use_each_layers_importance(tiny_llama, wtable):
     """The weighted table's errors are those of each layer's own importance (the
     random-token estimate the quantization uses); the unweighted one is the plain proxy."""
     from fasq.quant.importance import estimate
 
-    names = [t.name for t in table.layers]
+    names = [t.name for t in wtable.layers]
     imp = estimate(tiny_llama, "random-tokens", names)
     plain = measure(tiny_llama, CANDS, progress=False, weighted=False)
     assert plain.importance == "none"
     for i in (0, 6, len(names) - 1):
-        t, p = table.layers[i], plain.layers[i]
+        t, p = wtable.layers[i], plain.layers[i]
         W = tiny_llama.get_submodule(t.name).weight.detach()
         for k, j in enumerate(t.options[:3]):
             assert t.out_error[k] == pytest.approx(proxy_error(W, CANDS[j], name=t.name, importance=imp[t.name]),
@@ -223,8 +234,8 @@ def test_measured_tables_use_each_layers_importance(tiny_llama, table):
         assert t.weight_out_norm == pytest.approx(
             (W.double().pow(2).sum(0) * imp[t.name].double()).sum().item(), rel=1e-9)
     # the weighted k-means changes what is measured, and the output proxy orders layers otherwise
-    assert [l.sq_error for l in plain.layers] != [l.sq_error for l in table.layers]
-    assert table.errors("output") != table.errors("rel")
+    assert [l.sq_error for l in plain.layers] != [l.sq_error for l in wtable.layers]
+    assert wtable.errors("output") != wtable.errors("rel")
     flat = lambda errs: [e for row in errs for e in row]  # noqa: E731
     assert flat(plain.errors("output")) == pytest.approx(flat(plain.errors("rel")))  # no importance: the same
 

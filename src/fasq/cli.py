@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the solver minimises per layer (with --target-bits/--target-size): output = "
                         "relative output error, each input channel's squared weight error weighted by the "
                         "--importance estimate (random token ids, no text); rel = relative weight error; "
-                        f"output-sq / sq: the same unnormalised (default {DEFAULT_PROXY})")
+                        f"output-sq / sq: the same unnormalised (default {DEFAULT_PROXY}: output measured "
+                        "worse on the default model, see the README)")
     q.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="choose the largest codebook and scale groups up to the ones asked that split "
                         "evenly across N ranks in every layer, for serving with vLLM at tensor parallel N")

@@ -55,7 +55,8 @@ def candidate_table(plan: Plan, candidates=None) -> ProxyTable:
                       fp16_bytes=2 * (qweights + other), skip=plan.qcfg.skip)
 
 
-def measure(plan: Plan, table: ProxyTable, progress: bool = True, device=None, weighted: bool = True,
+def measure(plan: Plan, table: ProxyTable, progress: bool = True, device=None,
+            weighted: bool = DEFAULT_PROXY in OUTPUT_PROXIES,
             load_whole=None, **proxy) -> ProxyTable:
     """Fill the proxy errors reading each weight once, shard by shard.
 
@@ -114,9 +115,11 @@ def model_plan(model: nn.Module, skip=DEFAULT_SKIP, base: QuantConfig | None = N
 
 
 def measure_model(model: nn.Module, candidates=None, skip=DEFAULT_SKIP, progress: bool = True, device=None,
-                  weighted: bool = True, base: QuantConfig | None = None, **proxy) -> ProxyTable:
+                  weighted: bool = DEFAULT_PROXY in OUTPUT_PROXIES, base: QuantConfig | None = None,
+                  **proxy) -> ProxyTable:
     """Sizes and proxy errors of every candidate on every layer of a built model; `weighted`
-    as in `measure` (with `base`'s importance estimate, "random-tokens" by default)."""
+    as in `measure` (with `base`'s importance estimate, "random-tokens" by default; the
+    default suits the default proxy: True for "output"/"output-sq", False for "rel"/"sq")."""
     plan = model_plan(model, skip, base)
     return measure(plan, candidate_table(plan, candidates), progress=progress, device=device, weighted=weighted,
                    **proxy)
@@ -128,7 +131,8 @@ def solve(model: nn.Module | None, target_bits: float | None = None, target_size
           device=None, base: QuantConfig | None = None):
     """`solve_streaming` for a model in memory; `table` reuses a `measure_model(...)` result
     (same model, candidates and skip) so several budgets cost one proxy measurement (measured
-    with `weighted=True` for the output proxies)."""
+    with `weighted=True` for the output proxies; on a table measured without the importance
+    they equal "rel"/"sq", and the report says "no input-channel importance")."""
     _check_proxy(importance)
     if table is not None:
         if candidates is not None and list(candidates) != table.candidates:
