@@ -102,10 +102,21 @@ def test_quantize_to_a_target_size(tiny_dir, tmp_path, capsys):
     assert main(["quantize", str(tiny_dir), "--target-bits", "3.5", "--candidates", "d2K16,d2K64,d1K16",
                  "--out", str(out2), "--json"]) == 0
     _json(capsys)
-    layers = json.loads((out2 / "fasq_report.json").read_text())["solver"]["layers"]
+    solver = json.loads((out2 / "fasq_report.json").read_text())["solver"]
+    layers = solver["layers"]
     assert {r["label"] for r in layers} <= {"d2K16", "d2K64", "d1K16"}
+    assert (solver["importance"], solver["proxy_importance"]) == ("rel", "none")  # the default proxy
+    out3 = tmp_path / "solved3"
+    assert main(["quantize", str(tiny_dir), "--target-bits", "3.5", "--candidates", "d2K16,d2K64,d1K16",
+                 "--proxy", "output", "--seed", "3", "--out", str(out3), "--json"]) == 0
+    _json(capsys)
+    rep3 = json.loads((out3 / "fasq_report.json").read_text())
+    assert (rep3["solver"]["importance"], rep3["solver"]["proxy_importance"]) == ("output", "random-tokens")
+    assert {c["seed"] for c in json.loads((out3 / "config.json").read_text())["quantization_config"]
+            ["overrides"].values()} == {3}
     for bad, msg in ((["--target-bits", "3.5", "--candidates", "d2x16"], "d<D>K<K>"),
-                     (["--candidates", "d2K16"], "only applies with --target-bits")):
+                     (["--candidates", "d2K16"], "only applies with --target-bits"),
+                     (["--proxy", "rel"], "only applies with --target-bits")):
         assert main(["quantize", str(tiny_dir), *bad, "--out", str(tmp_path / "y")]) == 2
         assert msg in capsys.readouterr().err
         assert not (tmp_path / "y").exists()

@@ -34,6 +34,14 @@ def table(tiny_llama):
     return _CACHE["t"]
 
 
+@pytest.fixture
+def wtable(tiny_llama):
+    """Measured with the input-channel importance, as the output proxies need."""
+    if "w" not in _CACHE:
+        _CACHE["w"] = measure(tiny_llama, CANDS, progress=False, weighted=True)
+    return _CACHE["w"]
+
+
 def _brute(costs, errs, hi, lo):
     best = None
     for pick in itertools.product(*[range(len(c)) for c in costs]):
@@ -152,11 +160,15 @@ def test_impossible_budgets(tiny_llama, table):
     assert 0.99 * hi_bits <= rep.predicted["bits_per_weight"] <= hi_bits
 
 
-def test_deterministic(tiny_llama, table):
-    t2 = measure(tiny_llama, CANDS, progress=False)
-    assert [l.sq_error for l in t2.layers] == [l.sq_error for l in table.layers]
-    a, ra = solve(tiny_llama, table=table, target_bits=3.7)
-    b, rb = solve(tiny_llama, table=t2, target_bits=3.7)
+@pytest.mark.parametrize("proxy", ["rel", "output"])
+def test_deterministic(tiny_llama, table, wtable, proxy):
+    first = wtable if proxy == "output" else table
+    t2 = measure(tiny_llama, CANDS, progress=False, weighted=proxy == "output")
+    assert [l.sq_error for l in t2.layers] == [l.sq_error for l in first.layers]
+    assert [l.out_error for l in t2.layers] == [l.out_error for l in first.layers]
+    assert first.importance == ("random-tokens" if proxy == "output" else "none")
+    a, ra = solve(tiny_llama, table=first, target_bits=3.7, importance=proxy)
+    b, rb = solve(tiny_llama, table=t2, target_bits=3.7, importance=proxy)
     assert a.to_dict() == b.to_dict() and ra.layers == rb.layers
 
 
@@ -165,8 +177,80 @@ def test_solve_measures_and_skips(tiny_llama):
                                                                               "down_proj"), progress=False)
     assert not any("down_proj" in n for n in qcfg.overrides)
     assert len(rep.layers) == 2 * 6 and "bits/weight" in rep.format()
-    qr, rr = solve(tiny_llama, target_bits=4.0, candidates=CANDS[1:4], importance="rel", progress=False)
-    assert rr.importance == "rel" and rr.predicted["bits_per_weight"] <= 4.0
+    qr, rr = solve(tiny_llama, target_bits=4.0, candidates=CANDS[1:4], importance="output", progress=False)
+    assert rr.importance == "output" and rr.predicted["bits_per_weight"] <= 4.0
+    assert rep.importance == "rel" and rep.proxy_importance == "none"  # the default proxy
+    assert "proxy             rel: relative weight error" in rep.format()
+    assert rr.proxy_importance == "random-tokens"
+    assert "proxy             output: relative output error" in rr.format() and "random-tokens" in rr.format()
+    with pytest.raises(ValueError, match="proxy"):
+        solve(tiny_llama, target_bits=4.0, candidates=CANDS[1:4], importance="weights", progress=False)
+
+
+def test_output_proxy_ranks_candidates_by_the_important_channel():
+    """With all importance on input channel 0, the output proxy is the error on that channel
+    of the importance-weighted quantization, and ranks candidates by it; the weight-error
+    proxy ranks them otherwise."""
+    from fasq.core.ops import dequantize
+
+    torch.manual_seed(0)
+    W = torch.randn(256, 16)
+    W[:, 0] *= 0.1
+    imp = torch.full((16,), 1e-13)
+    imp[0] = 1.0
+    # no scales: a scale fitted to the one channel would make its error vanish for every candidate
+    cands = [PQConfig(d=d, K=K, codebook_scope="matrix", scale="none")
+             for d, K in ((1, 16), (2, 64), (4, 64), (1, 4), (4, 256), (2, 256))]
+    out = [proxy_error(W, c, sample_rows=None, proxy_iters=None, importance=imp) for c in cands]
+    plain = [proxy_error(W, c, sample_rows=None, proxy_iters=None) for c in cands]
+    col0 = []
+    for c in cands:
+        t = quantize_weight(W, c, importance=imp)
+        E = (W - dequantize(t["codes"], t["codebooks"], t["scales"], t["offsets"], dtype=torch.float32)).double()
+        col0.append(E[:, 0].pow(2).sum().item())
+        assert (E.pow(2).sum(0) * imp.double()).sum().item() == pytest.approx(out[len(col0) - 1], rel=1e-6)
+    assert out == pytest.approx(col0, rel=1e-3)
+    rank = lambda v: sorted(range(len(v)), key=v.__getitem__)  # noqa: E731
+    assert rank(out) == rank(col0)
+    assert rank(plain) != rank(out)  # the channel's error is not what the weight error sees
+
+
+def test_measured_tables_use_each_layers_importance(tiny_llama, wtable):
+    """The weighted table's errors are those of each layer's own importance (the
+    random-token estimate the quantization uses); the unweighted one is the plain proxy."""
+    from fasq.quant.importance import estimate
+
+    names = [t.name for t in wtable.layers]
+    imp = estimate(tiny_llama, "random-tokens", names)
+    plain = measure(tiny_llama, CANDS, progress=False, weighted=False)
+    assert plain.importance == "none"
+    for i in (0, 6, len(names) - 1):
+        t, p = wtable.layers[i], plain.layers[i]
+        W = tiny_llama.get_submodule(t.name).weight.detach()
+        for k, j in enumerate(t.options[:3]):
+            assert t.out_error[k] == pytest.approx(proxy_error(W, CANDS[j], name=t.name, importance=imp[t.name]),
+                                                   rel=1e-9)
+            assert p.sq_error[k] == pytest.approx(proxy_error(W, CANDS[j], name=t.name), rel=1e-9)
+            assert p.out_error[k] == p.sq_error[k]
+        assert t.weight_out_norm == pytest.approx(
+            (W.double().pow(2).sum(0) * imp[t.name].double()).sum().item(), rel=1e-9)
+    # the weighted k-means changes what is measured, and the output proxy orders layers otherwise
+    assert [l.sq_error for l in plain.layers] != [l.sq_error for l in wtable.layers]
+    assert wtable.errors("output") != wtable.errors("rel")
+    flat = lambda errs: [e for row in errs for e in row]  # noqa: E731
+    assert flat(plain.errors("output")) == pytest.approx(flat(plain.errors("rel")))  # no importance: the same
+
+
+def test_solver_keeps_the_base_configs_seed(tiny_llama, table):
+    qa, _ = solve(tiny_llama, table=table, target_bits=3.7)
+    qb, _ = solve(tiny_llama, table=table, target_bits=3.7, base=QuantConfig(layer=PQConfig(seed=7)))
+    assert {c.seed for c in qa.overrides.values()} == {0}
+    assert {c.seed for c in qb.overrides.values()} == {7}
+    assert {n: c.label() for n, c in qa.overrides.items()} == {n: c.label() for n, c in qb.overrides.items()}
+    ma, mb = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    quantize_model(ma, qa, progress=False), quantize_model(mb, qb, progress=False)
+    name = next(iter(qa.overrides))
+    assert not torch.equal(ma.get_submodule(name).codebooks, mb.get_submodule(name).codebooks)
 
 
 def test_proxy_error_tracks_real_error():

@@ -227,17 +227,27 @@ def test_gguf_streams_to_the_in_memory_checkpoint(tmp_path):
 
 # --- the solver on a streamed model ---------------------------------------------------------
 
-def test_streaming_solver_matches_the_in_memory_solver(sharded_dir):
+@pytest.mark.parametrize("proxy", ["output", "rel"])
+def test_streaming_solver_matches_the_in_memory_solver(sharded_dir, proxy):
     from fasq.io.sources import load_model
     from fasq.stream.solve import solve, solve_streaming
 
     cands = [PQConfig(d=d, K=K, codebook_scope="matrix") for d, K in ((2, 16), (2, 64), (1, 16))]
     plan = make_plan(str(sharded_dir), QuantConfig())
-    q_s, r_s = solve_streaming(plan, target_bits=4.0, candidates=cands, progress=False)
+    q_s, r_s = solve_streaming(plan, target_bits=4.0, candidates=cands, progress=False, importance=proxy)
     model, _ = load_model(str(sharded_dir))
-    q_m, r_m = solve(model, target_bits=4.0, candidates=cands, progress=False)
+    q_m, r_m = solve(model, target_bits=4.0, candidates=cands, progress=False, importance=proxy)
     assert q_s.overrides == q_m.overrides
     assert r_s.predicted == r_m.predicted
+    assert r_s.importance == r_m.importance == proxy
+    # the block-by-block importance estimate equals the whole model's: so do the proxy errors
+    by_name = {r["name"]: r["proxy"] for r in r_m.layers}  # (the two list the layers in other orders)
+    assert {r["name"]: r["proxy"] for r in r_s.layers} == pytest.approx(by_name, rel=1e-6)
+    if proxy == "output":
+        assert r_s.proxy_importance == r_m.proxy_importance == "random-tokens"
+        assert set(plan.importance) == set(plan.modules)  # filled for the quantization to reuse
+    else:
+        assert r_s.proxy_importance == "none" and not plan.importance
 
 
 def test_budget_outside_the_range_is_refused_before_reading_weights(sharded_dir, monkeypatch):

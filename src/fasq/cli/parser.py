@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..core.config import IMPORTANCE, PQConfig, QuantConfig
+from ..quant.solver import DEFAULT_PROXY, IMPORTANCE as PROXIES
 from .common import DTYPES
 
 
@@ -46,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--candidates", default=None, metavar="d2K256,d3K512,...",
                    help="the solver's per-layer choices (matrix codebooks, absmax scales); "
                         "default: fasq.quant.solver.DEFAULT_CANDIDATES")
+    q.add_argument("--proxy", choices=list(PROXIES), default=None,
+                   help="what the solver minimises per layer (with --target-bits/--target-size): output = "
+                        "relative output error, each input channel's squared weight error weighted by the "
+                        "--importance estimate (random token ids, no text); rel = relative weight error; "
+                        f"output-sq / sq: the same unnormalised (default {DEFAULT_PROXY}: output measured "
+                        "worse on the default model, see the README)")
     q.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="choose the largest codebook and scale groups up to the ones asked that split "
                         "evenly across N ranks in every layer, for serving with vLLM at tensor parallel N")

@@ -13,7 +13,7 @@ from ..core.format import format_size_table
 from ..io.checkpoint import save_quantized
 from ..io.outdir import check_output_dir
 from ..io.sources import load_model
-from ..quant.solver import DEFAULT_CANDIDATES, parse_candidates
+from ..quant.solver import DEFAULT_CANDIDATES, DEFAULT_PROXY, parse_candidates
 from ..quant.tensor_parallel import fit_config, group_options
 from ..stream import make_plan, quantize_streaming
 from ..stream.memory import quantize_model
@@ -52,6 +52,8 @@ def cmd_quantize(a) -> int:
         raise ValueError("give at most one of --target-bits / --target-size, and not with --method rtn")
     if a.candidates is not None and not targets:
         raise ValueError("--candidates only applies with --target-bits or --target-size")
+    if a.proxy is not None and not targets:
+        raise ValueError("--proxy only applies with --target-bits or --target-size")
     if a.tensor_parallel < 1:
         raise ValueError(f"--tensor-parallel must be >= 1, got {a.tensor_parallel}")
     cands = None if a.candidates is None else parse_candidates(a.candidates)  # fail before the slow part
@@ -86,7 +88,9 @@ def _quantize_streaming(a, out, qcfg, cands, targets: bool) -> dict:
     extra = None
     if targets:
         plan.qcfg, solved = solve_streaming(plan, target_bits=a.target_bits, target_size=a.target_size,
-                                            candidates=cands, progress=not a.json, device=a.device)
+                                            candidates=cands, progress=not a.json, device=a.device,
+                                            importance=a.proxy or DEFAULT_PROXY,
+                                            load_whole=lambda: load_model(a.model, dtype=plan.dtype)[0])
         if not a.json:
             print(solved.format())
         extra = {"solver": solved.to_dict()}
@@ -109,7 +113,8 @@ def _quantize_in_memory(a, out, qcfg, cands, targets: bool) -> dict:
     solved = None
     if targets:
         qcfg, solved = solve(model, target_bits=a.target_bits, target_size=a.target_size, skip=qcfg.skip,
-                             candidates=cands, progress=not a.json, device=a.device, base=qcfg)
+                             candidates=cands, progress=not a.json, device=a.device, base=qcfg,
+                             importance=a.proxy or DEFAULT_PROXY)
         if not a.json:
             print(solved.format())
     report = quantize_model(model, qcfg, device=a.device, progress=not a.json)
