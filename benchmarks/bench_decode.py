@@ -434,7 +434,10 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if a.only and out.is_file():  # a partial run keeps the other section (and its command) of the last run
-        res = {**json.loads(out.read_text()), **res}
+        old = json.loads(out.read_text())
+        if a.only == "split":  # the machine facts at the top describe the kernel and model rows: kept
+            res = {k: v for k, v in res.items() if k.startswith("split")}
+        res = {**old, **res}
     res.pop("command", None)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1))
