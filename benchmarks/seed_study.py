@@ -42,6 +42,10 @@ CONFIGS = {
                                           None),
     "default, importance norm": (["--importance", "norm"], {"importance": "norm"}, {}, None),
 }
+# the frontier's uniform FASQ rows (benchmarks/frontier.py: one codebook per matrix, scale per 96 columns)
+for _d, _K in ((2, 64), (2, 128), (2, 256), (2, 512), (3, 512)):
+    CONFIGS[f"d={_d} K={_K}, one codebook"] = (["-d", str(_d), "-K", str(_K), "--scope", "matrix"], {},
+                                               {"d": _d, "K": _K, "codebook_scope": "matrix"}, None)
 for _proxy in ("rel", "output", "output-sq"):
     CONFIGS[f"solver 3.1 bits (d3 candidates), proxy {_proxy}"] = (
         ["--target-bits", "3.1", "--candidates", D3_CANDIDATES, "--proxy", _proxy], {}, {},
