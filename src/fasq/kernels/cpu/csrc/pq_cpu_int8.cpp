@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "pq_cpu.h"
+#include "pq_cpu_kernels.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -64,59 +65,8 @@ constexpr int64_t PARALLEL_MIN_WEIGHTS = 1 << 16;  // as pq_cpu.cpp: smaller lay
 
 using LayerArgs = FasqLayerArgs;  // pq_cpu.h
 
-enum { F32 = 0, F16 = 1, BF16 = 2 };
-
-float half_to_float(uint16_t h) {
-  const uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023;
-  uint32_t u;
-  if (e == 0) {
-    float f = m * (1.f / 16777216.f);
-    memcpy(&u, &f, 4);
-    u |= s;
-  } else if (e == 31) {
-    u = s | 0x7f800000u | (m << 13);
-  } else {
-    u = s | ((e + 112) << 23) | (m << 13);
-  }
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-inline float get(const void* p, int64_t j, int dtype) {
-  if (dtype == F32) return static_cast<const float*>(p)[j];
-  const uint16_t h = static_cast<const uint16_t*>(p)[j];
-  if (dtype == F16) return half_to_float(h);
-  const uint32_t u = (uint32_t)h << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-inline void put(void* p, int64_t j, float v, int dtype) {
-  if (dtype == F32) {
-    static_cast<float*>(p)[j] = v;
-    return;
-  }
-  uint32_t u;
-  memcpy(&u, &v, 4);
-  if (dtype == BF16) {  // round to nearest even, NaN kept quiet
-    u = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x400000u) : u + 0x7fffu + ((u >> 16) & 1u);
-    static_cast<uint16_t*>(p)[j] = (uint16_t)(u >> 16);
-    return;
-  }
-  // IEEE fp16, round to nearest even (as float_to_half in pq_cpu.cpp)
-  const uint32_t sign = (u >> 16) & 0x8000u, m = u & 0x7fffffffu;
-  uint16_t h;
-  if (m > 0x7f800000u) h = (uint16_t)(sign | 0x7e00u);
-  else if (m >= 0x477ff000u) h = (uint16_t)(sign | 0x7c00u);
-  else if (m < 0x38800000u) {
-    float mag;
-    memcpy(&mag, &m, 4);
-    h = (uint16_t)(sign | (uint32_t)std::lrint(mag * 16777216.f));
-  } else {
-    h = (uint16_t)(sign | ((m + 0x0fffu + ((m >> 13) & 1u) - (112u << 23)) >> 13));
-  }
-  static_cast<uint16_t*>(p)[j] = h;
-}
+using fasq_cpu::elem;   // pq_cpu_kernels.h: a value of fp32 / fp16 / bf16 storage, by run-time dtype
+using fasq_cpu::store;
 
 struct Run {  // subspaces [m0, m1), codebook c, scale group g
   int64_t m0, m1, c, g;
@@ -375,7 +325,7 @@ int fasq_cpu_int8_prepare(const LayerArgs* a, uint8_t* codes, uint8_t* tabs, flo
     float amax = 0.f;
     bool integral = true;
     for (int64_t j = 0; j < K * d; j++) {
-      const float v = get(a->codebooks, c * K * d + j, (int)a->cb_dtype);
+      const float v = elem(a->codebooks, c * K * d + j, (int)a->cb_dtype);
       amax = std::max(amax, std::fabs(v));
       integral = integral && v == std::nearbyint(v) && std::fabs(v) <= 127.f;
     }
@@ -384,7 +334,7 @@ int fasq_cpu_int8_prepare(const LayerArgs* a, uint8_t* codes, uint8_t* tabs, flo
     for (int64_t i = 0; i < tab_bytes; i++) {
       // d=2: [2][256] by value e, centroid k; d=1: [64], centroid i % 16
       const int64_t k = nib ? i % 16 : i % 256, e = nib ? 0 : i / 256;
-      const float v = k < K ? get(a->codebooks, (c * K + k) * d + e, (int)a->cb_dtype) : 0.f;
+      const float v = k < K ? elem(a->codebooks, (c * K + k) * d + e, (int)a->cb_dtype) : 0.f;
       const long q = std::lrint(v / step);  // |q| <= 127
       tabs[c * tab_bytes + i] = (uint8_t)(std::max(-127L, std::min(127L, q)) + 128);
     }
@@ -394,8 +344,8 @@ int fasq_cpu_int8_prepare(const LayerArgs* a, uint8_t* codes, uint8_t* tabs, flo
       for (int64_t r = 0; r < 16; r++) {
         const int64_t o = rb * 16 + r, j = (rb * G + g) * 16 + r;
         const bool real = o < a->out;
-        scales[j] = !real ? 0.f : a->scales ? get(a->scales, o * a->S + g, (int)a->scale_dtype) : 1.f;
-        if (a->offsets) offsets[j] = real ? get(a->offsets, o * a->S + g, (int)a->scale_dtype) : 0.f;
+        scales[j] = !real ? 0.f : a->scales ? elem(a->scales, o * a->S + g, (int)a->scale_dtype) : 1.f;
+        if (a->offsets) offsets[j] = real ? elem(a->offsets, o * a->S + g, (int)a->scale_dtype) : 0.f;
       }
   return 0;
 }
@@ -438,7 +388,7 @@ int fasq_cpu_int8_linear(const Int8Layer* p, const void* x, int x_dtype, int64_t
       for (int64_t c0 = runs[r].m0 * d; c0 < runs[r].m1 * d; c0 += BCOLS, blk++) {
         float amax = 0.f;
         for (int64_t j = 0; j < BCOLS; j++) {
-          xf[j] = get(x, t * a->in + c0 + j, x_dtype);
+          xf[j] = elem(x, t * a->in + c0 + j, x_dtype);
           amax = std::max(amax, std::fabs(xf[j]));
           rs += xf[j];
         }
@@ -474,8 +424,8 @@ int fasq_cpu_int8_linear(const Int8Layer* p, const void* x, int x_dtype, int64_t
         for (int t = 0; t < nt; t++)
           for (int64_t r = 0; r < rows; r++) {
             const int64_t o = rb * 16 + r;
-            const float b = a->bias ? get(a->bias, o, (int)a->bias_dtype) : 0.f;
-            put(y, (t0 + t) * out + o, tot[t * 16 + r] + b, x_dtype);
+            const float b = a->bias ? elem(a->bias, o, (int)a->bias_dtype) : 0.f;
+            store(y, (t0 + t) * out + o, tot[t * 16 + r] + b, x_dtype);
           }
       }
   }
