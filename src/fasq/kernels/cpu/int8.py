@@ -83,7 +83,7 @@ class _Prepared:
         lib = cpu.load_library()
         self.codes = torch.empty(sizes[0], dtype=torch.uint8)                     # [OB, M/4, 16, 4]
         self.tabs = torch.empty(sizes[1], dtype=torch.uint8)                      # [C, 2, 256]
-        self.cbscale = torch.empty(sizes[2], dtype=torch.float32)                 # [C]
+        self.cbscale = torch.empty(sizes[2], dtype=torch.float32)                 # [2, C] step, shift
         self.scales = torch.empty(sizes[3], dtype=torch.float32)                  # [OB, S, 16]
         self.offsets = torch.empty(sizes[4], dtype=torch.float32) if sizes[4] else None  # [OB, S, 16]
         ptrs = [t.data_ptr() for t in (self.codes, self.tabs, self.cbscale, self.scales)]
