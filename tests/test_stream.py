@@ -190,14 +190,39 @@ def test_unknown_architecture_quantizes_from_names(tmp_path):
     assert rep["size"]["unquantized_params"] == 50 * 32 + 32
 
 
-def test_tied_lm_head_cannot_be_quantized_alone(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_a_tied_lm_head_is_quantized_on_its_own_and_untied(tiny_dir, tmp_path):
+    """--skip embed_tokens on a tied model: the head (stored only as the embeddings) is
+    quantized, the embeddings kept; streamed and in-memory checkpoints hold the same tensors,
+    the config unties the two, and the loaded model computes with the quantized head."""
+    from fasq.core.module import PQLinear
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
-    plan = make_plan(str(tmp_path / "m"), QuantConfig(layer=PQConfig(d=2, K=16), skip=("embed_tokens",)))
-    assert "lm_head" not in plan.modules  # a tied model stores no lm_head.weight
+    qcfg = lambda: QuantConfig(layer=_qcfg().layer, skip=("embed_tokens",))  # noqa: E731
+    plan = make_plan(str(tiny_dir), QuantConfig(layer=PQConfig(d=2, K=16), skip=("embed_tokens",)))
+    assert "lm_head" in plan.modules and plan.unties_head
+    assert "lm_head" not in make_plan(str(tiny_dir), QuantConfig()).modules  # the default skips it
+    rep = quantize_streaming(str(tiny_dir), tmp_path / "s", qcfg(), progress=False)
+    assert "lm_head" in [r["name"] for r in rep["layers"]]
+    mem = _in_memory(tiny_dir, tmp_path / "m", qcfg())
+    streamed, ref = _tensors(tmp_path / "s"), _tensors(tmp_path / "m")
+    assert streamed == ref
+    assert "lm_head.codes" in streamed and "model.embed_tokens.weight" in streamed and "lm_head.weight" not in streamed
+    for d in ("s", "m"):
+        cfg = json.loads((tmp_path / d / "config.json").read_text())
+        assert cfg["tie_word_embeddings"] is False and "lm_head" in cfg["quantization_config"]["modules"]
+    loaded = load_quantized(tmp_path / "s")
+    assert isinstance(loaded.lm_head, PQLinear) and not isinstance(loaded.model.embed_tokens, PQLinear)
+    from fasq.io.sources import load_model
+
+    src = load_model(str(tiny_dir), dtype=torch.float32)[0]
+    assert torch.equal(loaded.model.embed_tokens.weight.float(), src.model.embed_tokens.weight.half().float())
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = mem(ids).logits
+        got = loaded(ids).logits
+        dense = src(ids).logits
+    # the in-memory model keeps fp32 norms and embeddings (the checkpoint fp16): close, while
+    # the source's dense head gives logits far from both
+    assert (got - want).abs().max() < 0.1 * (got - dense).abs().max()
 
 
 def test_conv1d_models_are_refused_for_streaming(tmp_path):

@@ -76,6 +76,8 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig, device=None, progress: b
         set_module(model, name, _pq_linear(lin, plan.qcfg.for_module(name), q))
         rows.append(row)
     qcfg.modules, qcfg.importance = tuple(plan.modules), plan.qcfg.importance
+    if plan.unties_head:  # lm_head is a PQLinear now; the embeddings stay as they were
+        model.config.tie_word_embeddings = False
     model.config.quantization_config = qcfg.to_dict()
     return {"seconds": time.perf_counter() - t0, "importance_seconds": t_imp, "layers": rows,
             "size": size_table(model)}

@@ -16,6 +16,7 @@ finished checkpoint replaces the output folder in one rename, as `save_quantized
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -37,7 +38,7 @@ from ..io.sources import ModelSourceError, load_model, local_paths
 from ..quant.importance import estimate, estimate_streaming
 from ..quant.quantize import error_report, quantize_transformed
 from ..version import __version__
-from .readers import StreamingUnsupported, open_reader
+from .readers import StreamingUnsupported, TiedHeadReader, open_reader
 
 
 STATE_NAME = "fasq_stream_state.json"
@@ -79,14 +80,28 @@ def linear_modules(reader, qcfg: QuantConfig, config) -> list[str]:
 
 
 def dropped_tensors(reader, config, modules) -> set[str]:
-    """Tensors the loader ignores: a tied lm_head stored beside the embeddings."""
+    """Tensors the loader ignores: a tied lm_head stored beside the embeddings, unless it is
+    quantized (the checkpoint then unties the two)."""
     names = {n for _, g in reader.groups for n in g}
-    if _config_value(config, "tie_word_embeddings", False) and "lm_head.weight" in names:
-        if "lm_head" in modules:
-            raise ConfigError("lm_head is tied to the input embeddings; it cannot be quantized separately "
-                              "(keep it in --skip)")
+    if _config_value(config, "tie_word_embeddings", False) and "lm_head.weight" in names and "lm_head" not in modules:
         return {"lm_head.weight"}
     return set()
+
+
+def name_tied_head(reader, config, qcfg: QuantConfig):
+    """`reader`, or a `TiedHeadReader` over it when the model ties its head to the input
+    embeddings, stores only those, and the head is to be quantized (lm_head not skipped)."""
+    if not _config_value(config, "tie_word_embeddings", False) or qcfg.is_skipped("lm_head"):
+        return reader
+    names = {n for _, g in reader.groups for n in g}
+    if "lm_head.weight" in names:  # stored (or a built model's): selected like any other layer
+        return reader
+    found = sorted(n for n in names if n.endswith("embed_tokens.weight"))
+    if len(found) != 1:
+        raise ConfigError(f"the model ties lm_head to its input embeddings, but {len(found)} tensors named "
+                          "*embed_tokens.weight were found, so fasq cannot tell which one the head shares; "
+                          "keep lm_head in --skip")
+    return TiedHeadReader(reader, found[0])
 
 
 @dataclass
@@ -118,12 +133,29 @@ class Plan:
     def has_bias(self, module: str) -> bool:
         return module + ".bias" in self.names
 
+    @property
+    def unties_head(self) -> bool:
+        """The model ties lm_head to its input embeddings and lm_head is quantized: the
+        checkpoint's config unties them (the embeddings stay unquantized, for lookups)."""
+        return bool(_config_value(self.config, "tie_word_embeddings", False)) and "lm_head" in self.modules
+
+    def written_config(self):
+        """The model config the checkpoint gets: the source's, untied where `unties_head`."""
+        if not self.unties_head:
+            return self.config
+        if isinstance(self.config, dict):
+            return {**self.config, "tie_word_embeddings": False}
+        config = copy.deepcopy(self.config)
+        config.tie_word_embeddings = False
+        return config
+
 
 def make_plan(source: str, qcfg: QuantConfig, reader=None, dtype: torch.dtype = torch.float32) -> Plan:
     """Open the source, find the layers to quantize and check every one against its config
     (all or nothing, before any work)."""
     reader = reader or open_reader(source)
     config = reader.load_config()
+    reader = name_tied_head(reader, config, qcfg)
     modules = linear_modules(reader, qcfg, config)
     if not modules:
         raise ValueError("the model has no linear layers to quantize (all skipped?)")
@@ -372,7 +404,7 @@ def _finish(plan: Plan, state: State, work: Path, out: Path, report: dict) -> No
         tokenizer = plan.reader.load_tokenizer()
     except (OSError, ValueError, KeyError):
         tokenizer = None
-    write_checkpoint_files(work, plan.config, qcfg.to_dict(), {s: state.done[s] for s in shards}, report,
+    write_checkpoint_files(work, plan.written_config(), qcfg.to_dict(), {s: state.done[s] for s in shards}, report,
                            _generation_config(plan), tokenizer, None if kw else path, STORE_DTYPE, index)
     (work / STATE_NAME).unlink()
     replace_dir(work, out)

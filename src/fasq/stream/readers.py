@@ -42,6 +42,29 @@ class TensorInfo:
 
 
 
+class TiedHeadReader:
+    """A reader of a model whose output head is tied to its input embeddings and stored only
+    as them, with the head named: `lm_head.weight` reads the embedding matrix (listed after it,
+    in its group), so the head can be quantized on its own; the checkpoint then unties the
+    two (the embeddings stay as they are, for lookups). Everything else is the wrapped reader's."""
+
+    HEAD = "lm_head.weight"
+
+    def __init__(self, reader, embedding: str):
+        self._reader, self._embedding = reader, embedding
+        self.groups = [(g, [m for n in names for m in ((n, self.HEAD) if n == embedding else (n,))])
+                       for g, names in reader.groups]
+
+    def info(self, name: str) -> TensorInfo:
+        return self._reader.info(self._embedding if name == self.HEAD else name)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._reader.read(self._embedding if name == self.HEAD else name)
+
+    def __getattr__(self, name: str):  # close, fingerprint, config, tokenizer: the wrapped reader's
+        return getattr(self._reader, name)
+
+
 class SafetensorsReader:
     """A Hugging Face folder: model.safetensors, or shards listed in model.safetensors.index.json."""
 
