@@ -139,6 +139,19 @@ bool cpu_has_int8() {
   return has;
 }
 
+// The end of run r for the 16 rows of block rb: tv[t] += racc[t] * (rows' scales * the
+// codebook's step) + the rows' offsets * the run's float sum of x (OFF).
+template <int NT, bool OFF>
+FASQ_I8 inline void end_run(const Prepared& P, const Acts& A, int64_t rb, int64_t S, const Run& run, int64_t r,
+                            const __m512* racc, __m512* tv) {
+  const __m512 sv = _mm512_mul_ps(_mm512_loadu_ps(P.scales + (rb * S + run.g) * 16), _mm512_set1_ps(P.cbscale[run.c]));
+  for (int t = 0; t < NT; t++) tv[t] = _mm512_fmadd_ps(racc[t], sv, tv[t]);
+  if (OFF) {
+    const __m512 ov = _mm512_loadu_ps(P.offsets + (rb * S + run.g) * 16);
+    for (int t = 0; t < NT; t++) tv[t] = _mm512_fmadd_ps(ov, _mm512_set1_ps(A.xsum[t * A.R + r]), tv[t]);
+  }
+}
+
 // Row block rb (16 rows), tokens [0, NT) of `A` (already offset to the first token); tot
 // [NT][16] written. BIG: K > 128 (two lookups and a blend per table), OFF: offsets present.
 // Each 64-byte step is one activation block (4 subspaces); its int32 sums start at 0 and the
@@ -192,15 +205,9 @@ FASQ_I8 void row_block(const Run* runs, int64_t R, int64_t M, int64_t S, const P
         }
       }
     }
-    const __m512 sv = _mm512_mul_ps(_mm512_loadu_ps(P.scales + (rb * S + run.g) * 16), _mm512_set1_ps(P.cbscale[run.c]));
-    for (int t = 0; t < NT; t++) {
-      const __m512 ra = RC > 1 ? _mm512_add_ps(racc[0][t], racc[RC - 1][t]) : racc[0][t];
-      tv[t] = _mm512_fmadd_ps(ra, sv, tv[t]);
-    }
-    if (OFF) {
-      const __m512 ov = _mm512_loadu_ps(P.offsets + (rb * S + run.g) * 16);
-      for (int t = 0; t < NT; t++) tv[t] = _mm512_fmadd_ps(ov, _mm512_set1_ps(A.xsum[t * R + r]), tv[t]);
-    }
+    if (RC > 1)
+      for (int t = 0; t < NT; t++) racc[0][t] = _mm512_add_ps(racc[0][t], racc[RC - 1][t]);
+    end_run<NT, OFF>(P, A, rb, S, run, r, racc[0], tv);
   }
   for (int t = 0; t < NT; t++) _mm512_storeu_ps(tot + t * 16, tv[t]);
 }
@@ -252,12 +259,7 @@ FASQ_I8 void row_block_nib(const Run* runs, int64_t R, int64_t M, int64_t S, con
         racc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(A.xs[t * A.nblk + blk]), racc[t]);
       }
     }
-    const __m512 sv = _mm512_mul_ps(_mm512_loadu_ps(P.scales + (rb * S + run.g) * 16), _mm512_set1_ps(P.cbscale[run.c]));
-    for (int t = 0; t < NT; t++) tv[t] = _mm512_fmadd_ps(racc[t], sv, tv[t]);
-    if (OFF) {
-      const __m512 ov = _mm512_loadu_ps(P.offsets + (rb * S + run.g) * 16);
-      for (int t = 0; t < NT; t++) tv[t] = _mm512_fmadd_ps(ov, _mm512_set1_ps(A.xsum[t * R + r]), tv[t]);
-    }
+    end_run<NT, OFF>(P, A, rb, S, run, r, racc, tv);
   }
   for (int t = 0; t < NT; t++) _mm512_storeu_ps(tot + t * 16, tv[t]);
 }
