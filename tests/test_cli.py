@@ -52,6 +52,33 @@ def test_rtn_through_the_same_pipeline(tiny_dir, tmp_path, capsys):
     assert 5.0 < q["bits_per_weight"] < 5.07
 
 
+def test_lm_head_option_quantizes_and_unties_the_head(tiny_dir, tmp_path, capsys):
+    """--lm-head rtn8: the tied head as RTN 8-bit (its own override), the embeddings kept; the
+    checkpoint loads with the head on the int8 CPU path's exact grid. Conflicts are refused."""
+    import torch
+
+    from fasq.core.module import PQLinear
+    from fasq.io.checkpoint import load_quantized
+
+    out = tmp_path / "h8"
+    assert main(["quantize", str(tiny_dir), "-d", "2", "-K", "16", "--lm-head", "rtn8", "--out", str(out),
+                 "--json"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert cfg["tie_word_embeddings"] is False and "lm_head" in qc["modules"] and qc["skip"] == ["embed_tokens"]
+    assert qc["overrides"]["lm_head"] == {"method": "rtn", "bits": 8, "group_size": 64, "transform": "none"}
+    model = load_quantized(out)
+    head = model.lm_head
+    assert isinstance(head, PQLinear) and torch.equal(head.codebooks.float().flatten(), torch.arange(256.0))
+    capsys.readouterr()
+    for bad, msg in [(["--skip", "lm_head"], "--skip also names it"),
+                     (["--tensor-parallel", "2"], "does not serve a quantized head"),
+                     (["--target-bits", "4"], "the solver would choose the head's config too")]:
+        assert main(["quantize", str(tiny_dir), "--lm-head", "rtn8", *bad, "--out", str(tmp_path / "x")]) == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_errors_are_clear_and_keep_existing_output(tiny_dir, tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quantize", str(tiny_dir), "-d", "2", "-K", "16", "--out", str(out), "--json"]) == 0

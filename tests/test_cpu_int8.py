@@ -43,7 +43,8 @@ CASES = [
 ]
 # (out, in, bits, group_size): RTN layers (a grid codebook 0..K-1, a scale and a minimum
 # per group), quantized from random weights by fasq.quant.quantize
-RTN_CASES = [(150, 1024, 4, 64), (37, 2048, 4, 128), (64, 576, 4, 0), (48, 512, 2, 32)]
+RTN_CASES = [(150, 1024, 4, 64), (37, 2048, 4, 128), (64, 576, 4, 0), (48, 512, 2, 32),
+             (150, 1024, 8, 64), (37, 576, 8, 0)]  # 8 bits: the codes are the values (no lookup)
 
 
 @pytest.fixture(autouse=True)
@@ -85,8 +86,11 @@ def _runs(M, C, S):
 
 def _int8_codebooks(cb):
     """(int8 values, step per codebook) as the kernel copies them: step = max |value| / 127
-    (fp32), or 1 where every value is an integer in [-127, 127] (then the copy is exact)."""
-    C = cb.shape[0]
+    (fp32), or 1 where every value is an integer in [-127, 127] (then the copy is exact);
+    RTN's 8-bit grid 0..255 is used as it is (unsigned bytes, step 1)."""
+    C, K, d = cb.shape
+    if d == 1 and K == 256 and torch.equal(cb, torch.arange(256.0).view(1, 256, 1).expand(C, -1, -1)):
+        return cb.clone(), torch.ones(C)
     amax = cb.abs().amax(dim=(1, 2))
     integral = ((cb == cb.round()).flatten(1).all(1)) & (amax <= 127)
     step = torch.where(integral, torch.ones(C), (amax / 127).where(amax > 0, torch.ones(C)))

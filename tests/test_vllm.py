@@ -162,14 +162,14 @@ def test_straddling_groups_fail_clearly_in_vllm(checkpoints, vllm_python, tmp_pa
 
 
 def test_quantized_head_is_refused_clearly_in_vllm(vllm_python, tmp_path):
-    """--skip embed_tokens quantizes the (tied) head, which the plugin does not serve: vLLM
-    stops with the reason and what to do, not with a missing-tensor error."""
+    """--lm-head rtn8 quantizes the (tied) head, which the plugin does not serve: vLLM stops
+    with the reason and what to do, not with a missing-tensor error."""
     ck = tmp_path / "rtn-head"
-    assert main(["quantize", "default", "--method", "rtn", "--skip", "embed_tokens", "--out", str(ck), "--json"]) == 0
+    assert main(["quantize", "default", "--method", "rtn", "--lm-head", "rtn8", "--out", str(ck), "--json"]) == 0
     r = run_llm(vllm_python, ck, tmp_path / "out.json")
     assert r.returncode != 0
     log = r.stdout + r.stderr
-    assert "this checkpoint quantizes lm_head" in log and "re-quantize with lm_head in --skip" in log
+    assert "this checkpoint quantizes lm_head" in log and "--lm-head dense, the default" in log
 
 
 def _free_port() -> int:

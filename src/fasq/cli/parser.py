@@ -60,9 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input-channel importance weighting the k-means and scale fits, from the "
                         "model alone, no text (see fasq.quant.importance; default %(default)s)")
     q.add_argument("--skip", nargs="*", default=None, help="module name patterns left unquantized "
-                   "(default: embed_tokens lm_head). `--skip embed_tokens` also quantizes the output head; "
-                   "a head tied to the input embeddings is untied (the embeddings stay unquantized, for "
-                   "lookups). Such checkpoints load in transformers, not yet in the vLLM plugin")
+                   "(default: embed_tokens lm_head; leaving lm_head out quantizes the head as --lm-head same)")
+    q.add_argument("--lm-head", choices=["dense", "rtn8", "same"], default="dense",
+                   help="the output head: dense (default: unquantized), rtn8 (RTN 8-bit, groups of 64 "
+                        "columns: decodes on the CPU's int8 path with no lookup; as llama.cpp keeps its "
+                        "head at 6-8 bits) or same (the other layers' config; 4-bit heads cost the default "
+                        "model about 5 %% perplexity). A head tied to the input embeddings is untied: the "
+                        "embeddings stay unquantized, for lookups. Such checkpoints load in transformers, "
+                        "not yet in the vLLM plugin")
     q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
     q.add_argument("--in-memory", action="store_true", help="load the whole model first (default: read, "
                    "quantize and write the tensors one at a time, resuming an interrupted run); needed "

@@ -32,6 +32,26 @@ def _layer_config(a):
                     kmeans_sample=a.kmeans_sample, seed=a.seed)
 
 
+# --lm-head: what the output head becomes ("dense": skipped, as by default)
+HEAD_CONFIGS = {"rtn8": RTNConfig(bits=8, group_size=64)}
+
+
+def _head(a, skip: tuple[str, ...], targets: bool) -> tuple[tuple[str, ...], dict]:
+    """(skip, overrides) for --lm-head: the head quantized (a tied one is untied) with the
+    layers' config ("same") or RTN 8-bit ("rtn8", the int8 CPU path's exact grid)."""
+    if a.lm_head == "dense":
+        return skip, {}
+    if a.skip is not None and QuantConfig(skip=tuple(a.skip)).is_skipped("lm_head"):
+        raise ValueError(f"--lm-head {a.lm_head} quantizes lm_head, but --skip also names it; drop one")
+    if a.tensor_parallel > 1:
+        raise ValueError("--lm-head with --tensor-parallel: the vLLM plugin does not serve a quantized head yet")
+    if a.lm_head == "rtn8" and targets:
+        raise ValueError("--lm-head rtn8 with --target-bits / --target-size: the solver would choose the "
+                         "head's config too; use --lm-head same to let it, or leave the head dense")
+    skip = tuple(s for s in skip if not QuantConfig(skip=(s,)).is_skipped("lm_head"))
+    return skip, ({"lm_head": HEAD_CONFIGS[a.lm_head]} if a.lm_head in HEAD_CONFIGS else {})
+
+
 def _warn_unmatched_skips(patterns, module_names) -> None:
     """--skip patterns that match no module: most likely a typo (`lm_heed`), which would
     quantize the layer the user meant to keep."""
@@ -57,7 +77,8 @@ def cmd_quantize(a) -> int:
     if a.tensor_parallel < 1:
         raise ValueError(f"--tensor-parallel must be >= 1, got {a.tensor_parallel}")
     cands = None if a.candidates is None else parse_candidates(a.candidates)  # fail before the slow part
-    qcfg = QuantConfig(layer=_layer_config(a), skip=skip, importance=a.importance)
+    skip, overrides = _head(a, skip, bool(targets))
+    qcfg = QuantConfig(layer=_layer_config(a), skip=skip, overrides=overrides, importance=a.importance)
     t0 = time.perf_counter()
     run = _quantize_in_memory if a.in_memory else _quantize_streaming
     report = run(a, out, qcfg, cands, bool(targets))

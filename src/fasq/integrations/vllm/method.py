@@ -84,9 +84,9 @@ class FasqVllmConfig(QuantizationConfig):
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if not isinstance(layer, LinearBase):
             if prefix.rpartition(".")[2] == "lm_head" and self.is_quantized("lm_head"):
-                raise ConfigError("this checkpoint quantizes lm_head (quantized with --skip embed_tokens), "
-                                  "which the vLLM plugin does not serve yet; serve it with transformers, or "
-                                  "re-quantize with lm_head in --skip (the default)")
+                raise ConfigError("this checkpoint quantizes lm_head (fasq quantize --lm-head rtn8/same), which "
+                                  "the vLLM plugin does not serve yet; serve it with transformers, or "
+                                  "re-quantize with the head dense (--lm-head dense, the default)")
             return None  # embeddings, lm_head, attention: unquantized (None = vLLM's default)
         names = self.checkpoint_names(prefix)
         quantized = [self.is_quantized(n) for n in names]

@@ -12,10 +12,11 @@ path by the int8 rounding of codebooks and activations (bounded in tests/test_cp
 WikiText-2 perplexity of the default checkpoint moves by far less than the 0.5 % allowed
 (README, "Speed on the CPU").
 
-Taken: d=2 K <= 256 (lookups by vpermi2b) and d=1 K <= 16 (d=1 K=16, RTN at 1-4 bits:
-lookups by vpermb), uint8 codes, codebook runs and scale groups of whole 8-column steps,
-on CPUs with AVX-512 VBMI and VNNI (and the instruction-set cap at "avx512"). Anything else returns None from
-`prepared`, and the caller keeps the exact float kernel.
+Taken: d=2 K <= 256 (lookups by vpermi2b), d=1 K <= 16 (d=1 K=16, RTN at 1-4 bits:
+lookups by vpermb) and RTN at 8 bits (no lookup: a code is its value), uint8 codes,
+codebook runs and scale groups of whole 8-column steps, on CPUs with AVX-512 VBMI and VNNI
+(and the instruction-set cap at "avx512"). Anything else returns None from `prepared`, and
+the caller keeps the exact float kernel.
 
 Default: automatic selection takes this path for d=2 layers and for d=1 layers whose
 codebooks are integers in [-127, 127] (RTN's grid: copied exactly, only the activations are
@@ -66,8 +67,9 @@ def available() -> bool:
 
 
 def format_supported(d: int, K: int, code_dtype: torch.dtype) -> bool:
-    """Whether the path takes this format at all (alignment is checked per layer)."""
-    return ((d == 2 and K <= 256) or (d == 1 and K <= 16)) and code_dtype == _SUPPORTED_CODE
+    """Whether the path may take this format (d=1 K=256 only as RTN's 8-bit grid; codebooks
+    and alignment are checked per layer)."""
+    return ((d == 2 and K <= 256) or (d == 1 and K <= 16) or (d == 1 and K == 256)) and code_dtype == _SUPPORTED_CODE
 
 
 class _Int8Layer(ctypes.Structure):
@@ -82,7 +84,7 @@ class _Prepared:
     def __init__(self, plan: "cpu._Plan", sizes):
         lib = cpu.load_library()
         self.codes = torch.empty(sizes[0], dtype=torch.uint8)                     # [OB, M/4, 16, 4]
-        self.tabs = torch.empty(sizes[1], dtype=torch.uint8)                      # [C, 2, 256]
+        self.tabs = torch.empty(sizes[1], dtype=torch.uint8)                      # [C, 2, 256], [C, 64] or []
         self.cbscale = torch.empty(sizes[2], dtype=torch.float32)                 # [2, C] step, shift
         self.scales = torch.empty(sizes[3], dtype=torch.float32)                  # [OB, S, 16]
         self.offsets = torch.empty(sizes[4], dtype=torch.float32) if sizes[4] else None  # [OB, S, 16]
@@ -91,9 +93,10 @@ class _Prepared:
         self.args = _Int8Layer(plan.address, *ptrs, cpu._ptr(self.offsets))
         self.address = ctypes.addressof(self.args)
         self.plan = plan  # keeps plan.args (pointed to by self.args) alive
-        # taken by default: d=2, or every codebook value an integer in [-127, 127] (an exact copy)
+        # taken by default: d=2, or integer codebooks copied exactly (RTN: values in [-127, 127],
+        # or the 8-bit grid 0..255 used as it is)
         cb = plan.src[0]
-        self.default = cb.shape[2] == 2 or bool(((cb == cb.round()) & (cb.abs() <= 127)).all())
+        self.default = cb.shape[2] == 2 or bool((cb == cb.round()).all()) and (cb.shape[1] == 256 or bool((cb.abs() <= 127).all()))
 
 
 def prepared(codes: Tensor, codebooks: Tensor, scales: Tensor | None, offsets: Tensor | None,

@@ -5,8 +5,9 @@
 //
 // Formats: one-byte codes with d=2, K <= 256 (the default d=2 K=256, and d=2 K=64), or
 // d=1, K <= 16 (d=1 K=16, and RTN at 1-4 bits: a grid codebook 0..K-1 with a scale and a
-// minimum per group); codebook runs and scale groups a multiple of 8 columns. Anything
-// else: the caller keeps the float path (fasq_cpu_int8_sizes says so).
+// minimum per group), or RTN at 8 bits (d=1, the grid 0..255); codebook runs and scale
+// groups a multiple of 8 columns. Anything else: the caller keeps the float path
+// (fasq_cpu_int8_sizes says so).
 //
 // Load time (fasq_cpu_int8_prepare, once per layer; the checkpoint is unchanged):
 //   codes   uint8 [OB][M/4][16][4]   OB = ceil(out/16) row blocks; a 64-byte step holds 4
@@ -40,6 +41,11 @@
 //                                    bits 4-5, so neither half needs masking)
 // per step one load, one shift, two vpermb (low halves, then high ones), then per token
 // two vpdpbusd against the step's 8 activations in column order.
+//
+// d=1, K=256 with every codebook the grid 0..255 (RTN at 8 bits: the "bytes" layout):
+//   codes   uint8 [OB][in/4][16][4]  as d=2's, one column a byte; no tables (the codes are
+//                                    the unsigned values: step 1, shift 0)
+// per activation block two loads and, per token, two vpdpbusd.
 
 #include <stdint.h>
 #include <string.h>
@@ -75,12 +81,24 @@ struct Run {  // subspaces [m0, m1), codebook c, scale group g
   int64_t m0, m1, c, g;
 };
 
-// d=1 K<=16: two codes a byte, vpermb lookups; else d=2 K<=256, vpermi2b lookups.
-inline bool nibble(const LayerArgs& a) { return a.d == 1; }
+// How a layer's codes are laid out and looked up (header comment).
+enum Layout { PAIRS, NIBBLES, BYTES };
+
+// BYTES: d=1 and every codebook the 8-bit grid 0..255 (RTN at 8 bits), so a code is its
+// own value: no lookup at all.
+bool byte_grid(const LayerArgs& a) {
+  if (a.d != 1 || a.K != 256) return false;
+  for (int64_t c = 0; c < a.C; c++)
+    for (int64_t k = 0; k < 256; k++)
+      if (elem(a.codebooks, c * 256 + k, (int)a.cb_dtype) != (float)k) return false;
+  return true;
+}
+
+inline Layout layout(const LayerArgs& a) { return a.d == 2 ? PAIRS : a.K <= 16 ? NIBBLES : BYTES; }
 
 // 0 when the int8 path takes this layer, else why not (1 format, 2 alignment).
 int supported(const LayerArgs& a) {
-  const bool fmt = (a.d == 2 && a.K <= 256) || (a.d == 1 && a.K <= 16);
+  const bool fmt = (a.d == 2 && a.K <= 256) || (a.d == 1 && a.K <= 16) || byte_grid(a);
   if (!fmt || a.code_bytes != 1 || a.K < 1 || a.in <= 0 || a.out <= 0 || a.in % a.d) return 1;
   const int64_t M = a.in / a.d, per = 8 / a.d;  // subspaces per 8 columns
   if (a.C <= 0 || M % a.C || (a.scales && (a.S <= 0 || M % a.S)) || (a.offsets && !a.scales)) return 1;
@@ -278,7 +296,55 @@ BlockFn pick_nib(int nt) {
   }
 }
 
-BlockFn pick(bool nib, bool big, bool off, int nt) {
+// d=1, the 8-bit grid (BYTES layout: one code a byte, 4 columns of 16 rows per 64-byte
+// step, as PAIRS): the codes are the unsigned values, so per step one load and per token one
+// vpdpbusd; an activation block is two steps.
+template <int NT, bool OFF>
+FASQ_I8 void row_block_bytes(const Run* runs, int64_t R, int64_t M, int64_t S, const Prepared& P, int64_t rb,
+                             const Acts& A, float* tot) {
+  const int64_t M4 = M / 4;
+  const __m512i* code = reinterpret_cast<const __m512i*>(P.codes) + rb * M4;
+  __m512 tv[NT];
+  for (int t = 0; t < NT; t++) tv[t] = _mm512_setzero_ps();
+  int64_t blk = 0;
+  for (int64_t r = 0; r < R; r++) {
+    const Run run = runs[r];
+    __m512 racc[NT];
+    for (int t = 0; t < NT; t++) racc[t] = _mm512_set1_ps(A.corr[t * R + r]);
+    for (int64_t step = run.m0 / 4; step < run.m1 / 4; step += 2, blk++) {
+      _mm_prefetch(reinterpret_cast<const char*>(code + step + FASQ_PFD), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(code + step + 1 + FASQ_PFD), _MM_HINT_T0);
+      const __m512i w0 = _mm512_loadu_si512(code + step), w1 = _mm512_loadu_si512(code + step + 1);
+      for (int t = 0; t < NT; t++) {
+        const int32_t* xp = reinterpret_cast<const int32_t*>(A.xq + t * M + step * 4);
+        __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_set1_epi32(xp[0]));
+        acc = _mm512_dpbusd_epi32(acc, w1, _mm512_set1_epi32(xp[1]));
+        racc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(A.xs[t * A.nblk + blk]), racc[t]);
+      }
+    }
+    end_run<NT, OFF>(P, A, rb, S, run, r, racc, tv);
+  }
+  for (int t = 0; t < NT; t++) _mm512_storeu_ps(tot + t * 16, tv[t]);
+}
+
+template <bool OFF>
+BlockFn pick_bytes(int nt) {
+  switch (nt) {
+    case 1: return row_block_bytes<1, OFF>;
+    case 2: return row_block_bytes<2, OFF>;
+    case 3: return row_block_bytes<3, OFF>;
+    case 4: return row_block_bytes<4, OFF>;
+    case 5: return row_block_bytes<5, OFF>;
+    case 6: return row_block_bytes<6, OFF>;
+    case 7: return row_block_bytes<7, OFF>;
+    default: return row_block_bytes<8, OFF>;
+  }
+}
+
+BlockFn pick(Layout lay, bool big, bool off, int nt) {
+  if (lay == BYTES) return off ? pick_bytes<true>(nt) : pick_bytes<false>(nt);
+  const bool nib = lay == NIBBLES;
+
   if (nib) return off ? pick_nib<true>(nt) : pick_nib<false>(nt);
   if (big) return off ? pick_nt<true, true>(nt) : pick_nt<true, false>(nt);
   return off ? pick_nt<false, true>(nt) : pick_nt<false, false>(nt);
@@ -303,8 +369,9 @@ int fasq_cpu_int8_available(void) { return cpu_has_int8() && fasq_cpu_isa_level(
 int fasq_cpu_int8_sizes(const LayerArgs* a, int64_t* sizes) {
   if (int err = supported(*a)) return err;
   const int64_t OB = (a->out + 15) / 16, G = n_groups(*a);
-  sizes[0] = OB * 16 * (a->in / 2);  // one byte per 2 columns in both layouts
-  sizes[1] = a->C * (nibble(*a) ? 64 : 512);
+  const Layout lay = layout(*a);
+  sizes[0] = OB * 16 * (lay == BYTES ? a->in : a->in / 2);  // PAIRS and NIBBLES: a byte per 2 columns
+  sizes[1] = a->C * (lay == PAIRS ? 512 : lay == NIBBLES ? 64 : 0);
   sizes[2] = 2 * a->C;
   sizes[3] = OB * G * 16;
   sizes[4] = a->offsets ? OB * G * 16 : 0;
@@ -316,8 +383,9 @@ int fasq_cpu_int8_prepare(const LayerArgs* a, uint8_t* codes, uint8_t* tabs, flo
                           float* offsets) {
   if (int err = supported(*a)) return err;
   const int64_t OB = (a->out + 15) / 16, G = n_groups(*a), K = a->K, d = a->d, M = a->in / d;
-  const int64_t steps = a->in / 8;  // 64-byte steps per row block
-  const bool nib = nibble(*a);
+  const Layout lay = layout(*a);
+  const bool nib = lay == NIBBLES;
+  const int64_t steps = nib ? a->in / 8 : M / 4;  // 64-byte steps per row block
   const uint8_t* src = static_cast<const uint8_t*>(a->codes);
   for (int64_t rb = 0; rb < OB; rb++)
     for (int64_t s = 0; s < steps; s++)
@@ -330,7 +398,8 @@ int fasq_cpu_int8_prepare(const LayerArgs* a, uint8_t* codes, uint8_t* tabs, flo
           for (int j = 0; j < 4; j++) dst[j] = (uint8_t)((src[o * M + s * 8 + j] & 15) | (src[o * M + s * 8 + 4 + j] << 4));
       }
   const int64_t tab_bytes = nib ? 64 : 512;
-  for (int64_t c = 0; c < a->C; c++) {
+  for (int64_t c = 0; c < a->C && lay == BYTES; c++) cbscale[c] = 1.f, cbscale[a->C + c] = 0.f;  // codes are values
+  for (int64_t c = 0; c < a->C && lay != BYTES; c++) {
     float amax = 0.f, vmin = 0.f;
     bool integral = true;
     for (int64_t j = 0; j < K * d; j++) {
@@ -385,7 +454,7 @@ int fasq_cpu_int8_linear(const Int8Layer* p, const void* x, int x_dtype, int64_t
   if (T <= 0) return 0;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   const int64_t d = a->d, M = a->in / d, steps = a->in / 8, out = a->out, OB = (out + 15) / 16, G = n_groups(*a);
-  const bool nib = nibble(*a);
+  const Layout lay = layout(*a);
   const std::vector<Run> runs = make_runs(*a);
   const int64_t R = runs.size();
   int64_t nblk = 0;
@@ -409,7 +478,7 @@ int fasq_cpu_int8_linear(const Int8Layer* p, const void* x, int x_dtype, int64_t
         for (int64_t w = 0; w < BCOLS; w++) {
           const int8_t q = (int8_t)std::lrint(xf[w] * inv);
           // d=2: even columns, then odd ones (first / second centroid values); d=1: in order
-          xq[t * a->in + c0 + (nib ? w : (w % 2) * 4 + w / 2)] = q;
+          xq[t * a->in + c0 + (d == 1 ? w : (w % 2) * 4 + w / 2)] = q;
           qs += q;
         }
         xs[t * nblk + blk] = step;
@@ -432,7 +501,7 @@ int fasq_cpu_int8_linear(const Int8Layer* p, const void* x, int x_dtype, int64_t
         const int nt = (int)std::min<int64_t>(NT_MAX, T - t0);
         const Acts at{acts.xq + t0 * steps * 8, acts.xs + t0 * nblk, off ? acts.xsum + t0 * R : nullptr,
                       acts.corr + t0 * R, nblk, R};
-        pick(nib, big, off, nt)(runs.data(), R, M, G, P, rb, at, tot);
+        pick(lay, big, off, nt)(runs.data(), R, M, G, P, rb, at, tot);
         const int64_t rows = std::min<int64_t>(16, out - rb * 16);
         for (int t = 0; t < nt; t++)
           for (int64_t r = 0; r < rows; r++) {
