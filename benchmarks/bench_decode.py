@@ -54,15 +54,16 @@ MODEL_CONFIGS = [
     ("fasq-d2k64", ["-d", "2", "-K", "64"]),
     ("fasq-d4k4096", ["-d", "4", "-K", "4096", "--kmeans-sample", "8192", "--kmeans-iters", "4"]),
     ("rtn-w4g192", ["--method", "rtn", "--bits", "4", "--group-size", "192"]),
+    ("fasq-d2k256-head8", ["--lm-head", "rtn8"]),  # the default with the output head at RTN 8-bit
 ]
 KERNEL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (14336, 4096)]
 # (name, d, K, exact): exact rows keep the float kernels (FASQ_CPU_INT8=0: cpu_gemv up to 6
 # tokens, else rebuild + matmul); the others take cpu_int8 wherever it takes the layer (for
 # fasq-d1k16 automatic selection does so only with FASQ_CPU_INT8=all). "rtn-*" rows are RTN layers (a grid codebook, a scale
-# and a minimum per group), "fasq-d1k16" PQ at d=1 K=16 in the default scope.
+# and a minimum per group; "rtn-w8": 8 bits, as --lm-head rtn8), "fasq-d1k16" PQ at d=1 K=16 in the default scope.
 KERNEL_CONFIGS = [("fasq-d2k256", 2, 256, False), ("fasq-d2k256-exact", 2, 256, True), ("fasq-d2k64", 2, 64, False),
                   ("fasq-d4k4096", 4, 4096, False), ("fasq-d1k16", 1, 16, False), ("fasq-d1k16-exact", 1, 16, True),
-                  ("rtn-w4", 1, 16, False), ("rtn-w4-exact", 1, 16, True)]
+                  ("rtn-w4", 1, 16, False), ("rtn-w4-exact", 1, 16, True), ("rtn-w8", 1, 256, False)]
 
 
 def cpu_name() -> str:

@@ -15,7 +15,7 @@ Makes (reused when present) in RUNS/NAME/:
                    importance matrix), when --llama-cpp-python is given
 Timing does not depend on the values, so random weights time exactly like trained ones.
 With --bench it also times decode at batch 1 (bf16, fasq d2K256 / d2K64 / d1K16, RTN
-4-bit g64, llama.cpp Q4_0 / Q4_K_M / IQ4_XS; same threads, interleaved rounds, best round
+4-bit g64, fasq d2K256 with the head at RTN 8-bit, llama.cpp Q4_0 / Q4_K_M / IQ4_XS; same threads, interleaved rounds, best round
 each) and writes benchmarks/results/decode-cpu-MODEL.json.
 """
 
@@ -186,7 +186,9 @@ def make_all(name: str, runs: Path, llama_python: str | None = None) -> dict[str
 # fasq checkpoints timed against the bf16 model and llama.cpp (fasq quantize arguments);
 # RTN groups of 64 columns: the 4-bit point llama.cpp's Q4 types sit at (Q4_0: 32)
 FASQ_CONFIGS = [("fasq-d2k256", []), ("fasq-d2k64", ["-d", "2", "-K", "64"]),
-                ("fasq-d1k16", ["-d", "1", "-K", "16"]), ("rtn-w4g64", ["--method", "rtn", "--group-size", "64"])]
+                ("fasq-d1k16", ["-d", "1", "-K", "16"]), ("rtn-w4g64", ["--method", "rtn", "--group-size", "64"]),
+                # the default with the output head at RTN 8-bit (llama.cpp's types keep theirs at Q6_K)
+                ("fasq-d2k256-head8", ["--lm-head", "rtn8"])]
 
 def bench(name: str, runs: Path, llama_python: str | None, rounds: int = 3, prompt_len: int = 128,
           new_tokens: int = 32, compile: bool = False) -> list[dict]:

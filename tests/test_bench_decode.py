@@ -24,7 +24,7 @@ def test_kernel_rows(bench):
 
     for r in rows:
         assert r["time_us"] > 0 and r["bf16_us"] > 0 and r["speedup_vs_bf16"] > 0
-        int8 = cpu_int8.available() and r["config"] in ("fasq-d2k256", "fasq-d2k64", "fasq-d1k16", "rtn-w4")  # <= 16 tokens
+        int8 = cpu_int8.available() and r["config"] in ("fasq-d2k256", "fasq-d2k64", "fasq-d1k16", "rtn-w4", "rtn-w8")  # <= 16 tokens
         assert r["kernel"] == ("cpu_int8" if int8 else "cpu_gemv" if r["tokens"] == 1 else "cpu_dequant")
     d2 = next(r for r in rows if r["config"] == "fasq-d2k256")
     assert d2["code_bytes"] == 5 * 96  # 8-bit codes, 96 per row
