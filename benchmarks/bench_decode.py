@@ -308,12 +308,15 @@ def time_split(model, ids, prompt_len: int, new_tokens: int, rounds: int) -> dic
 
 
 def bench_split(runs: Path, prompt_len: int, new_tokens: int, rounds: int) -> list[dict]:
-    """`time_split` of the bf16 model and of the default fasq checkpoint (int8 and exact paths)."""
+    """`time_split` of the bf16 model and of the default fasq checkpoint (int8 and exact paths,
+    and with its head at RTN 8-bit: then lm_head counts among the quantized linears)."""
     from fasq.io.sources import load_model
 
     rows = []
+    head8 = dict(MODEL_CONFIGS)["fasq-d2k256-head8"]
     for name, source in [("bf16", "default"), ("fasq-d2k256", str(_checkpoint(runs, "fasq-d2k256", []))),
-                         ("fasq-d2k256-exact", str(runs / "fasq-d2k256"))]:
+                         ("fasq-d2k256-exact", str(runs / "fasq-d2k256")),
+                         ("fasq-d2k256-head8", str(_checkpoint(runs, "fasq-d2k256-head8", head8)))]:
         model, tok = load_model(source, dtype=torch.bfloat16)
         ids = tok("The capital of France is", return_tensors="pt").input_ids[0]
         row = {"config": name, **_run_as(name, lambda m=model, i=ids: time_split(m, i, prompt_len, new_tokens, rounds))}
