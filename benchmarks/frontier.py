@@ -219,6 +219,10 @@ def with_seed_studies(rows: dict[str, dict], seed_dir: Path) -> dict[str, dict]:
         rows[DEFAULT_ROW]["zeroshot"] = {"full": {
             "tasks": z["tasks"], "command": z["command"], "config": z["config"],
             "avg_acc": z["avg_acc"], "avg_acc_norm": z["avg_acc_norm"]}}
+        old = z.get("compare", {}).get("default_without_importance")
+        if UNWEIGHTED in rows and old:
+            rows[UNWEIGHTED]["zeroshot"] = {"full": {k: old[k] for k in
+                                                     ("tasks", "command", "config", "avg_acc", "avg_acc_norm")}}
     return rows
 
 

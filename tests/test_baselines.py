@@ -198,3 +198,23 @@ def test_frontier_seed_study_missing_file_keeps_rows(tmp_path):
     rows = {"x": {"name": "x", "family": "RTN", "perplexity": 6.0, "bits_per_weight": 4.2,
                   "size_fraction_of_fp16": 0.42}}
     assert fr.with_seed_studies(dict(rows), tmp_path) == rows
+
+
+def test_frontier_attaches_the_defaults_zeroshot(tmp_path):
+    fr = _frontier_module()
+    for name in (fr.DEFAULT_ROW, fr.UNWEIGHTED):
+        fname, config = fr.SEED_STUDY[name]
+        path = tmp_path / fname
+        old = json.loads(path.read_text()) if path.exists() else {"rows": [], "summary": {}, "cli": {}}
+        opts = "--importance none " if name == fr.UNWEIGHTED else ""
+        new = _study({config: [1.0, 2.0]}, {config: f"fasq quantize default {opts}--seed S"})
+        path.write_text(json.dumps({k: (old[k] + new[k]) if k == "rows" else {**old[k], **new[k]}
+                                    for k in ("rows", "summary", "cli")}))
+    zs = {"command": "c", "config": "x", "tasks": {}, "avg_acc": 0.5, "avg_acc_norm": 0.4,
+          "compare": {"default_without_importance": {"command": "d", "config": "y", "tasks": {},
+                                                     "avg_acc": 0.3, "avg_acc_norm": 0.2}}}
+    (tmp_path / fr.ZEROSHOT_DEFAULT.name).write_text(json.dumps(zs))
+    out = fr.with_seed_studies({}, tmp_path)
+    assert out[fr.DEFAULT_ROW]["zeroshot"]["full"]["avg_acc"] == 0.5
+    assert out[fr.UNWEIGHTED]["zeroshot"]["full"]["avg_acc"] == 0.3
+    assert fr.before_importance(out[fr.UNWEIGHTED]) and not fr.before_importance(out[fr.DEFAULT_ROW])
