@@ -5,7 +5,7 @@ tokens) and, with --zeroshot, average zero-shot accuracy over ARC-Easy, ARC-Chal
     python benchmarks/frontier.py                       # measure missing rows, table + plot
     python benchmarks/frontier.py --only GPTQ AWQ       # (re)measure rows whose name has GPTQ/AWQ
     python benchmarks/frontier.py --zeroshot 100        # + zero-shot on the first 100 per task
-    python benchmarks/frontier.py --zeroshot 0 --only "reference" "(default)"   # full sets
+    python benchmarks/frontier.py --zeroshot 0 --only "reference" "GPTQ 4-bit"   # full sets
     python benchmarks/frontier.py --plot-only
 
 Every row is the `fasq` command lines it prints (`fasq quantize` for FASQ/RTN, `fasq baseline`
@@ -13,6 +13,16 @@ for HQQ/GPTQ/AWQ, run with --baseline-python: the environment of `make baselines
 llmcompressor pins its own transformers). Rows of benchmarks/ppl_table.py (same protocol) are
 read from its JSON, not re-measured. Results: benchmarks/results/frontier-smollm2.json and
 frontier-smollm2.png; checkpoints stay in runs/frontier/ (git-ignored) for later zero-shot runs.
+
+Rows measured over k-means seeds by benchmarks/seed_study.py (SEED_STUDY below: the default
+with and without the importance weighting, the uniform rows, the solver rows) are read from
+its JSON files, not re-measured here: perplexity is the mean over the seeds, drawn with the
+min-max range as an error bar; every run (--plot-only too) writes the merged rows back to
+frontier-smollm2.json. FASQ rows measured before the importance weighting (a row
+without an `importance` field; `fasq quantize --importance none` gives the same tensors) are
+drawn hollow and kept off the frontier until `--only NAME` re-measures them. The seed-study
+rows have no checkpoint here, so no zero-shot; the default's (one seed, full sets) is read from
+benchmarks/results/zeroshot-default-smollm2.json.
 
 The default model's weights are Q4_1 (4-bit, groups of 32): 4-bit RTN with groups of 32 is
 lossless on it by construction, so baselines use groups of 192 (the usual 128 does not divide
@@ -25,6 +35,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -38,6 +49,30 @@ PPL_TABLE = HERE / "results" / "ppl-smollm2.json"
 CKPTS = Path("runs/frontier")
 TASKS = "arc_easy,arc_challenge,piqa"
 OFF_FRONTIER = ("lossless",)  # names drawn hollow and kept off the frontier
+SEED_DIR = HERE / "results"
+ZEROSHOT_DEFAULT = HERE / "results" / "zeroshot-default-smollm2.json"  # the default's zero-shot (full sets)
+DEFAULT_ROW = "FASQ d=2, K=256, codebook per 96 subspaces, scale per 96 cols (default)"
+UNWEIGHTED = "FASQ d=2, K=256, codebook per 96 subspaces, scale per 96 cols, --importance none (the default before)"
+# row name -> (benchmarks/seed_study.py results file, its config name); the row's perplexity is
+# the mean over the seeds measured there
+SEED_STUDY = {
+    DEFAULT_ROW: ("seeds-study-smollm2.json", "default, importance random-tokens"),
+    UNWEIGHTED: ("seeds-study-none-smollm2.json", "default, no importance"),
+    **{f"FASQ d={d}, K={K}, one codebook, scale per 96 cols": ("seeds-study-smollm2.json", f"d={d} K={K}, one codebook")
+       for d, K in ((2, 512), (2, 256), (2, 128), (3, 512), (2, 64))},
+    "FASQ solver, --target-bits 3.1, default candidates + d=3 K=256/512/1024": (
+        "seeds-study-solver-smollm2.json", "solver 3.1 bits (d3 candidates), proxy rel"),
+    "FASQ solver, --target-size 0.4192 (the default's size)": (
+        "seeds-study-solver-smollm2.json", "solver at the default's size, proxy rel"),
+    "FASQ d=2, K=256, one codebook, per-row scales": ("seeds-study-smollm2.json",
+                                                      "d=2 K=256, one codebook, per-row scales"),
+    "FASQ solver, --target-size 0.4132 (GPTQ/AWQ 4-bit g192's size)": (
+        "seeds-study-solver-smollm2.json", "solver at GPTQ/AWQ 4-bit g192's size, proxy rel"),
+    "FASQ solver, per-layer (d, K), --target-size 0.392 (d=2 K=128's size)": (
+        "seeds-study-solver-smollm2.json", "solver at d=2 K=128's size, proxy rel"),
+    "FASQ solver, --target-size 0.3636 (GPTQ/AWQ 3-bit g192's size)": (
+        "seeds-study-solver-smollm2.json", "solver at GPTQ/AWQ 3-bit g192's size, proxy rel"),
+}
 
 D3_CANDIDATES = "d4K64,d4K256,d4K1024,d3K256,d3K512,d3K1024,d2K32,d2K64,d2K128,d2K256,d2K512,d1K16,d1K32,d1K64"
 
@@ -89,6 +124,8 @@ def build(name: str, sp: tuple[str, list[str]], ck: Path, baseline_python: str, 
             run(q)
         info = run(["info", str(ck)])
         extra = {"mean_sqnr_db": info["mean_sqnr_db"]}
+        # the checkpoint's importance weighting (older checkpoints: none); rows without it predate it
+        extra["importance"] = info.get("quantization_config", {}).get("importance", "none")
     else:
         q = ["baseline", opts[0], "default", *opts[1:], "--out", str(ck), "--overwrite"]
         done = ck / "fasq_baseline.json"
@@ -117,7 +154,45 @@ def zeroshot(row: dict, model: str, limit: int, batch_size: int) -> None:
         "avg_acc_norm": sum(t["acc_norm"] for t in tasks.values()) / len(tasks)}
 
 
-def load_rows() -> dict[str, dict]:
+def seed_study_row(name: str, base: dict | None, study: dict, config: str, source: str) -> dict:
+    """The frontier row `name` from a seed-study results file: perplexity = the mean over its
+    seeds, with min, max, spread and the per-seed values; of `base` (the row as measured
+    before, if any) only its single run's perplexity and zero-shot are kept, as
+    perplexity_before_importance and zeroshot_before_importance."""
+    runs = [r for r in study["rows"] if r["config"] == config]
+    s = study["summary"][config]
+    row = {"name": name, "family": family_of(name), "source": f"benchmarks/seed_study.py ({source})",
+           "commands": [study["cli"][config], "seeds: " + ",".join(map(str, s["seeds"]))],
+           "importance": _importance_of(study["cli"][config]),
+           "bits_per_weight": statistics.mean(r["bits_per_weight"] for r in runs),
+           "size_fraction_of_fp16": statistics.mean(r["size_fraction_of_fp16"] for r in runs),
+           "perplexity": s["mean"], "perplexity_min": s["min"], "perplexity_max": s["max"],
+           "perplexity_spread": s["spread"], "seeds": s["seeds"],
+           "perplexity_per_seed": [r["perplexity"] for r in runs], "windows": runs[0]["windows"]}
+    if base and "perplexity_before_importance" in base:
+        for k in ("perplexity_before_importance", "zeroshot_before_importance"):
+            if k in base:
+                row[k] = base[k]
+    elif base and "seeds" not in base and "importance" not in base and "perplexity" in base:
+        row["perplexity_before_importance"] = base["perplexity"]  # the one run measured before
+        if "zeroshot" in base:
+            row["zeroshot_before_importance"] = base["zeroshot"]
+    return row
+
+
+def _importance_of(cli: str) -> str:
+    opts = cli.split()
+    return opts[opts.index("--importance") + 1] if "--importance" in opts else "random-tokens"
+
+
+def before_importance(row: dict) -> bool:
+    """A FASQ row measured before the importance weighting (it records no `importance`), or
+    one measured with it off."""
+    return row["family"] in ("FASQ", "FASQ solver") and row.get("importance", "none") == "none"
+
+
+def load_rows(seed_dir: Path | None = None) -> dict[str, dict]:
+    seed_dir = SEED_DIR if seed_dir is None else seed_dir
     rows = {}
     if PPL_TABLE.exists():  # issue-2 rows, same protocol; their checkpoints are not kept
         for r in json.loads(PPL_TABLE.read_text())["rows"]:
@@ -125,13 +200,37 @@ def load_rows() -> dict[str, dict]:
     if RESULTS.exists():
         for r in json.loads(RESULTS.read_text())["rows"]:
             rows[r["name"]] = {**rows.get(r["name"], {}), **r}
+    return with_seed_studies(rows, seed_dir)
+
+
+def with_seed_studies(rows: dict[str, dict], seed_dir: Path) -> dict[str, dict]:
+    """`rows` with every SEED_STUDY row taken from its seed-study file (where that file has
+    the config), and the default's zero-shot accuracy from ZEROSHOT_DEFAULT."""
+    studies: dict[str, dict] = {}
+    for name, (fname, config) in SEED_STUDY.items():
+        path = seed_dir / fname
+        if fname not in studies:
+            studies[fname] = json.loads(path.read_text()) if path.exists() else {"summary": {}}
+        if config in studies[fname]["summary"]:
+            rows[name] = seed_study_row(name, rows.get(name), studies[fname], config, fname)
+    zs = seed_dir / ZEROSHOT_DEFAULT.name
+    if DEFAULT_ROW in rows and zs.exists():
+        z = json.loads(zs.read_text())
+        rows[DEFAULT_ROW]["zeroshot"] = {"full": {
+            "tasks": z["tasks"], "command": z["command"], "config": z["config"],
+            "avg_acc": z["avg_acc"], "avg_acc_norm": z["avg_acc_norm"]}}
+        old = z.get("compare", {}).get("default_without_importance")
+        if UNWEIGHTED in rows and old:
+            rows[UNWEIGHTED]["zeroshot"] = {"full": {k: old[k] for k in
+                                                     ("tasks", "command", "config", "avg_acc", "avg_acc_norm")}}
     return rows
 
 
-def save_row(row: dict, windows: int) -> None:
-    """Merge one row into the results file (re-read first: several sweeps may run at once)."""
+def save_row(row: dict, windows: int, replace_all: list[dict] | None = None) -> None:
+    """Merge one row into the results file (re-read first: several sweeps may run at once);
+    `replace_all`: write these rows instead."""
     rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
-    rows = [r for r in rows if r["name"] != row["name"]] + [row]
+    rows = replace_all if replace_all is not None else [r for r in rows if r["name"] != row["name"]] + [row]
     payload = {"model": "SmolLM2-135M-Instruct (default, Q4_1 origin)",
                "protocol": f"WikiText-2 test, first {windows} windows of 2048 tokens; zero-shot: lm-eval "
                            f"0.4.13 log-likelihood, acc, {TASKS}", "rows": rows}
@@ -199,6 +298,7 @@ def plot(rows: list[dict], out: Path, zs_key: str | None) -> None:
               ("size_fraction_of_fp16", "model size, % of FP16")]
     fig, axs = plt.subplots(len(metrics), 2, figsize=(13, 5 * len(metrics)), squeeze=False)
     styles = {"FASQ": "o", "FASQ solver": "*", "RTN": "s", "HQQ": "^", "GPTQ": "D", "AWQ": "v"}
+    colors = {fam: f"C{k}" for k, fam in enumerate(styles)}  # the same colour per family in every panel
     for i, (metric, ylabel, higher) in enumerate(metrics):
         val = (lambda r: r.get("perplexity")) if metric == "perplexity" else (lambda r: zs_avg(r, zs_key))
         ref = next((val(r) for r in rows if r["family"] == "reference"), None)
@@ -207,15 +307,26 @@ def plot(rows: list[dict], out: Path, zs_key: str | None) -> None:
             ax = axs[i][j]
             scale = 100 if xkey == "size_fraction_of_fp16" else 1
             for fam, mk in styles.items():
-                fr = [r for r in pts if r["family"] == fam]
+                fr = [r for r in pts if r["family"] == fam and not before_importance(r)]
                 for hollow in (False, True):
                     sel = [r for r in fr if any(s in r["name"] for s in OFF_FRONTIER) == hollow]
                     if sel:
                         ax.scatter([scale * r[xkey] for r in sel], [val(r) for r in sel], marker=mk, s=60,
                                    label=fam + (" (lossless on Q4_1 origin)" if hollow else ""),
-                                   facecolors="none" if hollow else None,
-                                   edgecolors="k" if hollow else None)
-            on = [r for r in pts if not any(s in r["name"] for s in OFF_FRONTIER)]
+                                   facecolors="none" if hollow else colors[fam],
+                                   edgecolors="k" if hollow else colors[fam])
+            old = [r for r in pts if before_importance(r)]
+            if old:
+                ax.scatter([scale * r[xkey] for r in old], [val(r) for r in old], marker="o", s=60,
+                           facecolors="none", edgecolors="gray",
+                           label="FASQ / solver without importance weighting (off the frontier)")
+            bars = [r for r in pts if metric == "perplexity" and "perplexity_min" in r and not before_importance(r)]
+            if bars:
+                ax.errorbar([scale * r[xkey] for r in bars], [val(r) for r in bars],
+                            yerr=[[val(r) - r["perplexity_min"] for r in bars],
+                                  [r["perplexity_max"] - val(r) for r in bars]],
+                            fmt="none", ecolor="k", elinewidth=1, capsize=3)
+            on = [r for r in pts if not any(s in r["name"] for s in OFF_FRONTIER) and not before_importance(r)]
             names = set(frontier([(r[xkey], -val(r) if higher else val(r), r["name"]) for r in on]))
             fr = sorted((r for r in on if r["name"] in names), key=lambda r: r[xkey])
             ax.step([scale * r[xkey] for r in fr], [val(r) for r in fr], where="post", color="k", lw=1,
@@ -228,23 +339,35 @@ def plot(rows: list[dict], out: Path, zs_key: str | None) -> None:
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
     axs[0][0].legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M-Instruct: size vs quality (baselines: groups of 192; see README)")
+    fig.suptitle("SmolLM2-135M-Instruct: size vs quality (baselines: groups of 192; FASQ: mean over "
+                 "k-means seeds, bars min-max; see README)")
     fig.tight_layout()
     tmp = out.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, out)
 
 
+def ppl_cell(r: dict) -> str:
+    """Perplexity as the table shows it: the mean over seeds with min-max, or the one run."""
+    if "perplexity_min" in r:
+        return (f"{r['perplexity']:.2f} ({r['perplexity_min']:.2f}-{r['perplexity_max']:.2f}, "
+                f"{len(r['seeds'])} seeds)")
+    return f"{r.get('perplexity', float('nan')):.2f}" + (" (seed 0)" if r["family"] in ("FASQ", "FASQ solver") else "")
+
+
 def table(rows: list[dict], zs_key: str | None) -> str:
-    on = [r for r in rows if r["family"] != "reference" and not any(s in r["name"] for s in OFF_FRONTIER)]
+    on = [r for r in rows if r["family"] != "reference" and not any(s in r["name"] for s in OFF_FRONTIER)
+          and not before_importance(r)]
     names = set(frontier([(r["bits_per_weight"], r["perplexity"], r["name"]) for r in on if "perplexity" in r]))
     head = "| method | config | bits/weight | % of FP16 | WikiText-2 ppl |" + (f" avg acc ({zs_key}) |" if zs_key else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(rows, key=lambda r: -r["bits_per_weight"]):
         z = zs_avg(r, zs_key) if zs_key else None
         mark = " **(frontier)**" if r["name"] in names else ""
+        if before_importance(r) and r["name"] != UNWEIGHTED:
+            mark = " *(before the importance weighting, not re-measured)*"
         lines.append(f"| {r['family']} | {r['name']}{mark} | {r['bits_per_weight']:.3f} | "
-                     f"{100 * r['size_fraction_of_fp16']:.1f} | {r.get('perplexity', float('nan')):.2f} |"
+                     f"{100 * r['size_fraction_of_fp16']:.1f} | {ppl_cell(r)} |"
                      + ((f" {100 * z:.1f} |" if z is not None else " |") if zs_key else ""))
     return "\n".join(lines)
 
@@ -267,6 +390,8 @@ def main() -> None:
     if not a.plot_only:
         names = list(dict.fromkeys([*rows, *ROWS]))
         for name in names:
+            if name in SEED_STUDY and name in rows and rows[name].get("seeds"):
+                continue  # measured over seeds by benchmarks/seed_study.py
             if (a.only and selected(name, a.only, names)) or (not a.only and "perplexity" not in rows.get(name, {})):
                 measure(name, rows, a)
                 save_row(rows[name], a.windows)
@@ -275,6 +400,7 @@ def main() -> None:
     keys = [k for r in rows.values() for k in r.get("zeroshot", {})]
     zs_key = a.plot_zeroshot or (max(set(keys), key=keys.count) if keys else None)
     done = [r for r in rows.values() if "perplexity" in r]
+    save_row({}, a.windows, replace_all=done)  # the seed-study rows, merged
     plot(done, PLOT, zs_key)
     print(table(done, zs_key))
     print(f"\nwrote {RESULTS} and {PLOT}")

@@ -54,6 +54,15 @@ for _proxy in ("rel", "output", "output-sq"):
         ["--target-size", "0.4192", "--proxy", _proxy], {}, {},
         {"target_size": 0.4192, "candidates": None, "importance": _proxy})
 
+# the frontier's other FASQ rows (benchmarks/frontier.py and ppl_table.py), with the default proxy
+CONFIGS["d=2 K=256, one codebook, per-row scales"] = (
+    ["-d", "2", "-K", "256", "--scope", "matrix", "--scale-group", "0"], {},
+    {"d": 2, "K": 256, "codebook_scope": "matrix", "scale_group": 0}, None)
+for _label, _size in (("GPTQ/AWQ 4-bit g192's size", 0.4132), ("d=2 K=128's size", 0.392),
+                      ("GPTQ/AWQ 3-bit g192's size", 0.3636)):
+    CONFIGS[f"solver at {_label}, proxy rel"] = (["--target-size", str(_size), "--proxy", "rel"], {}, {},
+                                                 {"target_size": _size, "candidates": None, "importance": "rel"})
+
 
 def build(name: str, seed: int, model=None, tables: dict | None = None):
     """The config of `name` at k-means seed `seed` (solver configs: solved on `model`, the

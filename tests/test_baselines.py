@@ -154,3 +154,67 @@ def test_frontier_only_selects_whole_names_exactly():
     assert [n for n in names if selected(n, ["AWQ 4-bit g192"], names)] == ["AWQ 4-bit g192"]
     assert [n for n in names if selected(n, ["4-bit"], names)] == names
     assert [n for n in names if selected(n, ["GPTQ", "solver"], names)] == names[1:]
+
+
+def _study(configs: dict[str, list[float]], cli: dict[str, str]) -> dict:
+    rows = [{"config": c, "seed": s, "perplexity": p, "bits_per_weight": 4.0, "size_fraction_of_fp16": 0.4,
+             "windows": 10} for c, ps in configs.items() for s, p in enumerate(ps)]
+    summary = {c: {"seeds": list(range(len(ps))), "mean": sum(ps) / len(ps), "spread": max(ps) - min(ps),
+                   "max": max(ps), "min": min(ps), "bits_per_weight": [4.0]} for c, ps in configs.items()}
+    return {"rows": rows, "summary": summary, "cli": cli}
+
+
+def test_frontier_takes_seed_study_rows_as_means(tmp_path):
+    fr = _frontier_module()
+    name, (fname, config) = next((n, v) for n, v in fr.SEED_STUDY.items() if "K=512, one codebook" in n)
+    (tmp_path / fname).write_text(json.dumps(_study({config: [3.0, 5.0, 4.0]},
+                                                    {config: "fasq quantize default -d 2 --seed S"})))
+    rows = {name: {"name": name, "family": "FASQ", "perplexity": 9.0, "bits_per_weight": 4.1,
+                   "size_fraction_of_fp16": 0.41},
+            "FASQ solver, --target-size 0.5": {"name": "FASQ solver, --target-size 0.5", "family": "FASQ solver",
+                                               "perplexity": 2.0, "bits_per_weight": 5.0,
+                                               "size_fraction_of_fp16": 0.5},
+            "RTN 4-bit g192": {"name": "RTN 4-bit g192", "family": "RTN", "perplexity": 6.0,
+                               "bits_per_weight": 4.2, "size_fraction_of_fp16": 0.42}}
+    out = fr.with_seed_studies(rows, tmp_path)
+    r = out[name]
+    assert (r["perplexity"], r["perplexity_min"], r["perplexity_max"], r["seeds"]) == (4.0, 3.0, 5.0, [0, 1, 2])
+    assert r["perplexity_before_importance"] == 9.0 and r["importance"] == "random-tokens"
+    assert r["bits_per_weight"] == 4.0 and not fr.before_importance(r)
+    # read again from what was written: the old single run is kept, not replaced by the mean
+    again = fr.with_seed_studies({name: dict(r)}, tmp_path)[name]
+    assert again["perplexity_before_importance"] == 9.0
+    # a FASQ row without `importance` predates the weighting: marked, and off the frontier
+    old = out["FASQ solver, --target-size 0.5"]
+    assert fr.before_importance(old) and not fr.before_importance(out["RTN 4-bit g192"])
+    text = fr.table(list(out.values()), None)
+    line = next(t for t in text.splitlines() if "target-size 0.5" in t)
+    assert "before the importance weighting" in line and "(frontier)" not in line
+    assert "4.00 (3.00-5.00, 3 seeds)" in next(t for t in text.splitlines() if name in t)
+
+
+def test_frontier_seed_study_missing_file_keeps_rows(tmp_path):
+    fr = _frontier_module()
+    rows = {"x": {"name": "x", "family": "RTN", "perplexity": 6.0, "bits_per_weight": 4.2,
+                  "size_fraction_of_fp16": 0.42}}
+    assert fr.with_seed_studies(dict(rows), tmp_path) == rows
+
+
+def test_frontier_attaches_the_defaults_zeroshot(tmp_path):
+    fr = _frontier_module()
+    for name in (fr.DEFAULT_ROW, fr.UNWEIGHTED):
+        fname, config = fr.SEED_STUDY[name]
+        path = tmp_path / fname
+        old = json.loads(path.read_text()) if path.exists() else {"rows": [], "summary": {}, "cli": {}}
+        opts = "--importance none " if name == fr.UNWEIGHTED else ""
+        new = _study({config: [1.0, 2.0]}, {config: f"fasq quantize default {opts}--seed S"})
+        path.write_text(json.dumps({k: (old[k] + new[k]) if k == "rows" else {**old[k], **new[k]}
+                                    for k in ("rows", "summary", "cli")}))
+    zs = {"command": "c", "config": "x", "tasks": {}, "avg_acc": 0.5, "avg_acc_norm": 0.4,
+          "compare": {"default_without_importance": {"command": "d", "config": "y", "tasks": {},
+                                                     "avg_acc": 0.3, "avg_acc_norm": 0.2}}}
+    (tmp_path / fr.ZEROSHOT_DEFAULT.name).write_text(json.dumps(zs))
+    out = fr.with_seed_studies({}, tmp_path)
+    assert out[fr.DEFAULT_ROW]["zeroshot"]["full"]["avg_acc"] == 0.5
+    assert out[fr.UNWEIGHTED]["zeroshot"]["full"]["avg_acc"] == 0.3
+    assert fr.before_importance(out[fr.UNWEIGHTED]) and not fr.before_importance(out[fr.DEFAULT_ROW])
