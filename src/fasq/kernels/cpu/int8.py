@@ -96,7 +96,8 @@ class _Prepared:
         # taken by default: d=2, or integer codebooks copied exactly (RTN: values in [-127, 127],
         # or the 8-bit grid 0..255 used as it is)
         cb = plan.src[0]
-        self.default = cb.shape[2] == 2 or bool((cb == cb.round()).all()) and (cb.shape[1] == 256 or bool((cb.abs() <= 127).all()))
+        integral = bool((cb == cb.round()).all())
+        self.default = cb.shape[2] == 2 or (integral and (cb.shape[1] == 256 or bool((cb.abs() <= 127).all())))
 
 
 def prepared(codes: Tensor, codebooks: Tensor, scales: Tensor | None, offsets: Tensor | None,

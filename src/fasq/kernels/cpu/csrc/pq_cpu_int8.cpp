@@ -232,19 +232,27 @@ FASQ_I8 void row_block(const Run* runs, int64_t R, int64_t M, int64_t S, const P
 
 typedef void (*BlockFn)(const Run*, int64_t, int64_t, int64_t, const Prepared&, int64_t, const Acts&, float*);
 
-template <bool BIG, bool OFF>
-BlockFn pick_nt(int nt) {
+// The kernel of family K for nt tokens (1..8; NT is a template argument so that each
+// token's sums stay in registers). K::fn<NT> names the instance.
+template <class K>
+BlockFn for_tokens(int nt) {
   switch (nt) {
-    case 1: return row_block<1, BIG, OFF>;
-    case 2: return row_block<2, BIG, OFF>;
-    case 3: return row_block<3, BIG, OFF>;
-    case 4: return row_block<4, BIG, OFF>;
-    case 5: return row_block<5, BIG, OFF>;
-    case 6: return row_block<6, BIG, OFF>;
-    case 7: return row_block<7, BIG, OFF>;
-    default: return row_block<8, BIG, OFF>;
+    case 1: return K::template fn<1>;
+    case 2: return K::template fn<2>;
+    case 3: return K::template fn<3>;
+    case 4: return K::template fn<4>;
+    case 5: return K::template fn<5>;
+    case 6: return K::template fn<6>;
+    case 7: return K::template fn<7>;
+    default: return K::template fn<8>;
   }
 }
+
+template <bool BIG, bool OFF>
+struct Pairs {
+  template <int NT>
+  static constexpr BlockFn fn = row_block<NT, BIG, OFF>;
+};
 
 // d=1, K <= 16 (nibble layout): as row_block, with runs in columns (= subspaces) and one
 // 64-byte step of codes per 8 columns.
@@ -283,18 +291,10 @@ FASQ_I8 void row_block_nib(const Run* runs, int64_t R, int64_t M, int64_t S, con
 }
 
 template <bool OFF>
-BlockFn pick_nib(int nt) {
-  switch (nt) {
-    case 1: return row_block_nib<1, OFF>;
-    case 2: return row_block_nib<2, OFF>;
-    case 3: return row_block_nib<3, OFF>;
-    case 4: return row_block_nib<4, OFF>;
-    case 5: return row_block_nib<5, OFF>;
-    case 6: return row_block_nib<6, OFF>;
-    case 7: return row_block_nib<7, OFF>;
-    default: return row_block_nib<8, OFF>;
-  }
-}
+struct Nibbles {
+  template <int NT>
+  static constexpr BlockFn fn = row_block_nib<NT, OFF>;
+};
 
 // d=1, the 8-bit grid (BYTES layout: one code a byte, 4 columns of 16 rows per 64-byte
 // step, as PAIRS): the codes are the unsigned values, so per step one load and per token one
@@ -328,26 +328,16 @@ FASQ_I8 void row_block_bytes(const Run* runs, int64_t R, int64_t M, int64_t S, c
 }
 
 template <bool OFF>
-BlockFn pick_bytes(int nt) {
-  switch (nt) {
-    case 1: return row_block_bytes<1, OFF>;
-    case 2: return row_block_bytes<2, OFF>;
-    case 3: return row_block_bytes<3, OFF>;
-    case 4: return row_block_bytes<4, OFF>;
-    case 5: return row_block_bytes<5, OFF>;
-    case 6: return row_block_bytes<6, OFF>;
-    case 7: return row_block_bytes<7, OFF>;
-    default: return row_block_bytes<8, OFF>;
-  }
-}
+struct Bytes {
+  template <int NT>
+  static constexpr BlockFn fn = row_block_bytes<NT, OFF>;
+};
 
 BlockFn pick(Layout lay, bool big, bool off, int nt) {
-  if (lay == BYTES) return off ? pick_bytes<true>(nt) : pick_bytes<false>(nt);
-  const bool nib = lay == NIBBLES;
-
-  if (nib) return off ? pick_nib<true>(nt) : pick_nib<false>(nt);
-  if (big) return off ? pick_nt<true, true>(nt) : pick_nt<true, false>(nt);
-  return off ? pick_nt<false, true>(nt) : pick_nt<false, false>(nt);
+  if (lay == BYTES) return off ? for_tokens<Bytes<true>>(nt) : for_tokens<Bytes<false>>(nt);
+  if (lay == NIBBLES) return off ? for_tokens<Nibbles<true>>(nt) : for_tokens<Nibbles<false>>(nt);
+  if (big) return off ? for_tokens<Pairs<true, true>>(nt) : for_tokens<Pairs<true, false>>(nt);
+  return off ? for_tokens<Pairs<false, true>>(nt) : for_tokens<Pairs<false, false>>(nt);
 }
 
 }  // namespace
@@ -398,29 +388,31 @@ int fasq_cpu_int8_prepare(const LayerArgs* a, uint8_t* codes, uint8_t* tabs, flo
           for (int j = 0; j < 4; j++) dst[j] = (uint8_t)((src[o * M + s * 8 + j] & 15) | (src[o * M + s * 8 + 4 + j] << 4));
       }
   const int64_t tab_bytes = nib ? 64 : 512;
-  for (int64_t c = 0; c < a->C && lay == BYTES; c++) cbscale[c] = 1.f, cbscale[a->C + c] = 0.f;  // codes are values
-  for (int64_t c = 0; c < a->C && lay != BYTES; c++) {
-    float amax = 0.f, vmin = 0.f;
-    bool integral = true;
-    for (int64_t j = 0; j < K * d; j++) {
-      const float v = elem(a->codebooks, c * K * d + j, (int)a->cb_dtype);
-      amax = std::max(amax, std::fabs(v));
-      vmin = std::min(vmin, v);
-      integral = integral && v == std::nearbyint(v) && std::fabs(v) <= 127.f;
+  if (lay == BYTES)  // the codes are the values: step 1, no shift, no tables
+    for (int64_t c = 0; c < a->C; c++) cbscale[c] = 1.f, cbscale[a->C + c] = 0.f;
+  else
+    for (int64_t c = 0; c < a->C; c++) {
+      float amax = 0.f, vmin = 0.f;
+      bool integral = true;
+      for (int64_t j = 0; j < K * d; j++) {
+        const float v = elem(a->codebooks, c * K * d + j, (int)a->cb_dtype);
+        amax = std::max(amax, std::fabs(v));
+        vmin = std::min(vmin, v);
+        integral = integral && v == std::nearbyint(v) && std::fabs(v) <= 127.f;
+      }
+      const float step = integral ? 1.f : amax > 0.f ? amax / 127.f : 1.f;
+      // a table of values >= 0 (RTN's grid) is already unsigned: no shift, nothing to cancel
+      const int shift = integral && vmin >= 0.f ? 0 : 128;
+      cbscale[c] = step;
+      cbscale[a->C + c] = (float)shift;
+      for (int64_t i = 0; i < tab_bytes; i++) {
+        // d=2: [2][256] by value e, centroid k; d=1: [64], centroid i % 16
+        const int64_t k = nib ? i % 16 : i % 256, e = nib ? 0 : i / 256;
+        const float v = k < K ? elem(a->codebooks, (c * K + k) * d + e, (int)a->cb_dtype) : 0.f;
+        const long q = std::lrint(v / step);  // |q| <= 127
+        tabs[c * tab_bytes + i] = (uint8_t)(std::max(-127L, std::min(127L, q)) + shift);
+      }
     }
-    const float step = integral ? 1.f : amax > 0.f ? amax / 127.f : 1.f;
-    // a table of values >= 0 (RTN's grid) is already unsigned: no shift, nothing to cancel
-    const int shift = integral && vmin >= 0.f ? 0 : 128;
-    cbscale[c] = step;
-    cbscale[a->C + c] = (float)shift;
-    for (int64_t i = 0; i < tab_bytes; i++) {
-      // d=2: [2][256] by value e, centroid k; d=1: [64], centroid i % 16
-      const int64_t k = nib ? i % 16 : i % 256, e = nib ? 0 : i / 256;
-      const float v = k < K ? elem(a->codebooks, (c * K + k) * d + e, (int)a->cb_dtype) : 0.f;
-      const long q = std::lrint(v / step);  // |q| <= 127
-      tabs[c * tab_bytes + i] = (uint8_t)(std::max(-127L, std::min(127L, q)) + shift);
-    }
-  }
   for (int64_t rb = 0; rb < OB; rb++)
     for (int64_t g = 0; g < G; g++)
       for (int64_t r = 0; r < 16; r++) {
