@@ -23,7 +23,8 @@
 //   offsets float [OB][S][16]        or nothing
 // Per call: activations quantized to int8 per block of 8 columns (BCOLS; ABLK d=2 subspaces,
 // inside one run) with a float step per block; per 64-byte step (one block) two 256-entry
-// lookups (two vpermi2b on 128-byte halves, blended on the code's top bit), then per token
+// lookups (two vpermi2b on 128-byte halves, blended on the code's top bit; K <= 128: one
+// vpermi2b; K <= 64: one vpermb, half a vpermi2b's cost on Intel), then per token
 // two vpdpbusd against broadcast groups of 4 activations, one int->float and one FMA. The
 // tables' shift is removed once per run and token: its float sums start at -shift * (sum
 // over its blocks of step * the block's int8 sum). Per run one FMA with the 16 rows'
@@ -176,14 +177,17 @@ FASQ_I8 inline void end_run(const Prepared& P, const Acts& A, int64_t rb, int64_
 }
 
 // Row block rb (16 rows), tokens [0, NT) of `A` (already offset to the first token); tot
-// [NT][16] written. BIG: K > 128 (two lookups and a blend per table), OFF: offsets present.
+// [NT][16] written. KW: the tables' width, 64 (K <= 64: one vpermb per table), 128 (one
+// vpermi2b) or 256 (two vpermi2b and a blend); OFF: offsets present. On this Intel core a
+// vpermi2b takes 2 cycles of its shuffle port and a vpermb 1 (benchmarks/csrc/probe_permute.cpp).
 // Each 64-byte step is one activation block (4 subspaces); its int32 sums start at 0 and the
 // tables' +128 shift is removed once per run (A.corr). RC float sums per token alternate
 // between steps so one FMA's latency does not pace the loop.
-template <int NT, bool BIG, bool OFF>
+template <int NT, int KW, bool OFF>
 FASQ_I8 void row_block(const Run* runs, int64_t R, int64_t M, int64_t S, const Prepared& P, int64_t rb,
                        const Acts& A, float* tot) {
   constexpr int RC = NT <= 2 ? 2 : 1;
+  constexpr bool BIG = KW > 128;
   const int64_t M4 = M / 4;
   const __m512i* code = reinterpret_cast<const __m512i*>(P.codes) + rb * M4;
   __m512 tv[NT];
@@ -214,7 +218,11 @@ FASQ_I8 void row_block(const Run* runs, int64_t R, int64_t M, int64_t S, const P
         if (RC > 1 && step + u >= s1) break;
         _mm_prefetch(reinterpret_cast<const char*>(code + step + u + FASQ_PFD), _MM_HINT_T0);
         const __m512i idx = _mm512_loadu_si512(code + step + u);
-        __m512i wa = _mm512_permutex2var_epi8(ta0, idx, ta1), wb = _mm512_permutex2var_epi8(tb0, idx, tb1);
+        __m512i wa, wb;
+        if (KW == 64)
+          wa = _mm512_permutexvar_epi8(idx, ta0), wb = _mm512_permutexvar_epi8(idx, tb0);
+        else
+          wa = _mm512_permutex2var_epi8(ta0, idx, ta1), wb = _mm512_permutex2var_epi8(tb0, idx, tb1);
         if (BIG) {
           const __mmask64 hi = _mm512_movepi8_mask(idx);
           wa = _mm512_mask_blend_epi8(hi, wa, _mm512_permutex2var_epi8(ta2, idx, ta3));
@@ -253,10 +261,10 @@ BlockFn for_tokens(int nt) {
   }
 }
 
-template <bool BIG, bool OFF>
+template <int KW, bool OFF>
 struct Pairs {
   template <int NT>
-  static constexpr BlockFn fn = row_block<NT, BIG, OFF>;
+  static constexpr BlockFn fn = row_block<NT, KW, OFF>;
 };
 
 // d=1, K <= 16 (nibble layout): as row_block, with runs in columns (= subspaces) and one
@@ -385,11 +393,12 @@ FASQ_I8 void quantize_token(const void* x, int dt, int64_t in, int64_t d, int8_t
   }
 }
 
-BlockFn pick(Layout lay, bool big, bool off, int nt) {
+BlockFn pick(Layout lay, int64_t K, bool off, int nt) {
   if (lay == BYTES) return off ? for_tokens<Bytes<true>>(nt) : for_tokens<Bytes<false>>(nt);
   if (lay == NIBBLES) return off ? for_tokens<Nibbles<true>>(nt) : for_tokens<Nibbles<false>>(nt);
-  if (big) return off ? for_tokens<Pairs<true, true>>(nt) : for_tokens<Pairs<true, false>>(nt);
-  return off ? for_tokens<Pairs<false, true>>(nt) : for_tokens<Pairs<false, false>>(nt);
+  if (K > 128) return off ? for_tokens<Pairs<256, true>>(nt) : for_tokens<Pairs<256, false>>(nt);
+  if (K > 64) return off ? for_tokens<Pairs<128, true>>(nt) : for_tokens<Pairs<128, false>>(nt);
+  return off ? for_tokens<Pairs<64, true>>(nt) : for_tokens<Pairs<64, false>>(nt);
 }
 
 }  // namespace
@@ -520,7 +529,7 @@ int fasq_cpu_int8_linear(const Int8Layer* p, const void* x, int x_dtype, int64_t
   }
   const Acts acts{xq.data(), xs.data(), offsets ? xsum.data() : nullptr, corr.data(), nblk, R};
   const Prepared P{p->codes, p->tabs, p->cbscale, p->scales, p->offsets};
-  const bool big = a->K > 128, off = offsets != nullptr;
+  const bool off = offsets != nullptr;
   const int nth = (nthreads > 1 && out * a->in >= PARALLEL_MIN_WEIGHTS) ? nthreads : 1;
 #pragma omp parallel num_threads(nth) if (nth > 1)
   {
@@ -531,7 +540,7 @@ int fasq_cpu_int8_linear(const Int8Layer* p, const void* x, int x_dtype, int64_t
         const int nt = (int)std::min<int64_t>(NT_MAX, T - t0);
         const Acts at{acts.xq + t0 * steps * 8, acts.xs + t0 * nblk, off ? acts.xsum + t0 * R : nullptr,
                       acts.corr + t0 * R, nblk, R};
-        pick(lay, big, off, nt)(runs.data(), R, M, G, P, rb, at, tot);
+        pick(lay, a->K, off, nt)(runs.data(), R, M, G, P, rb, at, tot);
         const int64_t rows = std::min<int64_t>(16, out - rb * 16);
         for (int t = 0; t < nt; t++)
           for (int64_t r = 0; r < rows; r++) {
