@@ -2,6 +2,11 @@
 and record its results in benchmarks/results/cpu-int8-probe.json.
 
     python benchmarks/probe_int8.py [--rounds 5] [--rotate-mb 1024]
+    python benchmarks/probe_int8.py --instructions
+
+--instructions instead times the kernel's instructions one at a time
+(benchmarks/csrc/probe_permute.cpp: ns per instruction on one core) and records them under
+"instructions" in the same JSON, leaving its rows as they are.
 
 Each configuration (shape, K, tokens, threads, codes hot in cache or rotated through
 copies of the layer spanning --rotate-mb) is one process; all configurations run in turn,
@@ -26,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "benchmarks" / "csrc" / "probe_int8_lookup.cpp"
+INSTR_SRC = ROOT / "benchmarks" / "csrc" / "probe_permute.cpp"
 OUT = ROOT / "benchmarks" / "results" / "cpu-int8-probe.json"
 SHAPES = [(4096, 4096), (14336, 4096), (576, 576), (1536, 576), (576, 1536)]
 
@@ -35,10 +41,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--rotate-mb", type=int, default=1024, help="bytes of layer copies the cold rows cycle through")
     ap.add_argument("--quick", action="store_true", help="only the Llama-3-8B shapes, K=256")
+    ap.add_argument("--instructions", action="store_true", help="time single instructions instead (see above)")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     exe = Path(tempfile.mkdtemp()) / "probe"
     cxx = os.environ.get("CXX") or shutil.which("c++") or "g++"
+    if a.instructions:
+        return instructions(cxx, exe, Path(a.out))
     subprocess.run([cxx, "-O3", "-march=native", "-fopenmp", str(SRC), "-o", str(exe)], check=True)
 
     configs = []
@@ -88,6 +97,23 @@ def main() -> int:
            "copy_gbps_2_threads": copy, "rows": rows}
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(f"copy bandwidth {copy} GB/s; wrote {a.out}")
+    return 0
+
+
+def instructions(cxx: str, exe: Path, out: Path) -> int:
+    """Compile and run probe_permute.cpp; its rows go under "instructions" in `out`."""
+    subprocess.run([cxx, "-O2", "-march=native", str(INSTR_SRC), "-o", str(exe)], check=True)
+    rows = [json.loads(line) for line in subprocess.run([str(exe)], capture_output=True, text=True,
+                                                         check=True).stdout.splitlines()]
+    for r in rows:
+        print(f"{r['instr']:<10} {r['ns']:.3f} ns")
+    res = json.loads(out.read_text()) if out.is_file() else {}
+    res["instructions"] = {"what": "ns per instruction, one core, 8 independent chains "
+                                   "(benchmarks/csrc/probe_permute.cpp)", "date": time.strftime("%Y-%m-%d"),
+                           "command": "python benchmarks/probe_int8.py --instructions", "rows": rows}
+    out.with_suffix(".tmp").write_text(json.dumps(res, indent=1))
+    out.with_suffix(".tmp").replace(out)
+    print(f"wrote {out}")
     return 0
 
 
