@@ -1,8 +1,9 @@
 """The int8 CPU decode kernel (fasq.kernels.cpu.int8) against two oracles.
 
 1. An emulation of its arithmetic in float64: codebooks rounded to int8 with one step per
-   codebook (max |value| / 127), activations rounded to int8 per block of 8 columns inside
-   each (codebook, scale group) run, products summed exactly. The kernel must match it to
+   codebook (max |value| / 127), activations rounded to int8 per block of 16 columns inside
+   each (codebook, scale group) run (its last block 8 when the run is an odd multiple of 8),
+   products summed exactly. The kernel must match it to
    float32 accumulation error: a wrong lookup, lane, block or scale shows up at once.
 2. The exact float64 result: the emulation must lie within the bound that int8 rounding
    allows, sum_j |scale| * (|x_j| * dc / 2 + (|v_j| + dc / 2) * dx_b / 2) (dc, dx_b: the
@@ -25,7 +26,7 @@ from fasq.kernels import dispatch
 
 from test_ops import _layer
 
-BCOLS = 8  # columns per activation block (csrc/pq_cpu_int8.cpp)
+BCOLS = 16  # columns per activation block inside a run (csrc/pq_cpu_int8.cpp; a run's last one may be 8)
 # (out, in, d, K, C, S, offsets): several row blocks with a partial last one, K above and
 # below 128 (two lookups and a blend, or one), scale groups, offsets, no scales; d=1 K<=16
 # (two codes a byte, vpermb lookups)
@@ -40,6 +41,10 @@ CASES = [
     (37, 2048, 1, 16, 16, 16, True),    # d=1, partial row block, offsets
     (130, 576, 1, 8, 3, 6, False),      # d=1 K=8 (codes 0..7 in the low halves' 3 bits)
     (48, 520, 1, 16, 1, 0, False),      # d=1, one run of 520 columns, no scales
+    # runs of 24 / 120 columns: each ends in an 8-column activation block, then the next run
+    (50, 120, 2, 256, 5, 5, True),
+    (50, 120, 1, 16, 5, 5, False),
+    (200, 1560, 2, 256, 13, 13, False),  # threaded
 ]
 # (out, in, bits, group_size): RTN layers (a grid codebook 0..K-1, a scale and a minimum
 # per group), quantized from random weights by fasq.quant.quantize
@@ -114,7 +119,7 @@ def _emulate(x, codes, cb, scales, offsets):
         acc = torch.zeros(T, out, dtype=torch.float64)
         err = torch.zeros(T, out, dtype=torch.float64)
         for b0 in range(0, (m1 - m0) * d, BCOLS):
-            b1 = b0 + BCOLS
+            b1 = min(b0 + BCOLS, (m1 - m0) * d)  # a run's last block may be 8 columns
             xb = x[:, m0 * d + b0:m0 * d + b1]
             amax = xb.abs().amax(dim=1, keepdim=True)
             inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))  # fp32, as C

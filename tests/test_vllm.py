@@ -51,7 +51,7 @@ def _env(tp: int = 1) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB: the default would take a quarter of the RAM
     # engines are compared token for token on the exact CPU kernel: the int8 one rounds
-    # activations per 8 columns, so batching and sharding would move near-ties by more than
+    # activations per 16 columns, so batching and sharding would move near-ties by more than
     # NEAR_TIE (its accuracy is tested in test_cpu_int8.py and measured by perplexity)
     env["FASQ_CPU_INT8"] = "0"
     if tp == 3:  # 3 ranks on a machine of (at least) 2 cores

@@ -7,7 +7,7 @@ exact), its codes repacked so that 16 rows share each 64-byte SIMD register (two
 byte at d=1 K<=16), and its scales
 and offsets laid out 16 rows at a time; the checkpoint is unchanged, and the copies live
 beside the layer's prepared arguments (rebuilt when a tensor changes). Per call the
-activations are quantized to int8 per 8 columns. The result differs from the exact float
+activations are quantized to int8 per 16 columns. The result differs from the exact float
 path by the int8 rounding of codebooks and activations (bounded in tests/test_cpu_int8.py);
 WikiText-2 perplexity of the default checkpoint moves by far less than the 0.5 % allowed
 (README, "Speed on the CPU").

@@ -21,15 +21,16 @@
 //                                    those integers are >= 0 (already unsigned), else 128
 //   scales  float [OB][S][16]        row scales (1 without scales), 16 rows per vector
 //   offsets float [OB][S][16]        or nothing
-// Per call: activations quantized to int8 per block of 8 columns (BCOLS; ABLK d=2 subspaces,
-// inside one run) with a float step per block; per 64-byte step (one block) two 256-entry
-// lookups (two vpermi2b on 128-byte halves, blended on the code's top bit; K <= 128: one
-// vpermi2b; K <= 64: one vpermb, half a vpermi2b's cost on Intel), then per token
-// two vpdpbusd against broadcast groups of 4 activations, one int->float and one FMA. The
-// tables' shift is removed once per run and token: its float sums start at -shift * (sum
-// over its blocks of step * the block's int8 sum). Per run one FMA with the 16 rows'
-// scales. Up to 8 tokens share each lookup; more tokens go 8 at a time over the same row
-// block (its codes still in L1/L2). Codes are prefetched PFD steps ahead: one thread's
+// Per call: activations quantized to int8 per block of 16 columns inside each run (BCOLS; a
+// run's last block 8 columns when its length is an odd multiple of 8) with a float step per
+// block. Per 64-byte step of codes two 256-entry lookups (two vpermi2b on 128-byte halves,
+// blended on the code's top bit; K <= 128: one vpermi2b; K <= 64: one vpermb, half a
+// vpermi2b's cost on Intel) give two registers of 16 rows x 4 columns ("units"); per block (4
+// units) and token four vpdpbusd against broadcast groups of 4 activations, one int->float
+// and one FMA. The tables' shift is removed once per run and token: its float sums start at
+// -shift * (sum over its blocks of step * the block's int8 sum). Per run one FMA with the 16
+// rows' scales. Up to 8 tokens share each lookup; more tokens go 8 at a time over the same
+// row block (its codes still in L1/L2). Codes are prefetched PFD steps ahead: one thread's
 // hardware prefetch alone left the d=2 K=256 kernel at 44 % of the copy bandwidth
 // (4096x4096, codes from memory: 1400 us against 616 us; with the prefetch about 860 us).
 //
@@ -40,13 +41,13 @@
 //   tabs    uint8 [C][64]            each codebook's 16 values as int8 + shift, repeated 4
 //                                    times (a 64-entry vpermb table that ignores index
 //                                    bits 4-5, so neither half needs masking)
-// per step one load, one shift, two vpermb (low halves, then high ones), then per token
-// two vpdpbusd against the step's 8 activations in column order.
+// per step one load, one shift, two vpermb (low halves, then high ones): two units, against
+// the step's 8 activations in column order.
 //
 // d=1, K=256 with every codebook the grid 0..255 (RTN at 8 bits: the "bytes" layout):
 //   codes   uint8 [OB][in/4][16][4]  as d=2's, one column a byte; no tables (the codes are
 //                                    the unsigned values: step 1, shift 0)
-// per activation block two loads and, per token, two vpdpbusd.
+// each step is one unit as it is loaded.
 
 #include <stdint.h>
 #include <string.h>
@@ -64,12 +65,13 @@
 
 namespace {
 
-// Columns per activation block: 8 (one step: 4 subspaces at d=2, 8 at d=1). Blocks of 32 columns
-// (as llama.cpp's Q8_0) cost 13-23 % less at 1 token in cache but moved the default model's
-// WikiText-2 perplexity by +0.71 % (activation rounding was 4x the codebook int8 error there); with
-// 8 columns +0.375 %.
-constexpr int64_t BCOLS = 8;
-constexpr int64_t ABLK = BCOLS / 2;  // the same block in d=2 subspaces
+// Columns per activation block. Each block costs one int->float and one FMA per token and 16
+// rows, so its width sets the multi-token cost; its rounding sets the accuracy. Default model,
+// WikiText-2 10 x 2048 through this kernel (exact path 22.098): 8 columns 22.129 (+0.14 %),
+// 16 columns 22.133 (+0.16 %); 16 columns take 13-16 % less time at 8-16 tokens (1024 x 1024
+// in cache) and the same at 1. 32 columns (llama.cpp's Q8_0) moved an earlier default by
+// +0.71 % against +0.375 % at 8.
+constexpr int64_t BCOLS = 16;
 constexpr int NT_MAX = 8;      // tokens per pass over a row block
 constexpr int64_t PARALLEL_MIN_WEIGHTS = 1 << 16;  // as pq_cpu.cpp: smaller layers, one thread
 
@@ -148,6 +150,7 @@ struct Prepared {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define FASQ_I8 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,avx2,fma")))
+#define FASQ_INLINE inline __attribute__((always_inline))
 
 // 64-byte code steps prefetched ahead (2 KiB): 16 / 32 / 64 gave 921 / 858 / 912 us at
 // 4096x4096 d=2 K=256, one thread, codes from memory.
@@ -176,175 +179,133 @@ FASQ_I8 inline void end_run(const Prepared& P, const Acts& A, int64_t rb, int64_
   }
 }
 
+// A "unit" is one register of weights, 16 rows x 4 columns as unsigned int8 (+ the table's
+// shift), dotted with 4 activation bytes by one vpdpbusd; a 16-column activation block is 4
+// units. The families below turn one 64-byte step of codes into UPS units.
+
+// d=2 (PAIRS): a step holds 4 subspaces of 16 rows; unit 0 their first values (even
+// columns), unit 1 their second ones. KW: the tables' width, 64 (K <= 64: one vpermb per
+// table), 128 (one vpermi2b) or 256 (two vpermi2b and a blend on the code's top bit). On
+// this Intel core a vpermi2b takes 2 cycles of its shuffle port and a vpermb 1
+// (benchmarks/csrc/probe_permute.cpp).
+template <int KW>
+struct PairUnits {
+  static constexpr int UPS = 2, SUBSPACES = 4;
+  __m512i ta0, ta1, ta2, ta3, tb0, tb1, tb2, tb3;
+  FASQ_I8 FASQ_INLINE void load(const uint8_t* tabs, int64_t c) {  // tabs [C][2][256]
+    const __m512i* tp = reinterpret_cast<const __m512i*>(tabs + c * 512);
+    ta0 = _mm512_loadu_si512(tp), tb0 = _mm512_loadu_si512(tp + 4);
+    if (KW > 64) ta1 = _mm512_loadu_si512(tp + 1), tb1 = _mm512_loadu_si512(tp + 5);
+    if (KW > 128) {
+      ta2 = _mm512_loadu_si512(tp + 2), ta3 = _mm512_loadu_si512(tp + 3);
+      tb2 = _mm512_loadu_si512(tp + 6), tb3 = _mm512_loadu_si512(tp + 7);
+    }
+  }
+  FASQ_I8 FASQ_INLINE void units(__m512i idx, __m512i* w) const {
+    if (KW == 64) {
+      w[0] = _mm512_permutexvar_epi8(idx, ta0), w[1] = _mm512_permutexvar_epi8(idx, tb0);
+      return;
+    }
+    w[0] = _mm512_permutex2var_epi8(ta0, idx, ta1), w[1] = _mm512_permutex2var_epi8(tb0, idx, tb1);
+    if (KW > 128) {
+      const __mmask64 hi = _mm512_movepi8_mask(idx);
+      w[0] = _mm512_mask_blend_epi8(hi, w[0], _mm512_permutex2var_epi8(ta2, idx, ta3));
+      w[1] = _mm512_mask_blend_epi8(hi, w[1], _mm512_permutex2var_epi8(tb2, idx, tb3));
+    }
+  }
+};
+
+// d=1, K <= 16 (NIBBLES): a step holds 8 columns of 16 rows, two codes a byte; unit 0 the low
+// halves (columns 0-3), unit 1 the high ones (4-7), each looked up by one vpermb in a table
+// repeated 4 times (index bits 4-5 ignored, so neither half needs masking).
+struct NibbleUnits {
+  static constexpr int UPS = 2, SUBSPACES = 8;
+  __m512i tab;
+  FASQ_I8 FASQ_INLINE void load(const uint8_t* tabs, int64_t c) { tab = _mm512_loadu_si512(tabs + c * 64); }
+  FASQ_I8 FASQ_INLINE void units(__m512i idx, __m512i* w) const {
+    w[0] = _mm512_permutexvar_epi8(idx, tab), w[1] = _mm512_permutexvar_epi8(_mm512_srli_epi16(idx, 4), tab);
+  }
+};
+
+// d=1, the 8-bit grid (BYTES): a step holds 4 columns of 16 rows; the codes are the unsigned
+// values, so the step is its own unit.
+struct ByteUnits {
+  static constexpr int UPS = 1, SUBSPACES = 4;
+  FASQ_I8 FASQ_INLINE void load(const uint8_t*, int64_t) {}
+  FASQ_I8 FASQ_INLINE void units(__m512i idx, __m512i* w) const { w[0] = idx; }
+};
+
+// One activation block: NU units (4: 16 columns; 2: a run's last 8) from the steps at `code`,
+// then per token racc[t] += float(its int32 dot product) * the block's step. `xq` points at
+// the block's first activation byte of token 0 (tokens `in` bytes apart).
+template <int NT, int NU, class U>
+FASQ_I8 FASQ_INLINE void block(const U& u, const __m512i* code, const int8_t* xq, int64_t in, const float* xs,
+                               int64_t nblk, __m512* racc) {
+  __m512i w[NU];
+  for (int s = 0; s < NU / U::UPS; s++) {
+    _mm_prefetch(reinterpret_cast<const char*>(code + s + FASQ_PFD), _MM_HINT_T0);
+    u.units(_mm512_loadu_si512(code + s), w + s * U::UPS);
+  }
+  for (int t = 0; t < NT; t++) {
+    const int32_t* xp = reinterpret_cast<const int32_t*>(xq + t * in);
+    __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(xp[0]));
+    for (int j = 1; j < NU; j++) acc = _mm512_dpbusd_epi32(acc, w[j], _mm512_set1_epi32(xp[j]));
+    racc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(xs[t * nblk]), racc[t]);
+  }
+}
+
 // Row block rb (16 rows), tokens [0, NT) of `A` (already offset to the first token); tot
-// [NT][16] written. KW: the tables' width, 64 (K <= 64: one vpermb per table), 128 (one
-// vpermi2b) or 256 (two vpermi2b and a blend); OFF: offsets present. On this Intel core a
-// vpermi2b takes 2 cycles of its shuffle port and a vpermb 1 (benchmarks/csrc/probe_permute.cpp).
-// Each 64-byte step is one activation block (4 subspaces); its int32 sums start at 0 and the
-// tables' +128 shift is removed once per run (A.corr). RC float sums per token alternate
-// between steps so one FMA's latency does not pace the loop.
-template <int NT, int KW, bool OFF>
+// [NT][16] written. U: the code family (above); OFF: offsets present. Per run: the
+// codebook's tables loaded when it changes, the float sums started at the run's shift
+// correction (A.corr: the tables' +128 removed once per run), whole 16-column blocks, then
+// the run's last 8 columns when its length is an odd multiple of 8, then end_run.
+template <int NT, class U, bool OFF>
 FASQ_I8 void row_block(const Run* runs, int64_t R, int64_t M, int64_t S, const Prepared& P, int64_t rb,
                        const Acts& A, float* tot) {
-  constexpr int RC = NT <= 2 ? 2 : 1;
-  constexpr bool BIG = KW > 128;
-  const int64_t M4 = M / 4;
-  const __m512i* code = reinterpret_cast<const __m512i*>(P.codes) + rb * M4;
+  constexpr int SPB = 4 / U::UPS;  // steps per 16-column block
+  constexpr int64_t XB = 4 * U::UPS;  // activation bytes per step
+  const int64_t steps = M / U::SUBSPACES, in = steps * XB;
+  const __m512i* code = reinterpret_cast<const __m512i*>(P.codes) + rb * steps;
   __m512 tv[NT];
   for (int t = 0; t < NT; t++) tv[t] = _mm512_setzero_ps();
-  __m512i ta0, ta1, ta2, ta3, tb0, tb1, tb2, tb3;
-  ta0 = ta1 = ta2 = ta3 = tb0 = tb1 = tb2 = tb3 = _mm512_setzero_si512();
+  U u;
   int64_t loaded = -1, blk = 0;
   for (int64_t r = 0; r < R; r++) {
     const Run run = runs[r];
-    if (run.c != loaded) {
-      const __m512i* tp = reinterpret_cast<const __m512i*>(P.tabs + run.c * 512);
-      ta0 = _mm512_loadu_si512(tp), ta1 = _mm512_loadu_si512(tp + 1);
-      tb0 = _mm512_loadu_si512(tp + 4), tb1 = _mm512_loadu_si512(tp + 5);
-      if (BIG) {
-        ta2 = _mm512_loadu_si512(tp + 2), ta3 = _mm512_loadu_si512(tp + 3);
-        tb2 = _mm512_loadu_si512(tp + 6), tb3 = _mm512_loadu_si512(tp + 7);
-      }
-      loaded = run.c;
-    }
-    __m512 racc[RC][NT];
-    for (int t = 0; t < NT; t++) {
-      racc[0][t] = _mm512_set1_ps(A.corr[t * R + r]);
-      if (RC > 1) racc[RC - 1][t] = _mm512_setzero_ps();
-    }
-    const int64_t s1 = run.m1 / 4;
-    for (int64_t step = run.m0 / 4; step < s1; step += RC, blk += RC) {
-      for (int u = 0; u < RC; u++) {
-        if (RC > 1 && step + u >= s1) break;
-        _mm_prefetch(reinterpret_cast<const char*>(code + step + u + FASQ_PFD), _MM_HINT_T0);
-        const __m512i idx = _mm512_loadu_si512(code + step + u);
-        __m512i wa, wb;
-        if (KW == 64)
-          wa = _mm512_permutexvar_epi8(idx, ta0), wb = _mm512_permutexvar_epi8(idx, tb0);
-        else
-          wa = _mm512_permutex2var_epi8(ta0, idx, ta1), wb = _mm512_permutex2var_epi8(tb0, idx, tb1);
-        if (BIG) {
-          const __mmask64 hi = _mm512_movepi8_mask(idx);
-          wa = _mm512_mask_blend_epi8(hi, wa, _mm512_permutex2var_epi8(ta2, idx, ta3));
-          wb = _mm512_mask_blend_epi8(hi, wb, _mm512_permutex2var_epi8(tb2, idx, tb3));
-        }
-        for (int t = 0; t < NT; t++) {
-          const int32_t* xp = reinterpret_cast<const int32_t*>(A.xq + (t * M4 + step + u) * 8);
-          __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wa, _mm512_set1_epi32(xp[0]));
-          acc = _mm512_dpbusd_epi32(acc, wb, _mm512_set1_epi32(xp[1]));
-          racc[u][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(A.xs[t * A.nblk + blk + u]), racc[u][t]);
-        }
-      }
-    }
-    if (RC > 1)
-      for (int t = 0; t < NT; t++) racc[0][t] = _mm512_add_ps(racc[0][t], racc[RC - 1][t]);
-    end_run<NT, OFF>(P, A, rb, S, run, r, racc[0], tv);
+    if (run.c != loaded) u.load(P.tabs, run.c), loaded = run.c;
+    __m512 racc[NT];
+    for (int t = 0; t < NT; t++) racc[t] = _mm512_set1_ps(A.corr[t * R + r]);
+    const int64_t s1 = run.m1 / U::SUBSPACES;
+    int64_t st = run.m0 / U::SUBSPACES;
+    for (; st + SPB <= s1; st += SPB, blk++) block<NT, 4>(u, code + st, A.xq + st * XB, in, A.xs + blk, A.nblk, racc);
+    if (st < s1) block<NT, 2>(u, code + st, A.xq + st * XB, in, A.xs + blk, A.nblk, racc), blk++;
+    end_run<NT, OFF>(P, A, rb, S, run, r, racc, tv);
   }
   for (int t = 0; t < NT; t++) _mm512_storeu_ps(tot + t * 16, tv[t]);
 }
 
 typedef void (*BlockFn)(const Run*, int64_t, int64_t, int64_t, const Prepared&, int64_t, const Acts&, float*);
 
-// The kernel of family K for nt tokens (1..8; NT is a template argument so that each
-// token's sums stay in registers). K::fn<NT> names the instance.
-template <class K>
+// The kernel of family U for nt tokens (1..8; NT is a template argument so that each
+// token's sums stay in registers).
+template <class U, bool OFF>
 BlockFn for_tokens(int nt) {
   switch (nt) {
-    case 1: return K::template fn<1>;
-    case 2: return K::template fn<2>;
-    case 3: return K::template fn<3>;
-    case 4: return K::template fn<4>;
-    case 5: return K::template fn<5>;
-    case 6: return K::template fn<6>;
-    case 7: return K::template fn<7>;
-    default: return K::template fn<8>;
+    case 1: return row_block<1, U, OFF>;
+    case 2: return row_block<2, U, OFF>;
+    case 3: return row_block<3, U, OFF>;
+    case 4: return row_block<4, U, OFF>;
+    case 5: return row_block<5, U, OFF>;
+    case 6: return row_block<6, U, OFF>;
+    case 7: return row_block<7, U, OFF>;
+    default: return row_block<8, U, OFF>;
   }
 }
 
-template <int KW, bool OFF>
-struct Pairs {
-  template <int NT>
-  static constexpr BlockFn fn = row_block<NT, KW, OFF>;
-};
-
-// d=1, K <= 16 (nibble layout): as row_block, with runs in columns (= subspaces) and one
-// 64-byte step of codes per 8 columns.
-template <int NT, bool OFF>
-FASQ_I8 void row_block_nib(const Run* runs, int64_t R, int64_t M, int64_t S, const Prepared& P, int64_t rb,
-                           const Acts& A, float* tot) {
-  const int64_t M8 = M / 8;
-  const __m512i* code = reinterpret_cast<const __m512i*>(P.codes) + rb * M8;
-  __m512 tv[NT];
-  for (int t = 0; t < NT; t++) tv[t] = _mm512_setzero_ps();
-  __m512i tab = _mm512_setzero_si512();
-  int64_t loaded = -1, blk = 0;
-  for (int64_t r = 0; r < R; r++) {
-    const Run run = runs[r];
-    if (run.c != loaded) {
-      tab = _mm512_loadu_si512(P.tabs + run.c * 64);
-      loaded = run.c;
-    }
-    __m512 racc[NT];
-    for (int t = 0; t < NT; t++) racc[t] = _mm512_set1_ps(A.corr[t * R + r]);
-    for (int64_t step = run.m0 / 8; step < run.m1 / 8; step++, blk++) {
-      _mm_prefetch(reinterpret_cast<const char*>(code + step + FASQ_PFD), _MM_HINT_T0);
-      const __m512i idx = _mm512_loadu_si512(code + step);
-      const __m512i wa = _mm512_permutexvar_epi8(idx, tab);                          // low halves
-      const __m512i wb = _mm512_permutexvar_epi8(_mm512_srli_epi16(idx, 4), tab);    // high halves
-      for (int t = 0; t < NT; t++) {
-        const int32_t* xp = reinterpret_cast<const int32_t*>(A.xq + (t * M8 + step) * 8);
-        __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wa, _mm512_set1_epi32(xp[0]));
-        acc = _mm512_dpbusd_epi32(acc, wb, _mm512_set1_epi32(xp[1]));
-        racc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(A.xs[t * A.nblk + blk]), racc[t]);
-      }
-    }
-    end_run<NT, OFF>(P, A, rb, S, run, r, racc, tv);
-  }
-  for (int t = 0; t < NT; t++) _mm512_storeu_ps(tot + t * 16, tv[t]);
+template <class U>
+BlockFn for_tokens(bool off, int nt) {
+  return off ? for_tokens<U, true>(nt) : for_tokens<U, false>(nt);
 }
-
-template <bool OFF>
-struct Nibbles {
-  template <int NT>
-  static constexpr BlockFn fn = row_block_nib<NT, OFF>;
-};
-
-// d=1, the 8-bit grid (BYTES layout: one code a byte, 4 columns of 16 rows per 64-byte
-// step, as PAIRS): the codes are the unsigned values, so per step one load and per token one
-// vpdpbusd; an activation block is two steps.
-template <int NT, bool OFF>
-FASQ_I8 void row_block_bytes(const Run* runs, int64_t R, int64_t M, int64_t S, const Prepared& P, int64_t rb,
-                             const Acts& A, float* tot) {
-  const int64_t M4 = M / 4;
-  const __m512i* code = reinterpret_cast<const __m512i*>(P.codes) + rb * M4;
-  __m512 tv[NT];
-  for (int t = 0; t < NT; t++) tv[t] = _mm512_setzero_ps();
-  int64_t blk = 0;
-  for (int64_t r = 0; r < R; r++) {
-    const Run run = runs[r];
-    __m512 racc[NT];
-    for (int t = 0; t < NT; t++) racc[t] = _mm512_set1_ps(A.corr[t * R + r]);
-    for (int64_t step = run.m0 / 4; step < run.m1 / 4; step += 2, blk++) {
-      _mm_prefetch(reinterpret_cast<const char*>(code + step + FASQ_PFD), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(code + step + 1 + FASQ_PFD), _MM_HINT_T0);
-      const __m512i w0 = _mm512_loadu_si512(code + step), w1 = _mm512_loadu_si512(code + step + 1);
-      for (int t = 0; t < NT; t++) {
-        const int32_t* xp = reinterpret_cast<const int32_t*>(A.xq + t * M + step * 4);
-        __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_set1_epi32(xp[0]));
-        acc = _mm512_dpbusd_epi32(acc, w1, _mm512_set1_epi32(xp[1]));
-        racc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(A.xs[t * A.nblk + blk]), racc[t]);
-      }
-    }
-    end_run<NT, OFF>(P, A, rb, S, run, r, racc, tv);
-  }
-  for (int t = 0; t < NT; t++) _mm512_storeu_ps(tot + t * 16, tv[t]);
-}
-
-template <bool OFF>
-struct Bytes {
-  template <int NT>
-  static constexpr BlockFn fn = row_block_bytes<NT, OFF>;
-};
 
 // 16 values of x (fp32 / fp16 / bf16 by x_dtype) from column j as floats; lanes outside
 // `m` read nothing and are 0.
@@ -355,50 +316,53 @@ FASQ_I8 inline __m512 load_x(const void* x, int dt, int64_t j, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // bf16: the high half
 }
 
-// One token's activations x[in] quantized per 8-column block (block b = columns 8b..8b+7;
-// runs are whole blocks, in column order): xq[in] int8 (d=2: each block's even columns,
-// then its odd ones), xs[b] = max |x| / 127, bq[b] = xs[b] * the block's int8 sum, bf[b] =
-// the block's float sum. Two blocks per register; the same float arithmetic as a scalar
-// loop (step, 127 / max, round to nearest even), so the int8 values are the scalar ones.
-// Scalar code here took about 3 ns a column (25 us for 8192 columns, before every call).
-FASQ_I8 void quantize_token(const void* x, int dt, int64_t in, int64_t d, int8_t* xq, float* xs, float* bq,
-                            float* bf) {
+// Lane 0 of a horizontal reduction of v by `op` over 16 lanes: swap neighbours, pairs,
+// 128-bit quarters, 256-bit halves (every lane ends with the result).
+template <class Op>
+FASQ_I8 FASQ_INLINE __m512 reduce16(__m512 v, Op op) {
+  v = op(v, _mm512_permute_ps(v, 0xB1));
+  v = op(v, _mm512_permute_ps(v, 0x4E));
+  v = op(v, _mm512_shuffle_f32x4(v, v, 0xB1));
+  return op(v, _mm512_shuffle_f32x4(v, v, 0x4E));
+}
+
+// One token's activations x[in] quantized per block of 16 columns inside each run (a run's
+// last block 8 columns when its length is an odd multiple of 8), blocks numbered in run
+// order: xq[in] int8 (d=2: each 8 columns' even columns, then their odd ones), xs[b] = the
+// block's max |x| / 127; per run, rq[r] = the sum over its blocks of xs[b] * the block's
+// int8 sum and rf[r] = its float sum of x. One block per register; values rounded to
+// nearest even, as lrint.
+FASQ_I8 void quantize_token(const void* x, int dt, const Run* runs, int64_t R, int64_t d, int8_t* xq, float* xs,
+                            float* rq, float* rf) {
   const __m512i order = d == 2 ? _mm512_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15)
                                : _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512 k127 = _mm512_set1_ps(127.f);
-  alignas(64) float st[16], qs[16], fs[16];
-  for (int64_t c0 = 0; c0 < in; c0 += 16) {
-    const bool two = in - c0 >= 16;  // else the last block alone (in is a multiple of 8)
-    const __mmask16 m = two ? 0xFFFF : 0x00FF;
-    const __m512 v = load_x(x, dt, c0, m);
-    // every lane gets its block's max |x| and sums: swap neighbours, pairs, 128-bit halves
-    __m512 a = _mm512_abs_ps(v), f = v;
-    a = _mm512_max_ps(a, _mm512_permute_ps(a, 0xB1)), f = _mm512_add_ps(f, _mm512_permute_ps(f, 0xB1));
-    a = _mm512_max_ps(a, _mm512_permute_ps(a, 0x4E)), f = _mm512_add_ps(f, _mm512_permute_ps(f, 0x4E));
-    a = _mm512_max_ps(a, _mm512_shuffle_f32x4(a, a, 0xB1)), f = _mm512_add_ps(f, _mm512_shuffle_f32x4(f, f, 0xB1));
-    const __m512 step = _mm512_div_ps(a, k127);
-    const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ), k127, a);
-    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));  // nearest even, as lrint
-    _mm_mask_storeu_epi8(xq + c0, m, _mm512_cvtepi32_epi8(_mm512_permutexvar_epi32(order, q)));
-    __m512i n = q;
-    n = _mm512_add_epi32(n, _mm512_shuffle_epi32(n, (_MM_PERM_ENUM)0xB1));
-    n = _mm512_add_epi32(n, _mm512_shuffle_epi32(n, (_MM_PERM_ENUM)0x4E));
-    n = _mm512_add_epi32(n, _mm512_shuffle_i32x4(n, n, 0xB1));
-    _mm512_store_ps(st, step);
-    _mm512_store_ps(qs, _mm512_mul_ps(step, _mm512_cvtepi32_ps(n)));
-    _mm512_store_ps(fs, f);
-    const int64_t b = c0 / BCOLS;
-    xs[b] = st[0], bq[b] = qs[0], bf[b] = fs[0];
-    if (two) xs[b + 1] = st[8], bq[b + 1] = qs[8], bf[b + 1] = fs[8];
+  auto vmax = [](__m512 a, __m512 b) FASQ_I8 { return _mm512_max_ps(a, b); };
+  auto vadd = [](__m512 a, __m512 b) FASQ_I8 { return _mm512_add_ps(a, b); };
+  int64_t b = 0;
+  for (int64_t r = 0; r < R; r++) {
+    float cs = 0.f, rs = 0.f;
+    for (int64_t c0 = runs[r].m0 * d, c1 = runs[r].m1 * d; c0 < c1; c0 += BCOLS, b++) {
+      const __mmask16 m = c1 - c0 >= 16 ? 0xFFFF : 0x00FF;
+      const __m512 v = load_x(x, dt, c0, m);
+      const __m512 amax = reduce16(_mm512_abs_ps(v), vmax);
+      const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ), k127, amax);
+      const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
+      _mm_mask_storeu_epi8(xq + c0, m, _mm512_cvtepi32_epi8(_mm512_permutexvar_epi32(order, q)));
+      const float step = _mm512_cvtss_f32(amax) / 127.f;
+      xs[b] = step;
+      cs += step * _mm512_cvtss_f32(reduce16(_mm512_cvtepi32_ps(q), vadd));  // the int8 sum: exact in fp32
+      rs += _mm512_cvtss_f32(reduce16(v, vadd));
+    }
+    rq[r] = cs, rf[r] = rs;
   }
 }
 
 BlockFn pick(Layout lay, int64_t K, bool off, int nt) {
-  if (lay == BYTES) return off ? for_tokens<Bytes<true>>(nt) : for_tokens<Bytes<false>>(nt);
-  if (lay == NIBBLES) return off ? for_tokens<Nibbles<true>>(nt) : for_tokens<Nibbles<false>>(nt);
-  if (K > 128) return off ? for_tokens<Pairs<256, true>>(nt) : for_tokens<Pairs<256, false>>(nt);
-  if (K > 64) return off ? for_tokens<Pairs<128, true>>(nt) : for_tokens<Pairs<128, false>>(nt);
-  return off ? for_tokens<Pairs<64, true>>(nt) : for_tokens<Pairs<64, false>>(nt);
+  if (lay == BYTES) return for_tokens<ByteUnits>(off, nt);
+  if (lay == NIBBLES) return for_tokens<NibbleUnits>(off, nt);
+  if (K > 128) return for_tokens<PairUnits<256>>(off, nt);
+  return K > 64 ? for_tokens<PairUnits<128>>(off, nt) : for_tokens<PairUnits<64>>(off, nt);
 }
 
 }  // namespace
@@ -506,26 +470,20 @@ int fasq_cpu_int8_linear(const Int8Layer* p, const void* x, int x_dtype, int64_t
   if (!fasq_cpu_int8_available()) return 3;
   if (T <= 0) return 0;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  const int64_t d = a->d, M = a->in / d, steps = a->in / 8, out = a->out, OB = (out + 15) / 16, G = n_groups(*a);
+  const int64_t d = a->d, M = a->in / d, out = a->out, OB = (out + 15) / 16, G = n_groups(*a);
   const Layout lay = layout(*a);
   const std::vector<Run> runs = make_runs(*a);
   const int64_t R = runs.size();
   int64_t nblk = 0;
-  for (const Run& r : runs) nblk += (r.m1 - r.m0) * d / BCOLS;  // runs are whole steps (supported)
+  for (const Run& r : runs) nblk += ((r.m1 - r.m0) * d + BCOLS - 1) / BCOLS;  // runs are whole 8 columns
   // quantize the activations (quantize_token), then per run the tables' shift and the sum of x
   std::vector<int8_t> xq(T * a->in);
-  std::vector<float> xs(T * nblk), xsum(offsets ? T * R : 0), corr(T * R), bq(nblk), bf(nblk);
+  std::vector<float> xs(T * nblk), xsum(T * R), corr(T * R);
   const int64_t xbytes = fasq_cpu::elem_bytes(x_dtype);
   for (int64_t t = 0; t < T; t++) {
-    quantize_token(static_cast<const char*>(x) + t * a->in * xbytes, x_dtype, a->in, d, xq.data() + t * a->in,
-                   xs.data() + t * nblk, bq.data(), bf.data());
-    int64_t blk = 0;
-    for (int64_t r = 0; r < R; r++) {
-      float cs = 0.f, rs = 0.f;
-      for (const int64_t end = blk + (runs[r].m1 - runs[r].m0) * d / BCOLS; blk < end; blk++) cs += bq[blk], rs += bf[blk];
-      corr[t * R + r] = -p->cbscale[a->C + runs[r].c] * cs;
-      if (offsets) xsum[t * R + r] = rs;
-    }
+    quantize_token(static_cast<const char*>(x) + t * a->in * xbytes, x_dtype, runs.data(), R, d,
+                   xq.data() + t * a->in, xs.data() + t * nblk, corr.data() + t * R, xsum.data() + t * R);
+    for (int64_t r = 0; r < R; r++) corr[t * R + r] *= -p->cbscale[a->C + runs[r].c];
   }
   const Acts acts{xq.data(), xs.data(), offsets ? xsum.data() : nullptr, corr.data(), nblk, R};
   const Prepared P{p->codes, p->tabs, p->cbscale, p->scales, p->offsets};
@@ -538,7 +496,7 @@ int fasq_cpu_int8_linear(const Int8Layer* p, const void* x, int x_dtype, int64_t
     for (int64_t rb = 0; rb < OB; rb++)
       for (int64_t t0 = 0; t0 < T; t0 += NT_MAX) {
         const int nt = (int)std::min<int64_t>(NT_MAX, T - t0);
-        const Acts at{acts.xq + t0 * steps * 8, acts.xs + t0 * nblk, off ? acts.xsum + t0 * R : nullptr,
+        const Acts at{acts.xq + t0 * a->in, acts.xs + t0 * nblk, off ? acts.xsum + t0 * R : nullptr,
                       acts.corr + t0 * R, nblk, R};
         pick(lay, a->K, off, nt)(runs.data(), R, M, G, P, rb, at, tot);
         const int64_t rows = std::min<int64_t>(16, out - rb * 16);
