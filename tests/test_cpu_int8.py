@@ -102,6 +102,17 @@ def _int8_codebooks(cb):
     return (cb / step[:, None, None]).round().clamp(-127, 127), step
 
 
+def _centre(cb, q_cb, step_c, offsets) -> float:
+    """The centre the kernel takes out of the dot products (and adds back through the
+    offsets): with offsets, codebooks copied exactly whose values are >= 0 with one common
+    midpoint (RTN's grid 0..K-1: (K - 1) / 2); else 0."""
+    exact = bool((step_c == 1).all()) and torch.equal(q_cb, cb)
+    mids = (cb.amin(dim=(1, 2)) + cb.amax(dim=(1, 2))) / 2
+    if offsets is None or not exact or bool((cb < 0).any()) or not bool((mids == mids[0]).all()):
+        return 0.0
+    return float(mids[0])
+
+
 def _emulate(x, codes, cb, scales, offsets):
     """(the int8 arithmetic in float64, the int8 rounding bound) for x [T, in] fp32."""
     T, inn = x.shape
@@ -109,13 +120,14 @@ def _emulate(x, codes, cb, scales, offsets):
     C, K, d = cb.shape
     S = scales.shape[1] if scales is not None else 0
     q_cb, step_c = _int8_codebooks(cb)
+    z = _centre(cb, q_cb, step_c, offsets)
     y = torch.zeros(T, out, dtype=torch.float64)
     bound = torch.zeros(T, out, dtype=torch.float64)
     s64 = scales.double() if scales is not None else torch.ones(out, 1, dtype=torch.float64)
     for m0, m1, c, g in _runs(M, C, S):
         sub = codes[:, m0:m1].long()
-        v_hat = (q_cb[c][sub].double() * float(step_c[c])).reshape(out, -1)  # [out, columns]
-        v = cb[c][sub].double().reshape(out, -1)
+        v_hat = (q_cb[c][sub].double() * float(step_c[c])).reshape(out, -1) - z  # [out, columns]
+        v = cb[c][sub].double().reshape(out, -1) - z
         acc = torch.zeros(T, out, dtype=torch.float64)
         err = torch.zeros(T, out, dtype=torch.float64)
         for b0 in range(0, (m1 - m0) * d, BCOLS):
@@ -127,14 +139,14 @@ def _emulate(x, codes, cb, scales, offsets):
             x_hat = (xb * inv).round().double() * dx
             vb, vhb = v[:, b0:b1], v_hat[:, b0:b1]
             acc += x_hat @ vhb.T
-            # |v x - v_hat x_hat| <= |x| |v - v_hat| + (|v| + |v - v_hat|) dx / 2, summed over the
+            # (v, v_hat centred by z) |v x - v_hat x_hat| <= |x| |v - v_hat| + (|v| + |v - v_hat|) dx / 2, over the
             # block, with |v - v_hat| <= dc / 2 (0 for an exact copy)
             dc = float(step_c[c]) if not bool((vhb == vb).all()) else 0.0
             err += xb.double().abs().sum(1, keepdim=True) * dc / 2 + dx / 2 * (vb.abs() + dc / 2).sum(1)[None, :]
         y += acc * s64[:, g][None, :]
         bound += err * s64[:, g].abs()[None, :]
         if offsets is not None:
-            y += x[:, m0 * d:m1 * d].double().sum(1, keepdim=True) * offsets[:, g].double()[None, :]
+            y += x[:, m0 * d:m1 * d].double().sum(1, keepdim=True) * (offsets[:, g].double() + z * s64[:, g])[None, :]
     return y, bound
 
 

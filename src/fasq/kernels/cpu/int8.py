@@ -12,7 +12,7 @@ path by the int8 rounding of codebooks and activations (bounded in tests/test_cp
 WikiText-2 perplexity of the default checkpoint moves by far less than the 0.5 % allowed
 (README, "Speed on the CPU").
 
-Taken: d=2 K <= 256 (lookups by vpermi2b), d=1 K <= 16 (d=1 K=16, RTN at 1-4 bits:
+Taken: d=2 K <= 256 (lookups by vpermi2b; vpermb at K <= 64), d=1 K <= 16 (d=1 K=16, RTN at 1-4 bits:
 lookups by vpermb) and RTN at 8 bits (no lookup: a code is its value), uint8 codes,
 codebook runs and scale groups of whole 8-column steps, on CPUs with AVX-512 VBMI and VNNI
 (and the instruction-set cap at "avx512"). Anything else returns None from `prepared`, and
@@ -20,10 +20,11 @@ the caller keeps the exact float kernel.
 
 Default: automatic selection takes this path for d=2 layers and for d=1 layers whose
 codebooks are integers in [-127, 127] (RTN's grid: copied exactly, only the activations are
-rounded; WikiText-2 of RTN 4-bit g64 on the default model +0.40 %). d=1 K=16 product
-quantization (float codebooks) moved WikiText-2 by +0.75 % through it (24.331 -> 24.514 on
-the default model), over the 0.5 % the int8 path is allowed, so those layers keep the exact
-kernel unless FASQ_CPU_INT8=all (or kernel="cpu_int8") asks for it.
+rounded, and with offsets the grid's midpoint is taken out of the dot products and added back
+through the offsets; WikiText-2 of RTN 4-bit g64 on the default model 28.020 -> 28.077,
++0.20 %). d=1 K=16 product quantization (float codebooks) moved WikiText-2 by +0.79 % through
+it (24.331 -> 24.524 on the default model), over the 0.5 % the int8 path is allowed, so those
+layers keep the exact kernel unless FASQ_CPU_INT8=all (or kernel="cpu_int8") asks for it.
 
 Switches: FASQ_CPU_INT8=0 keeps automatic selection on the float kernel for a process,
 FASQ_CPU_INT8=all also sends d=1 layers with float codebooks through the int8 path;
