@@ -69,7 +69,7 @@ namespace {
 // Columns per activation block. Each block costs one int->float and one FMA per token and 16
 // rows, so its width sets the multi-token cost; its rounding sets the accuracy. Default model,
 // WikiText-2 10 x 2048 through this kernel (exact path 22.098): 8 columns 22.129 (+0.14 %),
-// 16 columns 22.133 (+0.16 %); 16 columns take 13-16 % less time at 8-16 tokens (1024 x 1024
+// 16 columns 22.133 (+0.16 %); 16 columns take 6-15 % less time at 8-16 tokens (1024 x 1024
 // in cache) and the same at 1. 32 columns (llama.cpp's Q8_0) moved an earlier default by
 // +0.71 % against +0.375 % at 8.
 constexpr int64_t BCOLS = 16;
@@ -257,9 +257,9 @@ FASQ_I8 FASQ_INLINE void block(const U& u, const __m512i* code, const int8_t* xq
 
 // Row block rb (16 rows), tokens [0, NT) of `A` (already offset to the first token); tot
 // [NT][16] written. U: the code family (above); OFF: offsets present. Per run: the
-// codebook's tables loaded when it changes, the float sums started at the run's shift
-// correction (A.corr: the tables' +128 removed once per run), whole 16-column blocks, then
-// the run's last 8 columns when its length is an odd multiple of 8, then end_run.
+// codebook's tables loaded when it changes, the float sums started at the run's correction
+// (A.corr: the tables' shift and centre removed once per run), whole 16-column blocks,
+// then the run's last 8 columns when its length is an odd multiple of 8, then end_run.
 template <int NT, class U, bool OFF>
 FASQ_I8 void row_block(const Run* runs, int64_t R, int64_t M, int64_t S, const Prepared& P, int64_t rb,
                        const Acts& A, float* tot) {
