@@ -331,8 +331,8 @@ FASQ_I8 FASQ_INLINE __m512 reduce16(__m512 v, Op op) {
 // last block 8 columns when its length is an odd multiple of 8), blocks numbered in run
 // order: xq[in] int8 (d=2: each 8 columns' even columns, then their odd ones), xs[b] = the
 // block's max |x| / 127; per run, rq[r] = the sum over its blocks of xs[b] * the block's
-// int8 sum and rf[r] = its float sum of x. One block per register; values rounded to
-// nearest even, as lrint.
+// int8 sum and rf[r] = its float sum of x (only with offsets: rf NULL skips it). One block per
+// register; values rounded to nearest even, as lrint.
 FASQ_I8 void quantize_token(const void* x, int dt, const Run* runs, int64_t R, int64_t d, int8_t* xq, float* xs,
                             float* rq, float* rf) {
   const __m512i order = d == 2 ? _mm512_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15)
@@ -353,9 +353,10 @@ FASQ_I8 void quantize_token(const void* x, int dt, const Run* runs, int64_t R, i
       const float step = _mm512_cvtss_f32(amax) / 127.f;
       xs[b] = step;
       cs += step * _mm512_cvtss_f32(reduce16(_mm512_cvtepi32_ps(q), vadd));  // the int8 sum: exact in fp32
-      rs += _mm512_cvtss_f32(reduce16(v, vadd));
+      if (rf) rs += _mm512_cvtss_f32(reduce16(v, vadd));
     }
-    rq[r] = cs, rf[r] = rs;
+    rq[r] = cs;
+    if (rf) rf[r] = rs;
   }
 }
 
@@ -429,7 +430,7 @@ int fasq_cpu_int8_prepare(const LayerArgs* a, uint8_t* codes, uint8_t* tabs, flo
     float amax = 0.f, vmin = INFINITY, vmax = -INFINITY;
     bool integral = true;
     for (int64_t j = 0; j < K * d; j++) {
-      const float v = lay == BYTES ? (float)j : elem(a->codebooks, c * K * d + j, (int)a->cb_dtype);
+      const float v = elem(a->codebooks, c * K * d + j, (int)a->cb_dtype);
       amax = std::max(amax, std::fabs(v)), vmin = std::min(vmin, v), vmax = std::max(vmax, v);
       integral = integral && v == std::nearbyint(v) && (lay == BYTES || std::fabs(v) <= 127.f);
     }
@@ -490,11 +491,12 @@ int fasq_cpu_int8_linear(const Int8Layer* p, const void* x, int x_dtype, int64_t
   for (const Run& r : runs) nblk += ((r.m1 - r.m0) * d + BCOLS - 1) / BCOLS;  // runs are whole 8 columns
   // quantize the activations (quantize_token), then per run the tables' shift and the sum of x
   std::vector<int8_t> xq(T * a->in);
-  std::vector<float> xs(T * nblk), xsum(T * R), corr(T * R);
+  std::vector<float> xs(T * nblk), xsum(offsets ? T * R : 0), corr(T * R);
   const int64_t xbytes = fasq_cpu::elem_bytes(x_dtype);
   for (int64_t t = 0; t < T; t++) {
     quantize_token(static_cast<const char*>(x) + t * a->in * xbytes, x_dtype, runs.data(), R, d,
-                   xq.data() + t * a->in, xs.data() + t * nblk, corr.data() + t * R, xsum.data() + t * R);
+                   xq.data() + t * a->in, xs.data() + t * nblk, corr.data() + t * R,
+                   offsets ? xsum.data() + t * R : nullptr);
     for (int64_t r = 0; r < R; r++) corr[t * R + r] *= -p->cbscale[a->C + runs[r].c];
   }
   const Acts acts{xq.data(), xs.data(), offsets ? xsum.data() : nullptr, corr.data(), nblk, R};
