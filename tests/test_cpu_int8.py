@@ -45,6 +45,7 @@ CASES = [
     (50, 120, 2, 256, 5, 5, True),
     (50, 120, 1, 16, 5, 5, False),
     (200, 1560, 2, 256, 13, 13, False),  # threaded
+    (100, 1024, 2, 100, 4, 8, False),   # 64 < K <= 128: one table half (or two quarters), threaded
 ]
 # (out, in, bits, group_size): RTN layers (a grid codebook 0..K-1, a scale and a minimum
 # per group), quantized from random weights by fasq.quant.quantize
@@ -180,6 +181,40 @@ def test_int8_kernel_matches_its_emulation_and_the_rounding_bound(case, tokens, 
     assert float((y.double() - emu).abs().max()) < 2e-6 * mag
     assert bool(((emu - exact).abs() <= bound + 1e-9 * mag).all())
     assert float((y.double() - exact).abs().max()) > 1e-7 * mag  # it is the int8 path, not the float one
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[2] == 2 and c[3] > 64], ids=lambda c: "x".join(map(str, c)))
+def test_both_lookups_give_the_same_result(case):
+    """d=2 layers with 64 < K <= 256 look their codes up by vpermi2b (128-entry halves) or by
+    vpermb (64-entry quarters): the same bytes either way, so the same result, bit for bit,
+    and both match the emulation."""
+    if not cpu_int8.available():
+        pytest.skip("no AVX-512 VBMI/VNNI here")
+    codes, cb, scales, offsets = _make(case)
+    for tokens in (1, 3, 16):
+        x = torch.randn(tokens, case[1], generator=torch.Generator().manual_seed(tokens))
+        ys = []
+        for how in cpu_int8.LOOKUPS:
+            with cpu_int8.use_lookup(how):
+                assert cpu_int8.lookup() == how
+                ys.append(cpu_int8.gemv(x, codes, cb, scales, offsets, out=torch.full((tokens, case[0]), float("nan"))))
+        emu, _ = _emulate(x, codes, cb, scales, offsets)
+        mag = _scale(x, codes, cb, scales, offsets)
+        assert torch.equal(ys[0], ys[1])
+        assert float((ys[0].double() - emu).abs().max()) < 2e-6 * mag
+
+
+def test_lookup_switch():
+    if cpu.load_library() is None:
+        pytest.skip(cpu._lib_error)
+    before = cpu_int8.lookup()
+    assert before in cpu_int8.LOOKUPS
+    with pytest.raises(ValueError, match="unknown lookup 'vpshufb'"):
+        with cpu_int8.use_lookup("vpshufb"):
+            pass
+    with cpu_int8.use_lookup("vpermi2b" if before == "vpermb" else "vpermb"):
+        assert cpu_int8.lookup() != before
+    assert cpu_int8.lookup() == before
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

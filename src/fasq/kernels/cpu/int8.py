@@ -34,6 +34,7 @@ block.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 
@@ -65,6 +66,36 @@ def available() -> bool:
     FASQ_CPU_ISA not below "avx512")."""
     lib = cpu.load_library()
     return lib is not None and bool(lib.fasq_cpu_int8_available())
+
+
+LOOKUPS = ("vpermi2b", "vpermb")  # how d=2 layers with 64 < K <= 256 look their codes up
+
+
+def lookup() -> str:
+    """How d=2 layers with 64 < K <= 256 look their codes up on this CPU now: "vpermi2b"
+    (128-entry halves; the default except on Intel) or "vpermb" (64-entry quarters; the
+    default on Intel, where a vpermi2b costs three uops). The results are the same."""
+    lib = cpu.load_library()
+    if lib is None:
+        raise RuntimeError(f"the fasq CPU kernel is unavailable: {cpu._lib_error}")
+    return LOOKUPS[lib.fasq_cpu_int8_lookup() - 1]
+
+
+@contextlib.contextmanager
+def use_lookup(name: str):
+    """Inside this block d=2 layers with 64 < K <= 256 look their codes up by `name` (one of
+    LOOKUPS: tests, comparisons); FASQ_CPU_INT8_LOOKUP=vpermi2b|vpermb does the same for a
+    whole process."""
+    if name not in LOOKUPS:
+        raise ValueError(f"unknown lookup {name!r}; choose one of {LOOKUPS}")
+    lib = cpu.load_library()
+    if lib is None:
+        raise RuntimeError(f"the fasq CPU kernel is unavailable: {cpu._lib_error}")
+    old = lib.fasq_cpu_int8_set_lookup(LOOKUPS.index(name) + 1)
+    try:
+        yield
+    finally:
+        lib.fasq_cpu_int8_set_lookup(old)
 
 
 def format_supported(d: int, K: int, code_dtype: torch.dtype) -> bool:

@@ -114,6 +114,9 @@ def _declare(lib) -> None:
     lib.fasq_cpu_set_isa.argtypes = [i32]
     lib.fasq_cpu_set_isa.restype = i32
     lib.fasq_cpu_int8_available.restype = i32
+    lib.fasq_cpu_int8_lookup.restype = i32
+    lib.fasq_cpu_int8_set_lookup.argtypes = [i32]
+    lib.fasq_cpu_int8_set_lookup.restype = i32
     lib.fasq_cpu_int8_sizes.argtypes = [ptr, ptr]
     lib.fasq_cpu_int8_sizes.restype = i32
     lib.fasq_cpu_int8_prepare.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr]

@@ -26,7 +26,8 @@
 // run's last block 8 columns when its length is an odd multiple of 8) with a float step per
 // block. Per 64-byte step of codes two 256-entry lookups (two vpermi2b on 128-byte halves,
 // blended on the code's top bit; K <= 128: one vpermi2b; K <= 64: one vpermb, half a
-// vpermi2b's cost on Intel) give two registers of 16 rows x 4 columns ("units"); per block (4
+// vpermi2b's cost on Intel; on Intel by default vpermb on 64-byte quarters instead: lookup())
+// give two registers of 16 rows x 4 columns ("units"); per block (4
 // units) and token four vpdpbusd against broadcast groups of 4 activations, one int->float
 // and one FMA. The tables' shift is removed once per run and token: its float sums start at
 // -shift * (sum over its blocks of step * the block's int8 sum). Per run one FMA with the 16
@@ -51,6 +52,7 @@
 // each step is one unit as it is loaded.
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <algorithm>
@@ -138,6 +140,32 @@ struct Acts {
   int64_t nblk, R;
 };
 
+// How d=2 layers with 64 < K <= 256 look their codes up: TWO_SOURCE, vpermi2b on 128-entry
+// halves (PairUnits), or QUARTERS, vpermb on 64-entry quarters (QuarterUnits). Same results.
+// By default QUARTERS on Intel, where a vpermi2b is three uops (1024 x 2048 d=2 K=256 in
+// cache, one thread: 3.18-3.30 ns a 64-byte step against 3.50; from memory on 2 threads the
+// same time), and TWO_SOURCE elsewhere (AMD's Zen 4 runs a vpermi2b as one uop).
+// FASQ_CPU_INT8_LOOKUP=vpermi2b|vpermb sets it for a process, fasq_cpu_int8_set_lookup for
+// later calls.
+enum Lookup { TWO_SOURCE = 1, QUARTERS = 2 };
+int g_lookup = 0;  // 0: not read yet
+
+int lookup() {
+  if (g_lookup == 0) {
+    const char* e = getenv("FASQ_CPU_INT8_LOOKUP");
+    if (e && strcmp(e, "vpermi2b") == 0) g_lookup = TWO_SOURCE;
+    else if (e && strcmp(e, "vpermb") == 0) g_lookup = QUARTERS;
+    else {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+      g_lookup = __builtin_cpu_is("intel") ? QUARTERS : TWO_SOURCE;
+#else
+      g_lookup = TWO_SOURCE;
+#endif
+    }
+  }
+  return g_lookup;
+}
+
 struct Prepared {
   const uint8_t* codes;
   const uint8_t* tabs;
@@ -213,6 +241,32 @@ struct PairUnits {
       w[0] = _mm512_mask_blend_epi8(hi, w[0], _mm512_permutex2var_epi8(ta2, idx, ta3));
       w[1] = _mm512_mask_blend_epi8(hi, w[1], _mm512_permutex2var_epi8(tb2, idx, tb3));
     }
+  }
+};
+
+// The same units for 64 < K <= 256 from the tables in 64-entry quarters: per value one vpermb
+// per quarter, merged under the code's bit 6 (masked vpermb) and bit 7 (a blend). On this
+// Intel core a vpermi2b is three uops, two of them on the shuffle port, and each needs a copy
+// of its destroyed operand, so the 256-entry lookup of PairUnits<256> costs about 19 uops a
+// step against 13 here (both 8 shuffle-port cycles). Which of the two a call takes: lookup().
+template <int KW>
+struct QuarterUnits {
+  static constexpr int UPS = 2, SUBSPACES = 4, Q = KW / 64;
+  __m512i ta[Q], tb[Q];
+  FASQ_I8 FASQ_INLINE void load(const uint8_t* tabs, int64_t c) {  // tabs [C][2][256]
+    const __m512i* tp = reinterpret_cast<const __m512i*>(tabs + c * 512);
+    for (int q = 0; q < Q; q++) ta[q] = _mm512_loadu_si512(tp + q), tb[q] = _mm512_loadu_si512(tp + 4 + q);
+  }
+  FASQ_I8 FASQ_INLINE static __m512i look(const __m512i* t, __m512i idx, __mmask64 b6, __mmask64 b7) {
+    const __m512i lo = _mm512_mask_permutexvar_epi8(_mm512_permutexvar_epi8(idx, t[0]), b6, idx, t[1]);
+    if (KW <= 128) return lo;
+    const __m512i hi = _mm512_mask_permutexvar_epi8(_mm512_permutexvar_epi8(idx, t[2]), b6, idx, t[3]);
+    return _mm512_mask_blend_epi8(b7, lo, hi);
+  }
+  FASQ_I8 FASQ_INLINE void units(__m512i idx, __m512i* w) const {
+    const __mmask64 b6 = _mm512_movepi8_mask(_mm512_add_epi8(idx, idx));
+    const __mmask64 b7 = KW > 128 ? _mm512_movepi8_mask(idx) : 0;
+    w[0] = look(ta, idx, b6, b7), w[1] = look(tb, idx, b6, b7);
   }
 };
 
@@ -363,8 +417,10 @@ FASQ_I8 void quantize_token(const void* x, int dt, const Run* runs, int64_t R, i
 BlockFn pick(Layout lay, int64_t K, bool off, int nt) {
   if (lay == BYTES) return for_tokens<ByteUnits>(off, nt);
   if (lay == NIBBLES) return for_tokens<NibbleUnits>(off, nt);
-  if (K > 128) return for_tokens<PairUnits<256>>(off, nt);
-  return K > 64 ? for_tokens<PairUnits<128>>(off, nt) : for_tokens<PairUnits<64>>(off, nt);
+  if (K <= 64) return for_tokens<PairUnits<64>>(off, nt);
+  if (lookup() == QUARTERS)
+    return K > 128 ? for_tokens<QuarterUnits<256>>(off, nt) : for_tokens<QuarterUnits<128>>(off, nt);
+  return K > 128 ? for_tokens<PairUnits<256>>(off, nt) : for_tokens<PairUnits<128>>(off, nt);
 }
 
 }  // namespace
@@ -379,6 +435,17 @@ extern "C" {
 // 1 when this CPU has the int8 path (AVX-512 F/BW/VL + VBMI + VNNI) and the instruction-set
 // cap (FASQ_CPU_ISA, fasq_cpu_set_isa) allows AVX-512, else 0.
 int fasq_cpu_int8_available(void) { return cpu_has_int8() && fasq_cpu_isa_level() >= 2 ? 1 : 0; }
+
+// How d=2 layers with 64 < K <= 256 look their codes up now: 1 vpermi2b, 2 vpermb.
+int fasq_cpu_int8_lookup(void) { return lookup(); }
+
+// Set how d=2 layers with 64 < K <= 256 look their codes up from later calls on (1 vpermi2b,
+// 2 vpermb; 0 the default for this CPU); returns the previous setting (1 or 2).
+int fasq_cpu_int8_set_lookup(int how) {
+  const int old = lookup();
+  g_lookup = how == TWO_SOURCE || how == QUARTERS ? how : 0;
+  return old;
+}
 
 // Sizes of a layer's prepared buffers: sizes[0] code bytes, [1] table bytes, [2] codebook
 // steps (floats), [3] scale floats, [4] offset floats (0 without offsets). Returns 0, or
