@@ -95,6 +95,8 @@ class PQLinear(nn.Module):
         return {k: getattr(self, f"transform_{k}") for k in self.transform.tensor_specs(self.in_features)}
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.transform is Identity:  # no state to gather: this runs once per layer and token
+            return torch.ops.fasq.pq_linear(x, self.codes, self.codebooks, self.scales, self.offsets, self.bias)
         return transformed_pq_linear(x, self.transform, self.transform_state(), self.codes, self.codebooks,
                                      self.scales, self.offsets, self.bias)
 

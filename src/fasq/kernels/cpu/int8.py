@@ -50,15 +50,19 @@ def _setting() -> str:
     return os.environ.get("FASQ_CPU_INT8", "1").strip().lower()
 
 
+_OFF = ("0", "false", "no", "off")
+
+
 def enabled() -> bool:
     """Whether automatic selection may take the int8 path (FASQ_CPU_INT8 unset or not 0)."""
-    return _setting() not in ("0", "false", "no", "off")
+    return _setting() not in _OFF
 
 
-def chosen(prep: "_Prepared") -> bool:
+def chosen(prep: "_Prepared", setting: str | None = None) -> bool:
     """Whether automatic selection takes the int8 path for a prepared layer: by default where
-    its accuracy was shown (d=2, or codebooks copied exactly); FASQ_CPU_INT8=all: always."""
-    return prep.default or _setting() == "all"
+    its accuracy was shown (d=2, or codebooks copied exactly); FASQ_CPU_INT8=all: always.
+    `setting`: FASQ_CPU_INT8 as the caller already read it (read here when None)."""
+    return prep.default or (_setting() if setting is None else setting) == "all"
 
 
 def available() -> bool:
@@ -162,5 +166,4 @@ def gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = No
 
 def run(prep: _Prepared, x: Tensor, out: Tensor | None = None) -> Tensor:
     """`gemv` for a layer already prepared (`prepared` returned `prep`)."""
-    lib = cpu.load_library()
-    return cpu.run_linear(x, prep.plan, out, lambda *args: lib.fasq_cpu_int8_linear(prep.address, *args), "int8 gemv")
+    return cpu.run_linear(x, prep.plan, out, cpu.load_library().fasq_cpu_int8_linear, prep.address, "int8 gemv")

@@ -288,9 +288,13 @@ class _Plan:
                 and self.versions == _versions(codes, codebooks, scales, offsets, bias))
 
 
-def _versions(*tensors) -> tuple:
-    """In-place changes bump a tensor's version; `.data = ...` does not, but moves its data."""
-    return tuple(None if t is None else (t._version, t.data_ptr()) for t in tensors)
+def _versions(codes, codebooks, scales, offsets, bias) -> tuple:
+    """In-place changes bump a tensor's version; `.data = ...` does not, but moves its data.
+    Spelled out (no loop): it runs on every decode call."""
+    return (codes._version, codes.data_ptr(), codebooks._version, codebooks.data_ptr(),
+            None if scales is None else (scales._version, scales.data_ptr()),
+            None if offsets is None else (offsets._version, offsets.data_ptr()),
+            None if bias is None else (bias._version, bias.data_ptr()))
 
 
 _plans = WeakIdKeyDictionary()
@@ -312,34 +316,31 @@ def gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = No
     A layer's arguments are prepared once and reused (while its tensors are unchanged), so
     a call costs a few microseconds of Python besides the kernel.
     """
-    lib = load_library()
     plan = _plan(codes, codebooks, scales, offsets, bias)
-    return run_linear(x, plan, out, lambda *args: lib.fasq_cpu_pq_linear_args(plan.address, *args), "gemv")
+    return run_linear(x, plan, out, load_library().fasq_cpu_pq_linear_args, plan.address, "gemv")
 
 
-def run_linear(x: Tensor, plan: "_Plan", out: Tensor | None, call, what: str) -> Tensor:
-    """The decode paths' shared body: x [..., in] made a contiguous [T, in] of a dtype the
-    library reads, the output [T, out] (or `out`, checked), then
-    `call(x_ptr, x_dtype_code, T, y_ptr, threads)` (a library entry point, 0 on success);
-    y comes back in x's dtype and leading shape."""
+def run_linear(x: Tensor, plan: "_Plan", out: Tensor | None, entry, address: int, what: str) -> Tensor:
+    """The decode paths' shared body: x [..., in] made contiguous in a dtype the library
+    reads (read as [T, in]), the output [..., out] (or `out`, a [T, out], checked), then
+    `entry(address, x_ptr, x_dtype_code, T, y_ptr, threads)` (a library entry point, 0 on
+    success); y comes back in x's dtype and leading shape. Lean on purpose: it runs once
+    per layer and token, and at decode its Python time is a visible part of a token."""
     _check_features(x, plan)
-    xk = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [T, in]
-    if xk.dtype not in _DTYPE_CODE:
-        xk = xk.float()
+    xk = x if x.dtype in _DTYPE_CODE else x.float()
     if not xk.is_contiguous():
         xk = xk.contiguous()
-    T, out_f = xk.shape[0], plan.out_features
+    out_f = plan.out_features
+    T = xk.numel() // plan.in_features if plan.in_features else xk.shape[:-1].numel()
     if out is None:
-        y = torch.empty(T, out_f, dtype=xk.dtype)
+        y = torch.empty(xk.shape[:-1] + (out_f,), dtype=xk.dtype)
     elif out.shape != (T, out_f) or out.dtype != xk.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {xk.dtype} tensor of shape {(T, out_f)}")
     else:
-        y = out
+        y = out if x.dim() == 2 else out.view(*x.shape[:-1], out_f)
     if T:
-        _check(call(xk.data_ptr(), _DTYPE_CODE[xk.dtype], T, y.data_ptr(), torch.get_num_threads()), what)
-    if y.dtype != x.dtype:
-        y = y.to(x.dtype)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
+        _check(entry(address, xk.data_ptr(), _DTYPE_CODE[xk.dtype], T, y.data_ptr(), torch.get_num_threads()), what)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 # One reused weight buffer per thread and (numel, dtype): prefill rebuilds W every call,

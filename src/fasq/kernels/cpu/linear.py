@@ -27,12 +27,13 @@ def pq_linear_cpu(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | 
         kernel = cpu._forced or os.environ.get("FASQ_CPU_KERNEL") or "auto"
     if kernel == "auto":
         tokens = x.numel() // max(1, x.shape[-1])
-        d, K, has = codebooks.shape[2], codebooks.shape[1], cpu.available()
+        has, setting = cpu.available(), cpu_int8._setting()
         prep = (cpu_int8.prepared(codes, codebooks, scales, offsets, bias)
-                if has and tokens <= CPU_INT8_MAX_TOKENS and cpu_int8.enabled() else None)
-        if prep is not None and not cpu_int8.chosen(prep):  # d=1 float codebooks: FASQ_CPU_INT8=all
+                if has and tokens <= CPU_INT8_MAX_TOKENS and setting not in cpu_int8._OFF else None)
+        if prep is not None and not cpu_int8.chosen(prep, setting):  # d=1 float codebooks: FASQ_CPU_INT8=all
             prep = None
-        kernel = select_cpu_kernel(tokens, d, K, has_library=has, int8=prep is not None)
+        kernel = select_cpu_kernel(tokens, codebooks.shape[2], codebooks.shape[1], has_library=has,
+                                   int8=prep is not None)
         if kernel == "cpu_int8":
             return cpu_int8.run(prep, x)
     if kernel not in CPU_KERNELS:
