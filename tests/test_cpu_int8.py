@@ -217,6 +217,58 @@ def test_lookup_switch():
     assert cpu_int8.lookup() == before
 
 
+# sub-matrices sharing their input, as a merged layer holds them: different heights, formats
+# (d=2 K=256 with offsets, threaded; d=2 K=64; RTN 4-bit: d=1 nibbles) and run structures
+PARTS = [(200, 768, 2, 256, 4, 8, True), (37, 768, 2, 64, 3, 6, False), (64, 768, 4, 64)]
+
+
+def _parts_op(x, parts):
+    return torch.ops.fasq.pq_linear_parts(x, *[list(t) for t in zip(*parts)])
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 16, 17])
+def test_parts_in_one_call_equal_the_parts_one_by_one(tokens, isa, monkeypatch):
+    """fasq::pq_linear_parts: one int8 call for every part at decode (bit for bit the parts'
+    own calls: the same arithmetic per row block), part by part elsewhere (17 tokens: the
+    dequantize path; below "avx512": the exact kernel), always [..., sum of heights]."""
+    parts = [_make(c) for c in PARTS]
+    x = torch.randn(tokens, 768, generator=torch.Generator().manual_seed(tokens))
+    calls = []
+    real = cpu_int8.run_parts
+    monkeypatch.setattr(cpu_int8, "run_parts", lambda *a: calls.append(1) or real(*a))
+    y = _parts_op(x.reshape(1, tokens, 768), parts)
+    assert y.shape == (1, tokens, sum(c[0] for c in PARTS)) and not y.isnan().any()
+    one_call = isa == "avx512" and cpu_int8.available() and tokens <= dispatch.CPU_INT8_MAX_TOKENS
+    assert calls == ([1] if one_call else [])
+    alone = torch.cat([cpu_linear.pq_linear_cpu(x, *p, None) for p in parts], dim=-1)
+    assert torch.equal(y[0], alone)
+    exact = torch.cat([_exact(x, *p) for p in parts], dim=-1)
+    mag = max(_scale(x, *p) for p in parts)
+    assert float((y[0].double() - exact).abs().max()) < (2e-2 if one_call else 2e-6) * mag
+
+
+def test_parts_fall_back_part_by_part(monkeypatch):
+    """A part the int8 path does not take (d=4), a forced kernel, or FASQ_CPU_INT8=0: every
+    part through fasq::pq_linear's own selection; the fake implementation gives the shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    c4, cb4, s4, _ = _layer(16, 768, 4, 16, 1, 2, False)
+    parts = [_make(PARTS[0]), (c4, cb4.float(), s4.float(), None)]
+    x = torch.randn(2, 768)
+    exact = torch.cat([_exact(x, *p) for p in parts], dim=-1)
+    alone = torch.cat([cpu_linear.pq_linear_cpu(x, *p, None) for p in parts], dim=-1)
+    assert torch.equal(_parts_op(x, parts), alone)
+    with cpu.use_kernel("cpu_gemv"):
+        y = _parts_op(x, parts[:1])
+        assert float((y.double() - exact[:, :200]).abs().max()) < 2e-6 * _scale(x, *parts[0])
+    monkeypatch.setenv("FASQ_CPU_INT8", "0")
+    y = _parts_op(x, parts[:1])
+    assert float((y.double() - exact[:, :200]).abs().max()) < 2e-6 * _scale(x, *parts[0])
+    monkeypatch.delenv("FASQ_CPU_INT8")
+    with FakeTensorMode() as mode:
+        fake = [tuple(None if t is None else mode.from_tensor(t) for t in p) for p in parts]
+        assert _parts_op(mode.from_tensor(x), fake).shape == (2, 216)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int8_kernel_activation_dtypes_and_bias(dtype):
     if not cpu_int8.available():

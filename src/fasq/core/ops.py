@@ -130,3 +130,35 @@ def register_kernel(device_type: str, fn) -> None:
 
 # y = x @ dequantize(codes, codebooks, scales, offsets).T + bias, through the dispatcher
 pq_linear = torch.ops.fasq.pq_linear.default
+
+
+# Several quantized matrices that share their input (a merged layer's sub-matrices: q, k and
+# v, or gate and up, as vLLM holds them), outputs concatenated: one call where a device's
+# kernel can do them together (the CPU's int8 decode path), fasq::pq_linear per part elsewhere.
+_LIB.define("pq_linear_parts(Tensor x, Tensor[] codes, Tensor[] codebooks, Tensor?[] scales, "
+            "Tensor?[] offsets) -> Tensor")
+
+
+def pq_linear_parts_reference(x: Tensor, codes: list[Tensor], codebooks: list[Tensor],
+                              scales: list[Tensor | None], offsets: list[Tensor | None]) -> Tensor:
+    """[x @ W_0.T | x @ W_1.T | ...]: x [..., in]; part i: codes [out_i, in / d], codebooks,
+    scales and offsets as for fasq::pq_linear (no bias); y [..., sum out_i]."""
+    return torch.cat([pq_linear(x, c, cb, s, o, None) for c, cb, s, o in zip(codes, codebooks, scales, offsets)],
+                     dim=-1)
+
+
+_LIB.impl("pq_linear_parts", pq_linear_parts_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fasq::pq_linear_parts", lib=_LIB)
+def _(x, codes, codebooks, scales, offsets):
+    return x.new_empty(*x.shape[:-1], sum(c.shape[0] for c in codes))
+
+
+def register_parts_kernel(device_type: str, fn) -> None:
+    """Make `fn(x, codes, codebooks, scales, offsets)` (lists) the implementation of
+    fasq::pq_linear_parts for tensors on `device_type`."""
+    _LIB.impl("pq_linear_parts", fn, _DISPATCH_KEYS[device_type])
+
+
+pq_linear_parts = torch.ops.fasq.pq_linear_parts.default

@@ -22,10 +22,10 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.utils import set_weight_attrs
 
 from ... import kernels  # noqa: F401 - and its CPU / CUDA implementations
-from ...core import ops  # noqa: F401 - registers fasq::pq_linear
+from ...core import ops  # registers fasq::pq_linear and fasq::pq_linear_parts
 from ...core.config import QUANT_METHOD, ConfigError, LayerConfig, QuantConfig
 from ...core.module import PQLinear, transformed_pq_linear
-from ...core.transforms import get_transform
+from ...core.transforms import Identity, get_transform
 from ...io.manifest import verify_checkpoint
 from . import sharding
 
@@ -202,6 +202,7 @@ class FasqLinearMethod(LinearMethodBase):
                           _rows(layer, "scales", r, n), _rows(layer, "offsets", r, n)))
             r += n
         layer.fasq_parts = parts
+        layer.fasq_lists = [list(t) for t in zip(*parts)]  # codes, codebooks, scales, offsets of every part
         keys = layer.fasq_transform.tensor_specs(1)
         layer.fasq_states = [{k: getattr(layer, f"transform_{k}").data[j] for k in keys} for j in range(len(parts))]
 
@@ -209,7 +210,10 @@ class FasqLinearMethod(LinearMethodBase):
         parts, T, states = layer.fasq_parts, layer.fasq_transform, layer.fasq_states  # x: [tokens, in / tp]
         if len(parts) == 1:
             return transformed_pq_linear(x, T, states[0], *parts[0], bias)
-        y = torch.cat([transformed_pq_linear(x, T, st, *p, None) for st, p in zip(states, parts)], dim=-1)
+        if T is Identity:  # the parts share x as it is: one call (one kernel call on the CPU's decode path)
+            y = ops.pq_linear_parts(x, *layer.fasq_lists)
+        else:
+            y = torch.cat([transformed_pq_linear(x, T, st, *p, None) for st, p in zip(states, parts)], dim=-1)
         return y if bias is None else y + bias  # [tokens, out]
 
 

@@ -166,4 +166,14 @@ def gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = No
 
 def run(prep: _Prepared, x: Tensor, out: Tensor | None = None) -> Tensor:
     """`gemv` for a layer already prepared (`prepared` returned `prep`)."""
-    return cpu.run_linear(x, prep.plan, out, cpu.load_library().fasq_cpu_int8_linear, prep.address, "int8 gemv")
+    return cpu.run_linear(x, prep.plan, out, cpu.load_library().fasq_cpu_int8_linear, (prep.address,), "int8 gemv")
+
+
+def run_parts(preps: list[_Prepared], x: Tensor) -> Tensor:
+    """[run(p, x) for p in preps] concatenated along the last dimension, in one library call:
+    layers that share their input (a merged layer's sub-matrices, e.g. q, k and v) quantize
+    it, fork the threads and write their outputs once instead of once each."""
+    lib, n = cpu.load_library(), len(preps)
+    head = ((ctypes.c_void_p * n)(*[p.address for p in preps]), n)
+    out_f = sum(p.plan.out_features for p in preps)
+    return cpu.run_linear(x, preps[0].plan, None, lib.fasq_cpu_int8_linear_parts, head, "int8 gemv (parts)", out_f)

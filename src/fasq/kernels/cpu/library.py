@@ -123,6 +123,8 @@ def _declare(lib) -> None:
     lib.fasq_cpu_int8_prepare.restype = i32
     lib.fasq_cpu_int8_linear.argtypes = [ptr, ptr, i32, i64, ptr, i32]
     lib.fasq_cpu_int8_linear.restype = i32
+    lib.fasq_cpu_int8_linear_parts.argtypes = [ptr, i32, ptr, i32, i64, ptr, i32]
+    lib.fasq_cpu_int8_linear_parts.restype = i32
     lib.fasq_cpu_kmeans_assign.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, i32]
     lib.fasq_cpu_kmeans_assign.restype = i32
     lib.fasq_cpu_kmeanspp.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, i32]
@@ -317,20 +319,22 @@ def gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = No
     a call costs a few microseconds of Python besides the kernel.
     """
     plan = _plan(codes, codebooks, scales, offsets, bias)
-    return run_linear(x, plan, out, load_library().fasq_cpu_pq_linear_args, plan.address, "gemv")
+    return run_linear(x, plan, out, load_library().fasq_cpu_pq_linear_args, (plan.address,), "gemv")
 
 
-def run_linear(x: Tensor, plan: "_Plan", out: Tensor | None, entry, address: int, what: str) -> Tensor:
+def run_linear(x: Tensor, plan: "_Plan", out: Tensor | None, entry, head: tuple, what: str,
+               out_features: int | None = None) -> Tensor:
     """The decode paths' shared body: x [..., in] made contiguous in a dtype the library
     reads (read as [T, in]), the output [..., out] (or `out`, a [T, out], checked), then
-    `entry(address, x_ptr, x_dtype_code, T, y_ptr, threads)` (a library entry point, 0 on
-    success); y comes back in x's dtype and leading shape. Lean on purpose: it runs once
-    per layer and token, and at decode its Python time is a visible part of a token."""
+    `entry(*head, x_ptr, x_dtype_code, T, y_ptr, threads)` (a library entry point, 0 on
+    success); y comes back in x's dtype and leading shape. out_features: of several layers
+    computed together (else the plan's). Lean on purpose: it runs once per layer and token,
+    and at decode its Python time is a visible part of a token."""
     _check_features(x, plan)
     xk = x if x.dtype in _DTYPE_CODE else x.float()
     if not xk.is_contiguous():
         xk = xk.contiguous()
-    out_f = plan.out_features
+    out_f = plan.out_features if out_features is None else out_features
     T = xk.numel() // plan.in_features if plan.in_features else xk.shape[:-1].numel()
     if out is None:
         y = torch.empty(xk.shape[:-1] + (out_f,), dtype=xk.dtype)
@@ -339,7 +343,7 @@ def run_linear(x: Tensor, plan: "_Plan", out: Tensor | None, entry, address: int
     else:
         y = out if x.dim() == 2 else out.view(*x.shape[:-1], out_f)
     if T:
-        _check(entry(address, xk.data_ptr(), _DTYPE_CODE[xk.dtype], T, y.data_ptr(), torch.get_num_threads()), what)
+        _check(entry(*head, xk.data_ptr(), _DTYPE_CODE[xk.dtype], T, y.data_ptr(), torch.get_num_threads()), what)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 

@@ -4,12 +4,14 @@ registers itself as the op's CPU implementation. Its own module so that `cpu_int
 build on `cpu` without a cycle.
 
     pq_linear_cpu(x, codes, codebooks, scales=None, offsets=None, bias=None, kernel="auto")
+    pq_linear_parts_cpu(x, codes, codebooks, scales, offsets)   (lists: fasq::pq_linear_parts)
 """
 
 from __future__ import annotations
 
 import os
 
+import torch
 from torch import Tensor
 
 from ...core import ops
@@ -46,9 +48,24 @@ def pq_linear_cpu(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | 
     return fn(x, codes, codebooks, scales, offsets, bias)
 
 
+def pq_linear_parts_cpu(x: Tensor, codes: list[Tensor], codebooks: list[Tensor], scales: list[Tensor | None],
+                        offsets: list[Tensor | None]) -> Tensor:
+    """fasq::pq_linear_parts on the CPU: one int8 call for all parts where automatic selection
+    takes the int8 path for every one of them (decode), else `pq_linear_cpu` part by part."""
+    parts = list(zip(codes, codebooks, scales, offsets))
+    if not (cpu._forced or os.environ.get("FASQ_CPU_KERNEL")) and cpu.available():
+        tokens, setting = x.numel() // max(1, x.shape[-1]), cpu_int8._setting()
+        preps = ([cpu_int8.prepared(*p, None) for p in parts]
+                 if tokens <= CPU_INT8_MAX_TOKENS and setting not in cpu_int8._OFF else [None])
+        if all(p is not None and cpu_int8.chosen(p, setting) for p in preps):
+            return cpu_int8.run_parts(preps, x)
+    return torch.cat([pq_linear_cpu(x, *p, None) for p in parts], dim=-1)
+
+
 def _pq_linear_cpu_op(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None,
                       offsets: Tensor | None, bias: Tensor | None) -> Tensor:
     return pq_linear_cpu(x, codes, codebooks, scales, offsets, bias, kernel="auto")
 
 
 ops.register_kernel("cpu", _pq_linear_cpu_op)
+ops.register_parts_kernel("cpu", pq_linear_parts_cpu)

@@ -540,60 +540,112 @@ struct Int8Layer {
   const float* offsets;
 };
 
-// y[T, out] = x[T, in] @ W.T + bias through the prepared buffers; x and y of x_dtype (0 fp32,
-// 1 fp16, 2 bf16), 1 <= T. Returns 0; 1/2 for a format the path does not take; 3 when this
-// CPU (or the instruction-set cap) lacks the path.
-int fasq_cpu_int8_linear(const Int8Layer* p, const void* x, int x_dtype, int64_t T, void* y, int nthreads) {
-  const LayerArgs* a = p->args;
-  const float* offsets = p->offsets;
-  if (int err = supported(*a, false)) return err;
+}  // extern "C"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+namespace {
+
+// One prepared layer's share of a call: its runs, its quantized activations (quantize_token,
+// then per run the tables' shift and the sum of x) and its first output column.
+struct PartCall {
+  const Int8Layer* p;
+  std::vector<Run> runs;
+  std::vector<int8_t> xq;
+  std::vector<float> xs, xsum, corr;
+  int64_t nblk = 0, OB = 0, col0 = 0;
+
+  void setup(const Int8Layer* layer, const void* x, int x_dtype, int64_t T, int64_t first_col) {
+    p = layer, col0 = first_col;
+    const LayerArgs* a = p->args;
+    runs = make_runs(*a);
+    OB = (a->out + 15) / 16;
+    const int64_t R = runs.size(), d = a->d;
+    for (const Run& r : runs) nblk += ((r.m1 - r.m0) * d + BCOLS - 1) / BCOLS;  // runs are whole 8 columns
+    xq.resize(T * a->in), xs.resize(T * nblk), corr.resize(T * R);
+    if (p->offsets) xsum.resize(T * R);
+    const int64_t xbytes = fasq_cpu::elem_bytes(x_dtype);
+    for (int64_t t = 0; t < T; t++) {
+      quantize_token(static_cast<const char*>(x) + t * a->in * xbytes, x_dtype, runs.data(), R, d,
+                     xq.data() + t * a->in, xs.data() + t * nblk, corr.data() + t * R,
+                     p->offsets ? xsum.data() + t * R : nullptr);
+      for (int64_t r = 0; r < R; r++) corr[t * R + r] *= -p->cbscale[a->C + runs[r].c];
+    }
+  }
+
+  // Row block rb, all T tokens (NT_MAX at a time): y[t, col0 + row] (+ bias), rows ldy apart.
+  void row_block(int64_t rb, int64_t T, void* y, int64_t ldy, int x_dtype, float* tot) const {
+    const LayerArgs* a = p->args;
+    const int64_t R = runs.size(), M = a->in / a->d;
+    const bool off = p->offsets != nullptr;
+    const Prepared P{p->codes, p->tabs, p->cbscale, p->scales, p->offsets};
+    const int64_t rows = std::min<int64_t>(16, a->out - rb * 16);
+    for (int64_t t0 = 0; t0 < T; t0 += NT_MAX) {
+      const int nt = (int)std::min<int64_t>(NT_MAX, T - t0);
+      const Acts at{xq.data() + t0 * a->in, xs.data() + t0 * nblk, off ? xsum.data() + t0 * R : nullptr,
+                    corr.data() + t0 * R, nblk, R};
+      pick(layout(*a), a->K, off, nt)(runs.data(), R, M, n_groups(*a), P, rb, at, tot);
+      for (int t = 0; t < nt; t++)
+        for (int64_t r = 0; r < rows; r++) {
+          const int64_t o = rb * 16 + r;
+          const float b = a->bias ? elem(a->bias, o, (int)a->bias_dtype) : 0.f;
+          store(y, (t0 + t) * ldy + col0 + o, tot[t * 16 + r] + b, x_dtype);
+        }
+    }
+  }
+};
+
+}  // namespace
+#endif
+
+extern "C" {
+
+// y[T, out_0 + out_1 + ...] = [x @ W_0.T + bias_0 | x @ W_1.T + bias_1 | ...] for n prepared
+// layers that share their input (a merged layer's sub-matrices: q, k and v, or gate and up),
+// each through the prepared buffers; x [T, in] and y of x_dtype (0 fp32, 1 fp16, 2 bf16).
+// One call and one parallel region over every part's row blocks, instead of a call, a fork
+// and a copy (the concatenation) per part. Returns 0; 1/2 for a format the path does not take
+// (or parts of different widths: 1); 3 when this CPU (or the instruction-set cap) lacks it.
+int fasq_cpu_int8_linear_parts(const Int8Layer* const* parts, int n, const void* x, int x_dtype, int64_t T,
+                               void* y, int nthreads) {
+  if (n < 1) return 1;
+  for (int i = 0; i < n; i++) {
+    if (int err = supported(*parts[i]->args, false)) return err;
+    if (parts[i]->args->in != parts[0]->args->in) return 1;
+  }
   if (!fasq_cpu_int8_available()) return 3;
   if (T <= 0) return 0;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  const int64_t d = a->d, M = a->in / d, out = a->out, OB = (out + 15) / 16, G = n_groups(*a);
-  const Layout lay = layout(*a);
-  const std::vector<Run> runs = make_runs(*a);
-  const int64_t R = runs.size();
-  int64_t nblk = 0;
-  for (const Run& r : runs) nblk += ((r.m1 - r.m0) * d + BCOLS - 1) / BCOLS;  // runs are whole 8 columns
-  // quantize the activations (quantize_token), then per run the tables' shift and the sum of x
-  std::vector<int8_t> xq(T * a->in);
-  std::vector<float> xs(T * nblk), xsum(offsets ? T * R : 0), corr(T * R);
-  const int64_t xbytes = fasq_cpu::elem_bytes(x_dtype);
-  for (int64_t t = 0; t < T; t++) {
-    quantize_token(static_cast<const char*>(x) + t * a->in * xbytes, x_dtype, runs.data(), R, d,
-                   xq.data() + t * a->in, xs.data() + t * nblk, corr.data() + t * R,
-                   offsets ? xsum.data() + t * R : nullptr);
-    for (int64_t r = 0; r < R; r++) corr[t * R + r] *= -p->cbscale[a->C + runs[r].c];
+  std::vector<PartCall> calls(n);
+  std::vector<int64_t> first(n + 1, 0);  // parts' first row block among all of them
+  int64_t cols = 0, weights = 0;
+  for (int i = 0; i < n; i++) {
+    calls[i].setup(parts[i], x, x_dtype, T, cols);
+    cols += parts[i]->args->out, weights += parts[i]->args->out * parts[i]->args->in;
+    first[i + 1] = first[i] + calls[i].OB;
   }
-  const Acts acts{xq.data(), xs.data(), offsets ? xsum.data() : nullptr, corr.data(), nblk, R};
-  const Prepared P{p->codes, p->tabs, p->cbscale, p->scales, p->offsets};
-  const bool off = offsets != nullptr;
-  const int nth = (nthreads > 1 && out * a->in >= PARALLEL_MIN_WEIGHTS) ? nthreads : 1;
+  const int nth = (nthreads > 1 && weights >= PARALLEL_MIN_WEIGHTS) ? nthreads : 1;
 #pragma omp parallel num_threads(nth) if (nth > 1)
   {
     alignas(64) float tot[NT_MAX * 16];
 #pragma omp for schedule(static)
-    for (int64_t rb = 0; rb < OB; rb++)
-      for (int64_t t0 = 0; t0 < T; t0 += NT_MAX) {
-        const int nt = (int)std::min<int64_t>(NT_MAX, T - t0);
-        const Acts at{acts.xq + t0 * a->in, acts.xs + t0 * nblk, off ? acts.xsum + t0 * R : nullptr,
-                      acts.corr + t0 * R, nblk, R};
-        pick(lay, a->K, off, nt)(runs.data(), R, M, G, P, rb, at, tot);
-        const int64_t rows = std::min<int64_t>(16, out - rb * 16);
-        for (int t = 0; t < nt; t++)
-          for (int64_t r = 0; r < rows; r++) {
-            const int64_t o = rb * 16 + r;
-            const float b = a->bias ? elem(a->bias, o, (int)a->bias_dtype) : 0.f;
-            store(y, (t0 + t) * out + o, tot[t * 16 + r] + b, x_dtype);
-          }
-      }
+    for (int64_t j = 0; j < first[n]; j++) {
+      int i = 0;
+      while (j >= first[i + 1]) i++;
+      calls[i].row_block(j - first[i], T, y, cols, x_dtype, tot);
+    }
   }
   return 0;
 #else
-  (void)offsets, (void)x, (void)x_dtype, (void)y, (void)nthreads;
+  (void)x, (void)x_dtype, (void)y, (void)nthreads;
   return 3;
 #endif
+}
+
+// y[T, out] = x[T, in] @ W.T + bias through the prepared buffers; x and y of x_dtype (0 fp32,
+// 1 fp16, 2 bf16), 1 <= T. Returns 0; 1/2 for a format the path does not take; 3 when this
+// CPU (or the instruction-set cap) lacks the path.
+int fasq_cpu_int8_linear(const Int8Layer* p, const void* x, int x_dtype, int64_t T, void* y, int nthreads) {
+  return fasq_cpu_int8_linear_parts(&p, 1, x, x_dtype, T, y, nthreads);
 }
 
 }  // extern "C"
