@@ -76,7 +76,7 @@ def _make(case, seed=0):
         q = quantize_rtn(W, RTNConfig(bits=bits, group_size=group))
         return q["codes"], q["codebooks"].float(), q["scales"].float(), q["offsets"].float()
     out, inn, d, K, C, S, with_offsets = case
-    codes, cb, scales, offsets = _layer(out, inn, d, K, C, max(S, 1), with_offsets)
+    codes, cb, scales, offsets = _layer(out, inn, d, K, C, max(S, 1), with_offsets, seed)
     return codes, cb.float(), (scales.float() if S else None), (offsets.float() if with_offsets else None)
 
 
@@ -218,26 +218,30 @@ def test_lookup_switch():
 
 
 # sub-matrices sharing their input, as a merged layer holds them: different heights, formats
-# (d=2 K=256 with offsets, threaded; d=2 K=64; RTN 4-bit: d=1 nibbles) and run structures
-PARTS = [(200, 768, 2, 256, 4, 8, True), (37, 768, 2, 64, 3, 6, False), (64, 768, 4, 64)]
+# (d=2 K=256 with offsets, threaded; d=2 K=64 cut differently; d=2 K=16 without scales; RTN
+# 4-bit: d=1 nibbles), so no two share x's quantization
+PARTS = [(200, 768, 2, 256, 4, 8, True), (37, 768, 2, 64, 3, 6, True), (48, 768, 2, 16, 2, 0, False), (64, 768, 4, 64)]
+# parts that cut x into the same runs (as q, k and v usually do): x quantized once for all
+SHARED = [(200, 768, 2, 256, 4, 8, True), (37, 768, 2, 64, 4, 8, True), (64, 768, 2, 256, 4, 8, True)]
 
 
 def _parts_op(x, parts):
     return torch.ops.fasq.pq_linear_parts(x, *[list(t) for t in zip(*parts)])
 
 
+@pytest.mark.parametrize("layers", [PARTS, SHARED], ids=["own-cuts", "shared-cut"])
 @pytest.mark.parametrize("tokens", [1, 3, 16, 17])
-def test_parts_in_one_call_equal_the_parts_one_by_one(tokens, isa, monkeypatch):
+def test_parts_in_one_call_equal_the_parts_one_by_one(tokens, layers, isa, monkeypatch):
     """fasq::pq_linear_parts: one int8 call for every part at decode (bit for bit the parts'
     own calls: the same arithmetic per row block), part by part elsewhere (17 tokens: the
     dequantize path; below "avx512": the exact kernel), always [..., sum of heights]."""
-    parts = [_make(c) for c in PARTS]
+    parts = [_make(c, seed=i) for i, c in enumerate(layers)]
     x = torch.randn(tokens, 768, generator=torch.Generator().manual_seed(tokens))
     calls = []
     real = cpu_int8.run_parts
     monkeypatch.setattr(cpu_int8, "run_parts", lambda *a: calls.append(1) or real(*a))
     y = _parts_op(x.reshape(1, tokens, 768), parts)
-    assert y.shape == (1, tokens, sum(c[0] for c in PARTS)) and not y.isnan().any()
+    assert y.shape == (1, tokens, sum(c[0] for c in layers)) and not y.isnan().any()
     one_call = isa == "avx512" and cpu_int8.available() and tokens <= dispatch.CPU_INT8_MAX_TOKENS
     assert calls == ([1] if one_call else [])
     alone = torch.cat([cpu_linear.pq_linear_cpu(x, *p, None) for p in parts], dim=-1)

@@ -136,7 +136,7 @@ struct Acts {
   const int8_t* xq;    // [T][in/8][8]
   const float* xs;     // [T][nblk] float step of each block
   const float* xsum;   // [T][R] float sums of x over each run (offsets), or NULL
-  const float* corr;   // [T][R] -shift * sum over the run's blocks of step * int8 sum
+  const float* rq;     // [T][R] sum over the run's blocks of step * int8 sum
   int64_t nblk, R;
 };
 
@@ -170,6 +170,7 @@ struct Prepared {
   const uint8_t* codes;
   const uint8_t* tabs;
   const float* cbscale;
+  const float* shift;  // cbscale + C: each codebook's table shift
   const float* scales;
   const float* offsets;
 };
@@ -312,7 +313,7 @@ FASQ_I8 FASQ_INLINE void block(const U& u, const __m512i* code, const int8_t* xq
 // Row block rb (16 rows), tokens [0, NT) of `A` (already offset to the first token); tot
 // [NT][16] written. U: the code family (above); OFF: offsets present. Per run: the
 // codebook's tables loaded when it changes, the float sums started at the run's correction
-// (A.corr: the tables' shift and centre removed once per run), whole 16-column blocks,
+// (-shift * A.rq: the tables' shift and centre removed once per run), whole 16-column blocks,
 // then the run's last 8 columns when its length is an odd multiple of 8, then end_run.
 template <int NT, class U, bool OFF>
 FASQ_I8 void row_block(const Run* runs, int64_t R, int64_t M, int64_t S, const Prepared& P, int64_t rb,
@@ -329,7 +330,7 @@ FASQ_I8 void row_block(const Run* runs, int64_t R, int64_t M, int64_t S, const P
     const Run run = runs[r];
     if (run.c != loaded) u.load(P.tabs, run.c), loaded = run.c;
     __m512 racc[NT];
-    for (int t = 0; t < NT; t++) racc[t] = _mm512_set1_ps(A.corr[t * R + r]);
+    for (int t = 0; t < NT; t++) racc[t] = _mm512_set1_ps(-P.shift[run.c] * A.rq[t * R + r]);
     const int64_t s1 = run.m1 / U::SUBSPACES;
     int64_t st = run.m0 / U::SUBSPACES;
     for (; st + SPB <= s1; st += SPB, blk++) block<NT, 4>(u, code + st, A.xq + st * XB, in, A.xs + blk, A.nblk, racc);
@@ -545,31 +546,51 @@ struct Int8Layer {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 namespace {
 
-// One prepared layer's share of a call: its runs, its quantized activations (quantize_token,
-// then per run the tables' shift and the sum of x) and its first output column.
+// One prepared layer's share of a call: its runs, its first output column and its quantized
+// activations (quantize_token), or those of an earlier part with the same runs (src): parts
+// of a merged layer usually cut x alike, and then x is quantized once for them.
 struct PartCall {
   const Int8Layer* p;
+  const PartCall* src = this;  // whose xq, xs, xsum, rq this part reads
   std::vector<Run> runs;
   std::vector<int8_t> xq;
-  std::vector<float> xs, xsum, corr;
+  std::vector<float> xs, xsum, rq;
   int64_t nblk = 0, OB = 0, col0 = 0;
 
-  void setup(const Int8Layer* layer, const void* x, int x_dtype, int64_t T, int64_t first_col) {
+  // Shares x's quantization with `other` when both cut it into the same runs (the blocks and
+  // sums depend only on the runs' columns) and both need (or skip) the float sums.
+  bool same_cut(const PartCall& other) const {
+    if (runs.size() != other.runs.size() || p->args->d != other.p->args->d ||
+        (p->offsets == nullptr) != (other.p->offsets == nullptr))
+      return false;
+    for (size_t r = 0; r < runs.size(); r++)
+      if (runs[r].m0 != other.runs[r].m0 || runs[r].m1 != other.runs[r].m1) return false;
+    return true;
+  }
+
+  // Runs, row blocks, then x's quantization taken from the first of `before` that cuts x
+  // alike, else buffers of its own (filled by quantize).
+  void setup(const Int8Layer* layer, int64_t T, int64_t first_col, const PartCall* before, int nbefore) {
     p = layer, col0 = first_col;
     const LayerArgs* a = p->args;
     runs = make_runs(*a);
     OB = (a->out + 15) / 16;
-    const int64_t R = runs.size(), d = a->d;
-    for (const Run& r : runs) nblk += ((r.m1 - r.m0) * d + BCOLS - 1) / BCOLS;  // runs are whole 8 columns
-    xq.resize(T * a->in), xs.resize(T * nblk), corr.resize(T * R);
+    for (const Run& r : runs) nblk += ((r.m1 - r.m0) * a->d + BCOLS - 1) / BCOLS;  // runs are whole 8 columns
+    for (int i = 0; i < nbefore && src == this; i++)
+      if (before[i].src == &before[i] && same_cut(before[i])) src = &before[i];
+    if (src != this) return;
+    const int64_t R = runs.size();
+    xq.resize(T * a->in), xs.resize(T * nblk), rq.resize(T * R);
     if (p->offsets) xsum.resize(T * R);
-    const int64_t xbytes = fasq_cpu::elem_bytes(x_dtype);
-    for (int64_t t = 0; t < T; t++) {
-      quantize_token(static_cast<const char*>(x) + t * a->in * xbytes, x_dtype, runs.data(), R, d,
-                     xq.data() + t * a->in, xs.data() + t * nblk, corr.data() + t * R,
-                     p->offsets ? xsum.data() + t * R : nullptr);
-      for (int64_t r = 0; r < R; r++) corr[t * R + r] *= -p->cbscale[a->C + runs[r].c];
-    }
+  }
+
+  // Token t of x into this part's own buffers.
+  void quantize(const void* x, int x_dtype, int64_t t) {
+    const LayerArgs* a = p->args;
+    const int64_t R = runs.size();
+    quantize_token(static_cast<const char*>(x) + t * a->in * fasq_cpu::elem_bytes(x_dtype), x_dtype, runs.data(), R,
+                   a->d, xq.data() + t * a->in, xs.data() + t * nblk, rq.data() + t * R,
+                   p->offsets ? xsum.data() + t * R : nullptr);
   }
 
   // Row block rb, all T tokens (NT_MAX at a time): y[t, col0 + row] (+ bias), rows ldy apart.
@@ -577,12 +598,12 @@ struct PartCall {
     const LayerArgs* a = p->args;
     const int64_t R = runs.size(), M = a->in / a->d;
     const bool off = p->offsets != nullptr;
-    const Prepared P{p->codes, p->tabs, p->cbscale, p->scales, p->offsets};
+    const Prepared P{p->codes, p->tabs, p->cbscale, p->cbscale + a->C, p->scales, p->offsets};
     const int64_t rows = std::min<int64_t>(16, a->out - rb * 16);
     for (int64_t t0 = 0; t0 < T; t0 += NT_MAX) {
       const int nt = (int)std::min<int64_t>(NT_MAX, T - t0);
-      const Acts at{xq.data() + t0 * a->in, xs.data() + t0 * nblk, off ? xsum.data() + t0 * R : nullptr,
-                    corr.data() + t0 * R, nblk, R};
+      const Acts at{src->xq.data() + t0 * a->in, src->xs.data() + t0 * nblk,
+                    off ? src->xsum.data() + t0 * R : nullptr, src->rq.data() + t0 * R, nblk, R};
       pick(layout(*a), a->K, off, nt)(runs.data(), R, M, n_groups(*a), P, rb, at, tot);
       for (int t = 0; t < nt; t++)
         for (int64_t r = 0; r < rows; r++) {
@@ -617,15 +638,22 @@ int fasq_cpu_int8_linear_parts(const Int8Layer* const* parts, int n, const void*
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   std::vector<PartCall> calls(n);
   std::vector<int64_t> first(n + 1, 0);  // parts' first row block among all of them
+  std::vector<int> own;                  // parts that quantize x themselves
   int64_t cols = 0, weights = 0;
   for (int i = 0; i < n; i++) {
-    calls[i].setup(parts[i], x, x_dtype, T, cols);
+    calls[i].setup(parts[i], T, cols, calls.data(), i);
+    if (calls[i].src == &calls[i]) own.push_back(i);
     cols += parts[i]->args->out, weights += parts[i]->args->out * parts[i]->args->in;
     first[i + 1] = first[i] + calls[i].OB;
   }
   const int nth = (nthreads > 1 && weights >= PARALLEL_MIN_WEIGHTS) ? nthreads : 1;
+  const int64_t nq = (int64_t)own.size() * T;
 #pragma omp parallel num_threads(nth) if (nth > 1)
   {
+    // x quantized per (part, token) across the threads, then (after the loop's barrier) the
+    // row blocks of every part
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < nq; k++) calls[own[k / T]].quantize(x, x_dtype, k % T);
     alignas(64) float tot[NT_MAX * 16];
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < first[n]; j++) {
