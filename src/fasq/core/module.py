@@ -113,6 +113,30 @@ class PQLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {c.method}: {c.knobs()}"
 
 
+class DenseLinear(nn.Linear):
+    """An nn.Linear that a fasq model keeps unquantized (its output head, by default), computed
+    by the fasq::dense_linear op so that a device's decode kernel can take it (the CPU's bf16
+    kernel); the parameters, state dict and result are nn.Linear's (the sums' order aside).
+    Loading a checkpoint turns the model's plain nn.Linear modules into this class in place
+    (`use_dense_op`), so tied weights and hooks stay as they are."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
+            return super().forward(x)  # the op has no autograd formula: training keeps F.linear
+        return torch.ops.fasq.dense_linear(x, self.weight, self.bias)
+
+
+def use_dense_op(model: nn.Module) -> int:
+    """Make every plain nn.Linear of `model` (not subclasses, which may compute otherwise) a
+    DenseLinear, in place; returns how many."""
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = DenseLinear
+            n += 1
+    return n
+
+
 def size_table(model: nn.Module) -> dict:
     """Whole-model size accounting against the FP16 model (2 bytes per parameter).
 

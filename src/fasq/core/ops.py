@@ -162,3 +162,30 @@ def register_parts_kernel(device_type: str, fn) -> None:
 
 
 pq_linear_parts = torch.ops.fasq.pq_linear_parts.default
+
+
+# A dense linear layer that a fasq model keeps unquantized (its output head, by default), as
+# an op so that a device can run its own decode kernel for it (the CPU's: fasq.kernels.cpu.
+# dense) and torch.compile still traces the call; torch's F.linear elsewhere.
+_LIB.define("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+
+
+def dense_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """y[..., out] = x[..., in] @ weight.T + bias; weight [out, in], bias [out] or None."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+_LIB.impl("dense_linear", dense_linear_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fasq::dense_linear", lib=_LIB)
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def register_dense_kernel(device_type: str, fn) -> None:
+    """Make `fn(x, weight, bias)` the implementation of fasq::dense_linear on `device_type`."""
+    _LIB.impl("dense_linear", fn, _DISPATCH_KEYS[device_type])
+
+
+dense_linear = torch.ops.fasq.dense_linear.default

@@ -2,7 +2,9 @@
 
 Registers a `QuantizationConfigMixin` and an `HfQuantizer` under the name "fasq". The
 quantizer swaps the listed nn.Linear modules for PQLinear (on the meta device, before
-weights load), expecting bit-packed codes, and unpacks them after loading.
+weights load), expecting bit-packed codes, and unpacks them after loading; the nn.Linear
+modules left dense (the output head, by default) become `DenseLinear`, whose op runs the
+CPU's bf16 decode kernel.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..core.config import QUANT_METHOD, QuantConfig
 from ..core.convert import replace_linears
-from ..core.module import PQLinear
+from ..core.module import PQLinear, use_dense_op
 from ..io.manifest import verify_checkpoint
 
 
@@ -54,6 +56,7 @@ class FasqHfQuantizer(HfQuantizer):
         for m in model.modules():
             if isinstance(m, PQLinear):
                 m.unpack_codes_()
+        use_dense_op(model)  # the layers left dense (the head) through fasq::dense_linear
         return model
 
     def is_serializable(self, *args, **kwargs):

@@ -82,3 +82,4 @@ def _pq_linear_cuda(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor 
 ops.register_kernel("cuda", _pq_linear_cuda)
 
 from .cpu import linear as cpu_linear  # noqa: E402,F401 - registers the CPU implementation (compiled on first call)
+from .cpu import dense as cpu_dense  # noqa: E402,F401 - and of fasq::dense_linear

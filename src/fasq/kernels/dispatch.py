@@ -84,3 +84,11 @@ def select_cpu_kernel(tokens: int, d: int, K: int, *, has_library: bool = True, 
     if int8 and tokens <= CPU_INT8_MAX_TOKENS:
         return "cpu_int8"
     return "cpu_gemv" if tokens <= CPU_GEMV_MAX_TOKENS else "cpu_dequant"
+
+
+# Up to this many tokens fasq::dense_linear runs the CPU's bf16 kernel (dense_cpu_bf16.cpp:
+# one pass over W per 4 tokens); above it torch's matmul. 2-core AMD EPYC (Zen 4), 2 threads,
+# weights cycled through 600 MB, ms kernel / torch, two runs where they differed:
+# 49152x2048: 1 token 2.6-4.2 / 5.8-7.9, 4 tokens 5.1 / 6.0, 8 and 16 tokens even;
+# 49152x576: 1 token 0.9-1.2 / 1.6-2.0, 4 tokens 1.5-1.8 / 1.7-2.4, 8 tokens 2.4-2.5 / 2.0-2.7.
+CPU_DENSE_MAX_TOKENS = 4

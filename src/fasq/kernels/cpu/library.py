@@ -52,9 +52,11 @@ from ..dispatch import CPU_KERNELS
 
 # One library: the pq_linear kernels and the k-means helpers (kmeans.py)
 # pq_cpu.cpp: the exact kernels' C ABI, portable path and choice of instruction set;
-# pq_cpu_avx2.cpp / pq_cpu_avx512.cpp / pq_cpu_int8.cpp: one instruction set each
+# pq_cpu_avx2.cpp / pq_cpu_avx512.cpp / pq_cpu_int8.cpp: one instruction set each;
+# dense_cpu_bf16.cpp: decode of the layers kept dense in bf16 (dense.py)
 SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("pq_cpu.cpp", "pq_cpu_avx2.cpp", "pq_cpu_avx512.cpp",
-                                                                 "pq_cpu_int8.cpp", "kmeans_cpu.cpp"))
+                                                                 "pq_cpu_int8.cpp", "dense_cpu_bf16.cpp",
+                                                                 "kmeans_cpu.cpp"))
 HEADERS = tuple(Path(__file__).with_name("csrc") / f  # included by the sources: part of the cache key
                 for f in ("pq_cpu.h", "pq_cpu_kernels.h"))
 _ERRORS = {1: "non-positive size", 2: "in_features not divisible by d", 3: "codebooks do not divide the subspaces",
@@ -125,6 +127,9 @@ def _declare(lib) -> None:
     lib.fasq_cpu_int8_linear.restype = i32
     lib.fasq_cpu_int8_linear_parts.argtypes = [ptr, i32, ptr, i32, i64, ptr, i32]
     lib.fasq_cpu_int8_linear_parts.restype = i32
+    lib.fasq_cpu_bf16_available.restype = i32
+    lib.fasq_cpu_bf16_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i32]
+    lib.fasq_cpu_bf16_linear.restype = i32
     lib.fasq_cpu_kmeans_assign.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, i32]
     lib.fasq_cpu_kmeans_assign.restype = i32
     lib.fasq_cpu_kmeanspp.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, i32]
