@@ -64,6 +64,9 @@ KERNEL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096),
 KERNEL_CONFIGS = [("fasq-d2k256", 2, 256, False), ("fasq-d2k256-exact", 2, 256, True), ("fasq-d2k64", 2, 64, False),
                   ("fasq-d4k4096", 4, 4096, False), ("fasq-d1k16", 1, 16, False), ("fasq-d1k16-exact", 1, 16, True),
                   ("rtn-w4", 1, 16, False), ("rtn-w4-exact", 1, 16, True), ("rtn-w8", 1, 256, False)]
+# and "dense-bf16": fasq::dense_linear's CPU kernel (the decode path of the layers a fasq model
+# keeps dense, its output head) on the bf16 row's own weights, where it takes the call
+DENSE = "dense-bf16"
 
 
 def cpu_name() -> str:
@@ -134,9 +137,14 @@ def _kernel_name(T: int, layer, exact: bool) -> str:
 
 
 def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int | None = None,
-                  max_copies: int = 64) -> list[dict]:
+                  max_copies: int = 64, only: list[str] | None = None) -> list[dict]:
+    """only: the KERNEL_CONFIGS names (and/or DENSE) to time beside bf16 (default all)."""
     from fasq.core.format import packed_row_bytes
-    from fasq.kernels.cpu import linear as cpu_linear
+    from fasq.kernels.cpu import dense, linear as cpu_linear
+    from fasq.kernels.dispatch import CPU_DENSE_MAX_TOKENS
+
+    configs = [c for c in KERNEL_CONFIGS if not only or c[0] in only]
+    with_dense = (not only or DENSE in only) and dense.available()
 
     rotate_bytes = ROTATE_BYTES if rotate_bytes is None else rotate_bytes
 
@@ -146,7 +154,7 @@ def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int | No
         n_w = max(2, min(max_copies, rotate_bytes // (2 * out * inn)))
         weights = [torch.randn(out, inn, generator=gen).to(torch.bfloat16) for _ in range(n_w)]
         layer_sets = {}
-        for name, d, K, _ in KERNEL_CONFIGS:  # the same layers for every token count
+        for name, d, K, _ in configs:  # the same layers for every token count
             n = max(2, min(max_copies, rotate_bytes // _read_bytes(out, inn, d, K)))
             layer_sets[name] = layer_sets.get(name.removesuffix("-exact")) or [
                 _layer(out, inn, d, K, gen, rtn=name.startswith("rtn")) for _ in range(n)]
@@ -154,13 +162,16 @@ def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int | No
             x = torch.randn(T, inn, generator=gen).to(torch.bfloat16)
             groups = {"bf16": [lambda W=W: torch.nn.functional.linear(x, W) for W in weights]}
             kernels = {}
-            for name, d, K, exact in KERNEL_CONFIGS:
+            for name, d, K, exact in configs:
                 layers = layer_sets[name]
                 kernels[name] = k = _kernel_name(T, layers[0], exact)
                 groups[name] = [lambda L=L, k=k: cpu_linear.pq_linear_cpu(x, *L, kernel=k) for L in layers]
+            if with_dense and T <= CPU_DENSE_MAX_TOKENS:
+                groups[DENSE] = [lambda W=W: dense.linear(x, W) for W in weights]
+                kernels[DENSE] = "cpu_dense"
             us = _interleaved_us(groups, reps)
-            for name, d, K, _ in KERNEL_CONFIGS:
-                code_bytes = out * packed_row_bytes(inn // d, K.bit_length() - 1)
+            for name, d, K, _ in [*configs, *([(DENSE, None, None, None)] if DENSE in groups else [])]:
+                code_bytes = 2 * out * inn if name == DENSE else out * packed_row_bytes(inn // d, K.bit_length() - 1)
                 (med, low), (bmed, blow) = us[name], us["bf16"]
                 row = {"config": name, "out": out, "in": inn, "tokens": T, "d": d, "K": K,
                        "time_us": round(med, 1), "bf16_us": round(bmed, 1),
@@ -170,7 +181,8 @@ def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int | No
                        "time_us_min": round(low, 1), "bf16_us_min": round(blow, 1),
                        "speedup_vs_bf16_min": round(blow / low, 3),
                        "stream_us": round(code_bytes / bw_gbps / 1e3, 1), "kernel": kernels[name],
-                       "copies": len(groups[name]), "rotated_bytes": len(groups[name]) * _read_bytes(out, inn, d, K)}
+                       "copies": len(groups[name]),
+                       "rotated_bytes": len(groups[name]) * (code_bytes if name == DENSE else _read_bytes(out, inn, d, K))}
                 rows.append(row)
                 print(f"  {out:>5}x{inn:<5} T={T:<2} {name:<17} {row['time_us']:9.1f} us  bf16 {row['bf16_us']:9.1f} us"
                       f"  x{row['speedup_vs_bf16']:5.2f}  min {row['time_us_min']:8.1f} / {row['bf16_us_min']:8.1f} us"
@@ -388,6 +400,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help="kernel shapes, e.g. 4096x4096,576x576 (default all)")
     ap.add_argument("--max-copies", type=int, default=64, help="at most this many copies of a layer (default 64)")
     ap.add_argument("--configs", default=None, help="model rows to run, comma-separated (default all)")
+    ap.add_argument("--kernel-configs", default=None,
+                    help=f"kernel rows to time beside bf16, comma-separated, of {[c[0] for c in KERNEL_CONFIGS] + [DENSE]}"
+                         " (default all)")
     ap.add_argument("--reps", type=int, default=15, help="kernel repetitions (median)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -417,7 +432,7 @@ def main(argv=None) -> int:
         res["split_command"], res["split_threads"] = command, torch.get_num_threads()
     if a.only in (None, "kernels"):
         res["kernels"] = bench_kernels([int(t) for t in a.tokens.split(",")], a.reps, bw, a.rotate_mb << 20,
-                                       a.max_copies)
+                                       a.max_copies, a.kernel_configs.split(",") if a.kernel_configs else None)
         res["kernels_rotate_mb"], res["kernels_max_copies"] = a.rotate_mb, a.max_copies
         res["kernels_command"] = command
     if a.only in (None, "models"):

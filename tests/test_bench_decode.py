@@ -18,10 +18,15 @@ def bench(monkeypatch):
 
 
 def test_kernel_rows(bench):
-    rows = bench.bench_kernels([1, 9], reps=2, bw_gbps=10.0)
-    assert len(rows) == 2 * len(bench.KERNEL_CONFIGS)
-    from fasq.kernels.cpu import int8 as cpu_int8
+    from fasq.kernels.cpu import dense, int8 as cpu_int8
 
+    rows = bench.bench_kernels([1, 9], reps=2, bw_gbps=10.0)
+    dense_rows = [r for r in rows if r["config"] == bench.DENSE]
+    rows = [r for r in rows if r["config"] != bench.DENSE]
+    assert len(rows) == 2 * len(bench.KERNEL_CONFIGS)
+    # the dense bf16 kernel: at 1 token (its limit is 4), where the CPU has it
+    assert [(r["tokens"], r["kernel"], r["code_bytes"]) for r in dense_rows] == (
+        [(1, "cpu_dense", 2 * 5 * 192)] if dense.available() else [])
     for r in rows:
         assert r["time_us"] > 0 and r["bf16_us"] > 0 and r["speedup_vs_bf16"] > 0
         int8 = cpu_int8.available() and r["config"] in ("fasq-d2k256", "fasq-d2k64", "fasq-d1k16", "rtn-w4", "rtn-w8")  # <= 16 tokens
@@ -32,6 +37,11 @@ def test_kernel_rows(bench):
     for name in ("fasq-d1k16", "rtn-w4"):  # 4-bit codes, 192 per row; the int8 copy reads two a byte
         r = next(r for r in rows if r["config"] == name)
         assert r["code_bytes"] == 5 * 96 and r["rotated_bytes"] == r["copies"] * 5 * 96
+
+
+def test_kernel_rows_of_chosen_configs(bench):
+    rows = bench.bench_kernels([1], reps=1, bw_gbps=10.0, only=["fasq-d2k64"])
+    assert [r["config"] for r in rows] == ["fasq-d2k64"]
 
 
 def test_time_split_counts_only_decode_calls_of_each_kind(bench, tiny_llama):
