@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path (tests)
-from bench_decode import fasq_checkpoint, llama_cpp_times  # noqa: E402
+from bench_decode import fasq_checkpoint, llama_cpp_times, time_split  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {
@@ -231,6 +231,27 @@ def bench(name: str, runs: Path, llama_python: str | None, rounds: int = 3, prom
     return rows
 
 
+def split(name: str, runs: Path, rounds: int = 3, prompt_len: int = 128, new_tokens: int = 32,
+          configs=("bf16", "fasq-d2k256", "fasq-d2k256-head8")) -> list[dict]:
+    """Where a decode token's time goes (bench_decode.time_split: eager, batch 1, forward hooks
+    on the one-token calls): ms in the quantized projections, in the dense linear layers (the
+    head; every projection of the bf16 model) and in the rest, best of `rounds` decodes."""
+    from fasq.io.sources import load_model
+
+    files, args = make_all(name, runs), dict(FASQ_CONFIGS)
+    rows = []
+    for config in configs:
+        path = files["hf"] if config == "bf16" else fasq_checkpoint(str(files["hf"]), runs / name / config, args[config])
+        model, tok = load_model(str(path), dtype=torch.bfloat16)
+        ids = tok("The capital of France is", return_tensors="pt").input_ids[0]
+        rows.append({"config": config, **time_split(model, ids, prompt_len, new_tokens, rounds)})
+        r = rows[-1]
+        print(f"  {config:<18} {r['ms_per_token']:7.2f} ms/token: quantized linears {r['quantized_linear_ms']:6.2f}, "
+              f"other linears {r['dense_linear_ms']:6.2f}, rest {r['rest_ms']:6.2f}", flush=True)
+        del model
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", choices=sorted(SHAPES))
@@ -241,26 +262,32 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--compile", action="store_true", help="torch.compile the torch models' decode step")
+    ap.add_argument("--split", action="store_true", help="instead of --bench: where a decode token's time goes "
+                    "(bf16, the default, its 8-bit head; eager) into benchmarks/results/decode-cpu-MODEL-split.json")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode-cpu-MODEL.json)")
     a = ap.parse_args(argv)
     files = make_all(a.model, Path(a.runs_dir), a.llama_cpp_python)
     for kind, path in files.items():
         size = sum(p.stat().st_size for p in path.rglob("*")) if path.is_dir() else path.stat().st_size
         print(f"{kind:<8} {size / 1e9:6.2f} GB  {path}")
-    if not a.bench:
+    if not (a.bench or a.split):
         return 0
-    rows = bench(a.model, Path(a.runs_dir), a.llama_cpp_python, rounds=a.rounds, new_tokens=a.new_tokens,
-                 compile=a.compile)
-    print(f"{'config':<18}{'decode tok/s':>13}{'x bf16':>8}{'prefill tok/s':>15}{'MB':>9}")
-    for r in rows:
-        print(f"{r['config']:<18}{r['tok_s']:>13.2f}{r['speedup_vs_bf16']:>8.2f}{r['prefill_tok_s']:>15.1f}"
-              f"{r['weight_bytes'] / 1e6:>9.0f}")
+    if a.split:
+        rows = split(a.model, Path(a.runs_dir), rounds=a.rounds, new_tokens=a.new_tokens)
+    else:
+        rows = bench(a.model, Path(a.runs_dir), a.llama_cpp_python, rounds=a.rounds, new_tokens=a.new_tokens,
+                     compile=a.compile)
+        print(f"{'config':<18}{'decode tok/s':>13}{'x bf16':>8}{'prefill tok/s':>15}{'MB':>9}")
+        for r in rows:
+            print(f"{r['config']:<18}{r['tok_s']:>13.2f}{r['speedup_vs_bf16']:>8.2f}{r['prefill_tok_s']:>15.1f}"
+                  f"{r['weight_bytes'] / 1e6:>9.0f}")
     from fasq.kernels.cpu import library as cpu
 
     res = {"model": a.model, "shape": SHAPES[a.model], "threads": torch.get_num_threads(), "isa": cpu.isa(),
            "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/bench_models.py " + " ".join(
                argv if argv is not None else sys.argv[1:]), "rows": rows}
-    out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"decode-cpu-{a.model}.json"
+    default = f"decode-cpu-{a.model}{'-split' if a.split else ''}.json"
+    out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / default
     out.with_suffix(".tmp").write_text(json.dumps(res, indent=1))
     out.with_suffix(".tmp").replace(out)
     print(f"wrote {out}")
