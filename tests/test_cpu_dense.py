@@ -121,6 +121,8 @@ def test_op_takes_the_kernel_for_decode_and_torch_otherwise(monkeypatch):
     x, w, b = _data(40, 64, 1, True)
     torch.testing.assert_close(_op(x.float(), w.float(), b.float()),  # fp32: torch
                                nn.functional.linear(x.float(), w.float(), b.float()), rtol=0, atol=0)
+    wt = torch.randn(64, 40).bfloat16().T  # [40, 64], not contiguous: torch (no copy of W per call)
+    torch.testing.assert_close(_op(x, wt, b), nn.functional.linear(x, wt, b), rtol=0, atol=0)
     with dense.use_torch():
         torch.testing.assert_close(_op(x, w, b), nn.functional.linear(x, w, b), rtol=0, atol=0)
     monkeypatch.setenv("FASQ_CPU_DENSE", "0")

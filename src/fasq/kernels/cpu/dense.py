@@ -52,10 +52,10 @@ def use_torch():
 
 
 def takes(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether the kernel runs this call: bf16 x, weight and bias, at most CPU_DENSE_MAX_TOKENS
-    tokens, on a CPU that has it, not switched off."""
+    """Whether the kernel runs this call: bf16 x, weight and bias, a contiguous weight (no copy
+    of it per call), at most CPU_DENSE_MAX_TOKENS tokens, on a CPU that has it, not switched off."""
     return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and weight.dim() == 2
-            and weight.numel() > 0 and (bias is None or bias.dtype == torch.bfloat16)
+            and weight.numel() > 0 and weight.is_contiguous() and (bias is None or bias.dtype == torch.bfloat16)
             and x.numel() <= CPU_DENSE_MAX_TOKENS * x.shape[-1] and enabled() and available())
 
 
