@@ -4,9 +4,10 @@ bf16 (its output head, by default) through the library's AVX-512 BF16 kernel
 CPUs without AVX-512 BF16).
 
 At a few tokens a dense layer is one pass over its weights, and torch's bf16 matmul reads
-them at about a quarter of the memory's speed on a 2-core AMD EPYC (Zen 4): 49152 x 2048 at
-one token 7.9 ms, 25 GB/s, where this kernel takes 2.3-2.9 ms (benchmarks/bench_decode.py
---only kernels, "dense" rows). The sums are fp32 like torch's; only their order differs.
+them at a fraction of the memory's speed on a 2-core AMD EPYC (Zen 4): 49152 x 2048 at one
+token 8.5 ms (24 GB/s) where this kernel takes 3.0 ms (66 GB/s, copy bandwidth 89 GB/s;
+benchmarks/results/decode-cpu-dense-2threads.json). The sums are fp32 like torch's; only
+their order differs.
 
 Switches: FASQ_CPU_DENSE=0 keeps torch's matmul for a process; `use_torch()` for a block.
 
