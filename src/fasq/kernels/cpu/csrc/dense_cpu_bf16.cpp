@@ -101,12 +101,13 @@ DotFn pick(int ntok) {
 void row_block(const uint16_t* W, int64_t out, int64_t in, const uint16_t* bias, const uint16_t* x, int64_t T,
                uint16_t* y, int64_t o) {
   const int rows = (int)std::min<int64_t>(R, out - o);
+  const int nr = rows == R ? R : 1;  // rows per dot_block call
   alignas(64) float s[NT * R];
   for (int64_t t0 = 0; t0 < T; t0 += NT) {
     const int nt = (int)std::min<int64_t>(NT, T - t0);
-    for (int r0 = 0; r0 < rows; r0 += (rows == R ? R : 1)) {
-      const int nr = rows == R ? R : 1;
-      (nr == R ? pick<R>(nt) : pick<1>(nt))(W + (o + r0) * in, x + t0 * in, in, s);
+    const DotFn dot = nr == R ? pick<R>(nt) : pick<1>(nt);
+    for (int r0 = 0; r0 < rows; r0 += nr) {
+      dot(W + (o + r0) * in, x + t0 * in, in, s);
       for (int t = 0; t < nt; t++)
         for (int r = 0; r < nr; r++) {
           const float b = bias ? bf16_to_float(bias[o + r0 + r]) : 0.f;
@@ -140,7 +141,7 @@ int fasq_cpu_bf16_linear(const uint16_t* W, int64_t out, int64_t in, const uint1
   if (!fasq_cpu_bf16_available()) return 3;
 #if FASQ_HAVE_BF16
   const int64_t blocks = (out + R - 1) / R;
-  const int nth = (nthreads > 1 && out * in >= fasq_cpu::PARALLEL_MIN_WEIGHTS) ? nthreads : 1;
+  const int nth = fasq_cpu::threads_for(out * in, nthreads);
 #pragma omp parallel for num_threads(nth) if (nth > 1) schedule(static)
   for (int64_t b = 0; b < blocks; b++) row_block(W, out, in, bias, x, T, y, b * R);
   return 0;

@@ -189,13 +189,6 @@ int check_args(int64_t in, int64_t out, int code_bytes, int64_t C, int64_t K, in
   return 0;
 }
 
-int threads_for(int64_t weights, int nthreads) {
-  return (nthreads > 1 && weights >= PARALLEL_MIN_WEIGHTS) ? nthreads : 1;
-}
-
-
-
-
 // The run, tile and activation-sum setup shared by both entry points.
 struct Plan {
   std::vector<Run> runs;

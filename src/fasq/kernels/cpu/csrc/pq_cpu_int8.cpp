@@ -76,7 +76,6 @@ namespace {
 // +0.71 % against +0.375 % at 8.
 constexpr int64_t BCOLS = 16;
 constexpr int NT_MAX = 8;      // tokens per pass over a row block
-constexpr int64_t PARALLEL_MIN_WEIGHTS = 1 << 16;  // as pq_cpu.cpp: smaller layers, one thread
 
 using LayerArgs = FasqLayerArgs;  // pq_cpu.h
 
@@ -646,7 +645,7 @@ int fasq_cpu_int8_linear_parts(const Int8Layer* const* parts, int n, const void*
     cols += parts[i]->args->out, weights += parts[i]->args->out * parts[i]->args->in;
     first[i + 1] = first[i] + calls[i].OB;
   }
-  const int nth = (nthreads > 1 && weights >= PARALLEL_MIN_WEIGHTS) ? nthreads : 1;
+  const int nth = fasq_cpu::threads_for(weights, nthreads);
   const int64_t nq = (int64_t)own.size() * T;
 #pragma omp parallel num_threads(nth) if (nth > 1)
   {

@@ -37,6 +37,12 @@ constexpr int64_t GENERIC_CHUNK = 512;     // floats decoded at once by the port
 constexpr int64_t PARALLEL_MIN_WEIGHTS = 1 << 16;  // smaller layers run on one thread
 constexpr int64_t ROW_BLOCK = 64;          // rows per block when codebooks come in several tiles
 
+// Threads for a call over `weights` weights: the caller's count, or one for small layers
+// (every kernel of the library: exact, int8 and dense bf16).
+inline int threads_for(int64_t weights, int nthreads) {
+  return (nthreads > 1 && weights >= PARALLEL_MIN_WEIGHTS) ? nthreads : 1;
+}
+
 struct Run {  // subspaces [m0, m1) of a row, all in codebook c and scale group g
   int64_t m0, m1, c, g;
 };
