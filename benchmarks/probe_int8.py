@@ -25,6 +25,7 @@ import platform
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -107,31 +108,23 @@ def instructions(cxx: str, exe: Path, out: Path) -> int:
                                                          check=True).stdout.splitlines()]
     for r in rows:
         print(f"{r['instr']:<10} {r['ns']:.3f} ns")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_decode import cpu_name  # /proc/cpuinfo's model name (imported here: it loads torch)
+
     res = json.loads(out.read_text()) if out.is_file() else {}
     # keyed by CPU model: the same instruction costs differ by vendor (a vpermi2b is three
     # uops on Intel, one on AMD's Zen 4), and the kernel's lookup default follows them
     runs = res.get("instructions", {})
     if "rows" in runs:  # the first record, from before the key: an Intel Xeon VM
         runs = {"Intel Xeon (2-core VM)": runs}
-    runs[_cpu_model()] = {"what": "ns per instruction, one core, 8 independent chains "
-                                  "(benchmarks/csrc/probe_permute.cpp)", "date": time.strftime("%Y-%m-%d"),
-                          "command": "python benchmarks/probe_int8.py --instructions", "rows": rows}
+    runs[cpu_name()] = {"what": "ns per instruction, one core, 8 independent chains "
+                               "(benchmarks/csrc/probe_permute.cpp)", "date": time.strftime("%Y-%m-%d"),
+                       "command": "python benchmarks/probe_int8.py --instructions", "rows": rows}
     res["instructions"] = runs
     out.with_suffix(".tmp").write_text(json.dumps(res, indent=1))
     out.with_suffix(".tmp").replace(out)
     print(f"wrote {out}")
     return 0
-
-
-def _cpu_model() -> str:
-    """/proc/cpuinfo's model name (platform.processor() elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,16 @@ def require(module: str, reason: str | None = None):
 
 
 @pytest.fixture
+def two_threads():
+    """Kernels run with 2 threads, as users run them (other test modules set 1 when imported);
+    kernel test modules use it for every test (pytestmark)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def tiny_llama():
     """A tiny random Llama (tied embeddings, like the default model)."""
     from transformers import LlamaConfig, LlamaForCausalLM

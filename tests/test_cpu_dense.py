@@ -24,12 +24,7 @@ SHAPES = [(1, 1), (1, 64), (5, 31), (7, 33), (64, 96), (300, 577), (4099, 64), (
 TOKENS = [1, 2, 3, 6, 16, 17]
 
 
-@pytest.fixture(autouse=True)
-def two_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("two_threads")  # conftest.py: kernels run with 2 threads
 
 
 def _kernel_or_skip():

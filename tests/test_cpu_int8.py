@@ -53,13 +53,7 @@ RTN_CASES = [(150, 1024, 4, 64), (37, 2048, 4, 128), (64, 576, 4, 0), (48, 512, 
              (150, 1024, 8, 64), (37, 576, 8, 0)]  # 8 bits: the codes are the values (no lookup)
 
 
-@pytest.fixture(autouse=True)
-def two_threads():
-    """Kernels run with 2 threads (other test modules set 1 when imported)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("two_threads")  # conftest.py: kernels run with 2 threads
 
 
 @pytest.fixture(params=cpu.ISAS)
