@@ -19,6 +19,17 @@ from ..dispatch import CPU_INT8_MAX_TOKENS, CPU_KERNELS, select_cpu_kernel
 from . import library as cpu, int8 as cpu_int8
 
 
+def _auto_int8(tokens: int, setting: str, codes: Tensor, codebooks: Tensor, scales: Tensor | None,
+               offsets: Tensor | None, bias: Tensor | None) -> "cpu_int8._Prepared | None":
+    """The layer's int8 copies where automatic selection sends this call to the int8 path
+    (decode-sized, FASQ_CPU_INT8 (`setting`) not off, a format and CPU it takes, and `chosen`:
+    d=1 float codebooks only with FASQ_CPU_INT8=all), else None. The library is loaded."""
+    if tokens > CPU_INT8_MAX_TOKENS or setting in cpu_int8._OFF:
+        return None
+    prep = cpu_int8.prepared(codes, codebooks, scales, offsets, bias)
+    return prep if prep is not None and cpu_int8.chosen(prep, setting) else None
+
+
 def pq_linear_cpu(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = None,
                   offsets: Tensor | None = None, bias: Tensor | None = None, kernel: str = "auto") -> Tensor:
     """y[..., out] = x[..., in] @ dequantize(codes, codebooks, scales, offsets).T + bias.
@@ -29,11 +40,8 @@ def pq_linear_cpu(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | 
         kernel = cpu._forced or os.environ.get("FASQ_CPU_KERNEL") or "auto"
     if kernel == "auto":
         tokens = x.numel() // max(1, x.shape[-1])
-        has, setting = cpu.available(), cpu_int8._setting()
-        prep = (cpu_int8.prepared(codes, codebooks, scales, offsets, bias)
-                if has and tokens <= CPU_INT8_MAX_TOKENS and setting not in cpu_int8._OFF else None)
-        if prep is not None and not cpu_int8.chosen(prep, setting):  # d=1 float codebooks: FASQ_CPU_INT8=all
-            prep = None
+        has = cpu.available()
+        prep = _auto_int8(tokens, cpu_int8._setting(), codes, codebooks, scales, offsets, bias) if has else None
         kernel = select_cpu_kernel(tokens, codebooks.shape[2], codebooks.shape[1], has_library=has,
                                    int8=prep is not None)
         if kernel == "cpu_int8":
@@ -55,9 +63,8 @@ def pq_linear_parts_cpu(x: Tensor, codes: list[Tensor], codebooks: list[Tensor],
     parts = list(zip(codes, codebooks, scales, offsets))
     if not (cpu._forced or os.environ.get("FASQ_CPU_KERNEL")) and cpu.available():
         tokens, setting = x.numel() // max(1, x.shape[-1]), cpu_int8._setting()
-        preps = ([cpu_int8.prepared(*p, None) for p in parts]
-                 if tokens <= CPU_INT8_MAX_TOKENS and setting not in cpu_int8._OFF else [None])
-        if all(p is not None and cpu_int8.chosen(p, setting) for p in preps):
+        preps = [_auto_int8(tokens, setting, *p, None) for p in parts]
+        if all(p is not None for p in preps):
             return cpu_int8.run_parts(preps, x)
     return torch.cat([pq_linear_cpu(x, *p, None) for p in parts], dim=-1)
 
