@@ -9,8 +9,10 @@
    allows, sum_j |scale| * (|x_j| * dc / 2 + (|v_j| + dc / 2) * dx_b / 2) (dc, dx_b: the
    codebook's and the activation block's steps), so the threshold is derived, not tuned.
 
-Every instruction-set cap is forced (below "avx512" the path is absent and the exact float
-kernel must run instead), token counts 1, 2, 3, 6, 16 (and 17: two passes of 8 plus one),
+Every instruction-set cap is forced: "avx512" runs the AVX-512 VBMI kernels on every format,
+"avx2" the AVX2 kernels on K <= 16 and RTN 8-bit (vpshufb lookups, vpmaddubsw products; d=2
+K=64 / 256 must then run the exact float kernel), "portable" the exact float kernel; token
+counts 1, 2, 3, 6, 16 (and 17: two passes of 8, or four of 4 on AVX2, plus one),
 shapes crossing several 16-row blocks (with padding) and large enough to start the
 threads, run with 2 threads. Outputs are poisoned with NaN first.
 """
@@ -167,7 +169,8 @@ def test_int8_kernel_matches_its_emulation_and_the_rounding_bound(case, tokens, 
     y = cpu_int8.gemv(x, codes, cb, scales, offsets, out=out)
     assert y.data_ptr() == out.data_ptr() and not y.isnan().any()
     exact, mag = _exact(x, codes, cb, scales, offsets), _scale(x, codes, cb, scales, offsets)
-    if isa in ("portable", "avx2") or not cpu_int8.available():
+    if not cpu_int8.available(cb.shape[2], cb.shape[1]):
+        assert isa == "portable" or cpu_int8.isa() != "avx512"  # AVX2 lacks only d=2 K > 16
         assert cpu_int8.prepared(codes, cb, scales, offsets, None) is None
         assert float((y.double() - exact).abs().max()) < 2e-6 * mag  # the exact float kernel ran
         return
@@ -182,7 +185,7 @@ def test_both_lookups_give_the_same_result(case):
     """d=2 layers with 64 < K <= 256 look their codes up by vpermi2b (128-entry halves) or by
     vpermb (64-entry quarters): the same bytes either way, so the same result, bit for bit,
     and both match the emulation."""
-    if not cpu_int8.available():
+    if cpu_int8.isa() != "avx512":
         pytest.skip("no AVX-512 VBMI/VNNI here")
     codes, cb, scales, offsets = _make(case)
     for tokens in (1, 3, 16):
@@ -236,13 +239,15 @@ def test_parts_in_one_call_equal_the_parts_one_by_one(tokens, layers, isa, monke
     monkeypatch.setattr(cpu_int8, "run_parts", lambda *a: calls.append(1) or real(*a))
     y = _parts_op(x.reshape(1, tokens, 768), parts)
     assert y.shape == (1, tokens, sum(c[0] for c in layers)) and not y.isnan().any()
-    one_call = isa == "avx512" and cpu_int8.available() and tokens <= dispatch.CPU_INT8_MAX_TOKENS
+    decode = tokens <= dispatch.CPU_INT8_MAX_TOKENS
+    int8 = [decode and cpu_int8.available(p[1].shape[2], p[1].shape[1]) for p in parts]  # per part
+    one_call = all(int8)
     assert calls == ([1] if one_call else [])
     alone = torch.cat([cpu_linear.pq_linear_cpu(x, *p, None) for p in parts], dim=-1)
     assert torch.equal(y[0], alone)
     exact = torch.cat([_exact(x, *p) for p in parts], dim=-1)
     mag = max(_scale(x, *p) for p in parts)
-    assert float((y[0].double() - exact).abs().max()) < (2e-2 if one_call else 2e-6) * mag
+    assert float((y[0].double() - exact).abs().max()) < (2e-2 if any(int8) else 2e-6) * mag
 
 
 def test_parts_fall_back_part_by_part(monkeypatch):
@@ -269,7 +274,7 @@ def test_parts_fall_back_part_by_part(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int8_kernel_activation_dtypes_and_bias(dtype):
-    if not cpu_int8.available():
+    if cpu_int8.isa() != "avx512":
         pytest.skip("no AVX-512 VBMI/VNNI here")
     codes, cb, scales, offsets = _make(CASES[1])
     x = torch.randn(3, CASES[1][1], generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -284,7 +289,7 @@ def test_int8_kernel_activation_dtypes_and_bias(dtype):
 
 
 def test_two_threads_equal_one():
-    if not cpu_int8.available():
+    if cpu_int8.isa() != "avx512":
         pytest.skip("no AVX-512 VBMI/VNNI here")
     codes, cb, scales, offsets = _make(CASES[0])
     x = torch.randn(6, CASES[0][1])
@@ -300,11 +305,11 @@ def test_selection_switch_and_fallbacks(monkeypatch):
         monkeypatch.setattr(cpu, name, lambda *a, n=name, **k: calls.append(n) or torch.zeros(1))
     monkeypatch.setattr(cpu_int8, "run", lambda *a, **k: calls.append("int8") or torch.zeros(1))
     run = lambda T, *layer: torch.ops.fasq.pq_linear(torch.randn(T, CASES[2][1]), *layer, None)  # noqa: E731
-    expect_int8 = "int8" if cpu_int8.available() else "gemv"
+    expect_int8 = "int8" if cpu_int8.available(2, 64) else "gemv"
     for T in (1, dispatch.CPU_INT8_MAX_TOKENS):
         run(T, codes, cb, scales, offsets)
     run(dispatch.CPU_INT8_MAX_TOKENS + 1, codes, cb, scales, offsets)
-    assert calls == [expect_int8, expect_int8 if cpu_int8.available() else "dequant_matmul", "dequant_matmul"]
+    assert calls == [expect_int8, expect_int8 if cpu_int8.available(2, 64) else "dequant_matmul", "dequant_matmul"]
     calls.clear()
     monkeypatch.setenv("FASQ_CPU_INT8", "0")
     run(1, codes, cb, scales, offsets)
@@ -328,7 +333,7 @@ def test_selection_switch_and_fallbacks(monkeypatch):
 
 
 def test_changed_tensors_are_prepared_again():
-    if not cpu_int8.available():
+    if cpu_int8.isa() != "avx512":
         pytest.skip("no AVX-512 VBMI/VNNI here")
     codes, cb, scales, offsets = _make(CASES[1])
     x = torch.randn(2, CASES[1][1])
@@ -343,7 +348,7 @@ def test_changed_tensors_are_prepared_again():
 def test_default_selection_of_d1_layers(monkeypatch):
     """d=1 layers take the int8 path automatically only where their codebooks are copied
     exactly (RTN's integer grid); float d=1 codebooks need FASQ_CPU_INT8=all or kernel=."""
-    if not cpu_int8.available():
+    if cpu_int8.isa() != "avx512":
         pytest.skip("no AVX-512 VBMI/VNNI here")
     calls = []
     monkeypatch.setattr(cpu, "gemv", lambda *a, **k: calls.append("gemv") or torch.zeros(1))
@@ -358,3 +363,71 @@ def test_default_selection_of_d1_layers(monkeypatch):
     monkeypatch.delenv("FASQ_CPU_INT8")
     cpu_linear.pq_linear_cpu(torch.randn(1, CASES[6][1]), *pq, kernel="cpu_int8")  # forced
     assert calls == ["int8", "int8", "int8"]
+
+
+def test_instruction_sets_and_formats_follow_the_cap():
+    """AVX-512 VBMI + VNNI runs every format; AVX2 only K <= 16 and the 8-bit grid (16-entry
+    vpshufb tables); the portable cap none. A layer prepared under one cap runs under the
+    other, or falls back to the exact kernel where that one lacks its format."""
+    assert cpu.load_library() is not None, cpu._lib_error
+    full = cpu_int8.isa()
+    formats = [(2, 256), (2, 64), (2, 16), (1, 16), (1, 8), (1, 256)]
+    with cpu.limit_isa("portable"):
+        assert cpu_int8.isa() == "unavailable" and not cpu_int8.available()
+        assert not any(cpu_int8.available(d, K) for d, K in formats)
+    if cpu.isa() == "portable":
+        pytest.skip("no AVX2 here")
+    with cpu.limit_isa("avx2"):
+        assert cpu_int8.isa() == "avx2" and cpu_int8.available()
+        assert [cpu_int8.available(d, K) for d, K in formats] == [False, False, True, True, True, True]
+        assert not cpu_int8.available(1, 32) and not cpu_int8.available(4, 16)
+    assert full in ("avx2", "avx512")
+    if full == "avx512":
+        assert all(cpu_int8.available(d, K) for d, K in formats)
+    codes, cb, scales, offsets = _make(RTN_CASES[0])
+    x = torch.randn(2, RTN_CASES[0][1])
+    emu, _ = _emulate(x, codes, cb, scales, offsets)
+    for cap in (["avx512", "avx2"] if full == "avx512" else ["avx2"]):
+        with cpu.limit_isa(cap):
+            y = cpu_int8.gemv(x, codes, cb, scales, offsets)
+        assert float((y.double() - emu).abs().max()) < 2e-6 * _scale(x, codes, cb, scales, offsets)
+    d2 = _make(CASES[0])
+    with cpu.limit_isa("avx2"):
+        assert cpu_int8.prepared(*d2, None) is None
+        y = cpu_linear.pq_linear_cpu(x[:, :768], *d2)
+    assert float((y.double() - _exact(x[:, :768], *d2)).abs().max()) < 2e-6 * _scale(x[:, :768], *d2)
+
+
+def _extreme_layer(d, values, codes_of, out=48, inn=256):
+    """A layer with one codebook (values [K, d]) whose codes are codes_of(out, M), no scales."""
+    cb = torch.tensor(values, dtype=torch.float32).reshape(1, -1, d)
+    return codes_of(out, inn // d).to(torch.uint8), cb, None, None
+
+
+@pytest.mark.parametrize("layer", [
+    # unsigned integer tables: largest byte 32 (summed in 16 bits per block), 33 and 127 (not)
+    (1, [0.0] * 15 + [32.0], lambda o, m: torch.full((o, m), 15)),
+    (1, [0.0] * 15 + [33.0], lambda o, m: torch.full((o, m), 15)),
+    (1, [127.0, 0.0] + [5.0] * 14, lambda o, m: torch.zeros(o, m)),
+    # signed float values at -127 / +127 steps; the 8-bit grid's codes 0 (-128 once flipped) and 255
+    (1, [-3.0, 3.0] + [0.0] * 14, lambda o, m: (torch.arange(m) % 2).expand(o, m)),
+    (2, [-3.0, 3.0, 3.0, -3.0] + [0.0] * 28, lambda o, m: (torch.arange(m) % 2).expand(o, m)),
+    (1, [float(k) for k in range(256)], lambda o, m: torch.zeros(o, m)),
+    (1, [float(k) for k in range(256)], lambda o, m: torch.full((o, m), 255)),
+], ids=["small32", "small33", "int127", "d1signed", "d2signed", "grid0", "grid255"])
+def test_extreme_products_do_not_saturate(layer, isa):
+    """Tables and activations at the extremes of their bytes: every product the largest the
+    path can make, all of one sign, so a 16-bit sum that saturated (AVX2's vpmaddubsw) or an
+    accumulator that wrapped would show. Every |x| equal: x is quantized exactly, and the
+    integer tables are copied exactly, so the result is the exact one up to fp32 sums."""
+    codes, cb, scales, offsets = _extreme_layer(layer[0], layer[1], layer[2])
+    for sign in (1.0, -1.0):
+        x = torch.full((3, 256), 2.5 * sign)
+        x[1] = x[1] * torch.where(torch.arange(256) % 3 == 0, -1.0, 1.0)  # mixed signs
+        y = cpu_int8.gemv(x, codes, cb, scales, offsets, out=torch.full((3, 48), float("nan")))
+        exact, emu = _exact(x, codes, cb, scales, offsets), _emulate(x, codes, cb, scales, offsets)[0]
+        # fp32 sums of products of up to 128 (a byte as the kernel holds it) times |x|
+        mag = max(_scale(x, codes, cb, scales, offsets), 128 * float(x.abs().sum(1).max()))
+        assert float((y.double() - emu).abs().max()) < 2e-6 * mag
+        if all(v == int(v) for v in layer[1]):
+            assert float((y.double() - exact).abs().max()) < 2e-6 * mag

@@ -230,7 +230,7 @@ def test_model_through_the_int8_kernel_stays_near_the_reference(tiny_llama):
     from fasq import quantize_model
     from fasq.kernels.cpu import int8 as cpu_int8
 
-    if not cpu_int8.available():
+    if not cpu_int8.available(2, 64):
         pytest.skip("no AVX-512 VBMI/VNNI here")
     quantize_model(tiny_llama, QuantConfig(layer=PQConfig(d=2, K=64, codebook_group=4, scale_group=16)),
                    progress=False)

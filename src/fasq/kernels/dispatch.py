@@ -70,7 +70,9 @@ CPU_GEMV_MAX_TOKENS = 6
 # grows slowly with tokens. Xeon with AVX-512 VBMI/VNNI, 1 thread, d=2 K=256, bf16, codes
 # from memory, microseconds int8 / exact path (benchmarks/results/decode-cpu.json):
 # 4096x4096: 1 token 1397 / 3940 (cpu_gemv), 16 tokens 3366 / 7561 (rebuild + matmul);
-# 576x576: 48 / 88 and 152 / 202. 16 is the most tokens the issue asked for (vLLM decode
+# 576x576: 48 / 88 and 152 / 202. On AVX2 (vpshufb, 4 tokens a pass; 2-core AMD EPYC capped
+# at AVX2, 2 threads, 4096x4096): RTN 4-bit 155 / 629 us at 1 token, 1403 / 2676 at 16; d=1
+# K=16 190 / 714 and 1916 / 2771. 16 is the most tokens the issue asked for (vLLM decode
 # batches, speculative decoding); beyond it prefill's rebuild + matmul is unchanged.
 CPU_INT8_MAX_TOKENS = 16
 

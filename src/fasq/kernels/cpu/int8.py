@@ -12,11 +12,16 @@ path by the int8 rounding of codebooks and activations (bounded in tests/test_cp
 WikiText-2 perplexity of the default checkpoint moves by far less than the 0.5 % allowed
 (README, "Speed on the CPU").
 
-Taken: d=2 K <= 256 (lookups by vpermi2b; vpermb at K <= 64), d=1 K <= 16 (d=1 K=16, RTN at 1-4 bits:
-lookups by vpermb) and RTN at 8 bits (no lookup: a code is its value), uint8 codes,
-codebook runs and scale groups of whole 8-column steps, on CPUs with AVX-512 VBMI and VNNI
-(and the instruction-set cap at "avx512"). Anything else returns None from `prepared`, and
-the caller keeps the exact float kernel.
+Taken: uint8 codes, codebook runs and scale groups of whole 8-column steps, and
+  - on CPUs with AVX-512 VBMI and VNNI (and the instruction-set cap at "avx512"): d=2 K <= 256
+    (lookups by vpermi2b; vpermb at K <= 64), d=1 K <= 16 (d=1 K=16, RTN at 1-4 bits: lookups
+    by vpermb) and RTN at 8 bits (no lookup: a code is its value); products by vpdpbusd;
+  - on CPUs with AVX2 (Intel before Ice Lake, AMD before Zen 4, or the cap at "avx2"): d=1 and
+    d=2 with K <= 16 (lookups by vpshufb) and RTN at 8 bits; products by vpmaddubsw without
+    saturation (csrc/pq_cpu_int8.h, SignMode). d=2 K=64 / 256 keep the exact kernel there: a
+    64- or 256-entry table would take 4-16 vpshufb a lookup.
+Anything else returns None from `prepared`, and the caller keeps the exact float kernel. A
+layer is prepared once for either instruction set (the same layout).
 
 Default: automatic selection takes this path for d=2 layers and for d=1 layers whose
 codebooks are integers in [-127, 127] (RTN's grid: copied exactly, only the activations are
@@ -65,11 +70,26 @@ def chosen(prep: "_Prepared", setting: str | None = None) -> bool:
     return prep.default or (_setting() if setting is None else setting) == "all"
 
 
-def available() -> bool:
-    """Whether this CPU runs the int8 path now (AVX-512 VBMI + VNNI, and `cpu.limit_isa` /
-    FASQ_CPU_ISA not below "avx512")."""
+ISAS = ("avx2", "avx512")  # the int8 kernels' instruction sets, narrower first
+
+
+def isa() -> str:
+    """Which int8 kernels this CPU runs now: "avx512" (AVX-512 VBMI + VNNI: every format),
+    "avx2" (K <= 16 and RTN 8-bit) or "unavailable" (`cpu.limit_isa` / FASQ_CPU_ISA included)."""
     lib = cpu.load_library()
-    return lib is not None and bool(lib.fasq_cpu_int8_available())
+    level = lib.fasq_cpu_int8_available() if lib is not None else 0
+    return ISAS[level - 1] if level else "unavailable"
+
+
+def available(d: int | None = None, K: int | None = None) -> bool:
+    """Whether this CPU runs the int8 path now: for some format (no arguments), or for layers
+    of d and K (their codebooks and alignment are checked when they are prepared)."""
+    lib = cpu.load_library()
+    if lib is None:
+        return False
+    if d is None or K is None:
+        return bool(lib.fasq_cpu_int8_available())
+    return bool(lib.fasq_cpu_int8_takes(d, K))
 
 
 LOOKUPS = ("vpermi2b", "vpermb")  # how d=2 layers with 64 < K <= 256 look their codes up
@@ -121,7 +141,7 @@ class _Prepared:
         lib = cpu.load_library()
         self.codes = torch.empty(sizes[0], dtype=torch.uint8)                     # [OB, M/4, 16, 4]
         self.tabs = torch.empty(sizes[1], dtype=torch.uint8)                      # [C, 2, 256], [C, 64] or []
-        self.cbscale = torch.empty(sizes[2], dtype=torch.float32)                 # [2, C] step, shift
+        self.cbscale = torch.empty(sizes[2], dtype=torch.float32)                 # [3, C] step, shift, sign mode
         self.scales = torch.empty(sizes[3], dtype=torch.float32)                  # [OB, S, 16]
         self.offsets = torch.empty(sizes[4], dtype=torch.float32) if sizes[4] else None  # [OB, S, 16]
         ptrs = [t.data_ptr() for t in (self.codes, self.tabs, self.cbscale, self.scales)]
@@ -139,7 +159,8 @@ class _Prepared:
 def prepared(codes: Tensor, codebooks: Tensor, scales: Tensor | None, offsets: Tensor | None,
              bias: Tensor | None) -> _Prepared | None:
     """The layer's int8 copies, made at its first call (None: the path does not take it)."""
-    if not format_supported(codebooks.shape[2], codebooks.shape[1], codes.dtype) or not available():
+    d, K = codebooks.shape[2], codebooks.shape[1]
+    if not format_supported(d, K, codes.dtype) or not available(d, K):
         return None
     plan = cpu._plan(codes, codebooks, scales, offsets, bias)
     hit = getattr(plan, "int8", False)

@@ -4,8 +4,8 @@ picked and the op registered in `linear.py` (`pq_linear_cpu`).
 
 Paths (see `dispatch.select_cpu_kernel`):
     cpu_int8     decode, 1-16 tokens, d=2 K<=256 and d=1 K<=16 (RTN 4-bit included) on
-                 AVX-512 VBMI+VNNI (int8.py): int8 copies of the codebooks looked up
-                 64 codes at a time, integer dot products
+                 AVX-512 VBMI+VNNI, K<=16 and RTN 8-bit on AVX2 (int8.py): int8 copies of
+                 the codebooks looked up 64 (AVX2: 32) codes at a time, integer dot products
                  with int8 activations; within int8 rounding of the exact result.
                  Automatic for d=2 and RTN's integer grid; d=1 float codebooks only
                  with FASQ_CPU_INT8=all. FASQ_CPU_INT8=0 turns it off; elsewhere
@@ -52,13 +52,15 @@ from ..dispatch import CPU_KERNELS
 
 # One library: the pq_linear kernels and the k-means helpers (kmeans.py)
 # pq_cpu.cpp: the exact kernels' C ABI, portable path and choice of instruction set;
-# pq_cpu_avx2.cpp / pq_cpu_avx512.cpp / pq_cpu_int8.cpp: one instruction set each;
-# dense_cpu_bf16.cpp: decode of the layers kept dense in bf16 (dense.py)
+# pq_cpu_avx2.cpp / pq_cpu_avx512.cpp: one instruction set each;
+# pq_cpu_int8.cpp: the int8 path's preparation and C ABI, its kernels in pq_cpu_int8_avx512.cpp
+# and pq_cpu_int8_avx2.cpp; dense_cpu_bf16.cpp: decode of the layers kept dense in bf16 (dense.py)
 SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("pq_cpu.cpp", "pq_cpu_avx2.cpp", "pq_cpu_avx512.cpp",
-                                                                 "pq_cpu_int8.cpp", "dense_cpu_bf16.cpp",
+                                                                 "pq_cpu_int8.cpp", "pq_cpu_int8_avx512.cpp",
+                                                                 "pq_cpu_int8_avx2.cpp", "dense_cpu_bf16.cpp",
                                                                  "kmeans_cpu.cpp"))
 HEADERS = tuple(Path(__file__).with_name("csrc") / f  # included by the sources: part of the cache key
-                for f in ("pq_cpu.h", "pq_cpu_kernels.h"))
+                for f in ("pq_cpu.h", "pq_cpu_kernels.h", "pq_cpu_int8.h"))
 _ERRORS = {1: "non-positive size", 2: "in_features not divisible by d", 3: "codebooks do not divide the subspaces",
            4: "scale groups do not divide the subspaces", 5: "offsets without scales", 6: "unsupported code dtype",
            7: "unsupported codebook or scale dtype"}
@@ -116,6 +118,8 @@ def _declare(lib) -> None:
     lib.fasq_cpu_set_isa.argtypes = [i32]
     lib.fasq_cpu_set_isa.restype = i32
     lib.fasq_cpu_int8_available.restype = i32
+    lib.fasq_cpu_int8_takes.argtypes = [i64, i64]
+    lib.fasq_cpu_int8_takes.restype = i32
     lib.fasq_cpu_int8_lookup.restype = i32
     lib.fasq_cpu_int8_set_lookup.argtypes = [i32]
     lib.fasq_cpu_int8_set_lookup.restype = i32

@@ -1,13 +1,17 @@
-// fasq CPU decode through int8 lookups and integer dot products (AVX-512 VBMI + VNNI).
-// The Python side is fasq/kernels/cpu.py (kernel "cpu_int8"); the exact float kernels are
-// in pq_cpu.cpp. Why: the float kernel needs one table access per code (about a code per
-// cycle); here 64 codes are looked up per instruction, so decode runs near memory speed.
+// fasq CPU decode through int8 lookups and integer dot products: the layers' preparation, the
+// C ABI and the thread split. The kernels: pq_cpu_int8_avx512.cpp (AVX-512 VBMI + VNNI, every
+// format below) and pq_cpu_int8_avx2.cpp (AVX2: K <= 16 and the 8-bit grid, same layouts);
+// pq_cpu_int8.h is what they share. The Python side is fasq/kernels/cpu/int8.py (kernel
+// "cpu_int8"); the exact float kernels are in pq_cpu.cpp. Why: the float kernel needs one
+// table access per code (about a code per cycle); here 64 codes are looked up per instruction
+// (32 on AVX2), so decode runs near memory speed.
 //
 // Formats: one-byte codes with d=2, K <= 256 (the default d=2 K=256, and d=2 K=64), or
 // d=1, K <= 16 (d=1 K=16, and RTN at 1-4 bits: a grid codebook 0..K-1 with a scale and a
 // minimum per group), or RTN at 8 bits (d=1, the grid 0..255); codebook runs and scale
 // groups a multiple of 8 columns. Anything else: the caller keeps the float path
-// (fasq_cpu_int8_sizes says so).
+// (fasq_cpu_int8_sizes says so). The AVX2 kernels take d=2 only with K <= 16.
+// Below, the AVX-512 kernels; the AVX2 ones differ as pq_cpu_int8_avx2.cpp says.
 //
 // Load time (fasq_cpu_int8_prepare, once per layer; the checkpoint is unchanged):
 //   codes   uint8 [OB][M/4][16][4]   OB = ceil(out/16) row blocks; a 64-byte step holds 4
@@ -15,11 +19,12 @@
 //                                    per row), padding rows code 0
 //   tabs    uint8 [C][2][256]        first / second value of each centroid as int8 + shift
 //                                    (vpdpbusd multiplies unsigned by signed bytes)
-//   cbscale float [2][C]             [0] the codebook's int8 step: max |value| / 127, or 1
+//   cbscale float [3][C]             [0] the codebook's int8 step: max |value| / 127, or 1
 //                                    when every value is an integer in [-127, 127] (RTN's
 //                                    grid: then the copy is exact); [1] its shift: the bytes
 //                                    added to its table (0 when those integers are >= 0,
-//                                    else 128) + the grid's centre (RTN, see prepare)
+//                                    else 128) + the grid's centre (RTN, see prepare);
+//                                    [2] how AVX2 multiplies its bytes (SignMode)
 //   scales  float [OB][S][16]        row scales (1 without scales), 16 rows per vector
 //   offsets float [OB][S][16]        or nothing (RTN: + centre * scale)
 // Per call: activations quantized to int8 per block of 16 columns inside each run (BCOLS; a
@@ -60,7 +65,7 @@
 #include <vector>
 
 #include "pq_cpu.h"
-#include "pq_cpu_kernels.h"
+#include "pq_cpu_int8.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -68,14 +73,7 @@
 
 namespace {
 
-// Columns per activation block. Each block costs one int->float and one FMA per token and 16
-// rows, so its width sets the multi-token cost; its rounding sets the accuracy. Default model,
-// WikiText-2 10 x 2048 through this kernel (exact path 22.098): 8 columns 22.129 (+0.14 %),
-// 16 columns 22.133 (+0.16 %); 16 columns take 6-15 % less time at 8-16 tokens (1024 x 1024
-// in cache) and the same at 1. 32 columns (llama.cpp's Q8_0) moved an earlier default by
-// +0.71 % against +0.375 % at 8.
-constexpr int64_t BCOLS = 16;
-constexpr int NT_MAX = 8;      // tokens per pass over a row block
+using namespace fasq_int8;  // pq_cpu_int8.h
 
 using LayerArgs = FasqLayerArgs;  // pq_cpu.h
 
@@ -84,13 +82,6 @@ using fasq_cpu::store;
 using fasq_cpu::CB_F32;  // dtype codes of x and y (and of stored tensors)
 using fasq_cpu::CB_F16;
 using fasq_cpu::CB_BF16;
-
-struct Run {  // subspaces [m0, m1), codebook c, scale group g
-  int64_t m0, m1, c, g;
-};
-
-// How a layer's codes are laid out and looked up (header comment).
-enum Layout { PAIRS, NIBBLES, BYTES };
 
 // BYTES: d=1 and every codebook the 8-bit grid 0..255 (RTN at 8 bits), so a code is its
 // own value: no lookup at all.
@@ -103,6 +94,17 @@ bool byte_grid(const LayerArgs& a) {
 }
 
 inline Layout layout(const LayerArgs& a) { return a.d == 2 ? PAIRS : a.K <= 16 ? NIBBLES : BYTES; }
+
+// The int8 kernels this CPU runs now (the instruction-set cap, FASQ_CPU_ISA / fasq_cpu_set_isa,
+// included): 2 AVX-512 VBMI + VNNI (every format), 1 AVX2 (the formats avx2_takes), 0 none.
+int level() {
+  const int isa = fasq_cpu_isa_level();
+  return isa >= 2 && avx512_cpu() ? 2 : isa >= 1 && avx2_cpu() ? 1 : 0;
+}
+
+// The AVX2 kernels look codes up by vpshufb in 16-entry tables (d=1 or d=2 with K <= 16) or
+// take them as they are (the 8-bit grid).
+inline bool avx2_takes(const LayerArgs& a) { return a.K <= 16 || layout(a) == BYTES; }
 
 // 0 when the int8 path takes this layer, else why not (1 format, 2 alignment). `grid`: also
 // scan a d=1 K=256 layer's codebooks for the 8-bit grid (prepare does; a call trusts the
@@ -129,326 +131,33 @@ std::vector<Run> make_runs(const LayerArgs& a) {
 
 inline int64_t n_groups(const LayerArgs& a) { return a.scales ? a.S : 1; }
 
-// One call's quantized activations. Blocks: each run cut into 8-column pieces, numbered
-// in run order (the kernel walks them in the same order).
-struct Acts {
-  const int8_t* xq;    // [T][in/8][8]
-  const float* xs;     // [T][nblk] float step of each block
-  const float* xsum;   // [T][R] float sums of x over each run (offsets), or NULL
-  const float* rq;     // [T][R] sum over the run's blocks of step * int8 sum
-  int64_t nblk, R;
-};
-
-// How d=2 layers with 64 < K <= 256 look their codes up: TWO_SOURCE, vpermi2b on 128-entry
-// halves (PairUnits), or QUARTERS, vpermb on 64-entry quarters (QuarterUnits). Same results.
-// By default QUARTERS on Intel, where a vpermi2b is three uops (1024 x 2048 d=2 K=256 in
-// cache, one thread: 3.18-3.30 ns a 64-byte step against 3.50; from memory on 2 threads the
-// same time), and TWO_SOURCE elsewhere (AMD's Zen 4 runs a vpermi2b as one uop).
-// FASQ_CPU_INT8_LOOKUP=vpermi2b|vpermb sets it for a process, fasq_cpu_int8_set_lookup for
-// later calls.
-enum Lookup { TWO_SOURCE = 1, QUARTERS = 2 };
-int g_lookup = 0;  // 0: not read yet
-
-int lookup() {
-  if (g_lookup == 0) {
-    const char* e = getenv("FASQ_CPU_INT8_LOOKUP");
-    if (e && strcmp(e, "vpermi2b") == 0) g_lookup = TWO_SOURCE;
-    else if (e && strcmp(e, "vpermb") == 0) g_lookup = QUARTERS;
-    else {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-      g_lookup = __builtin_cpu_is("intel") ? QUARTERS : TWO_SOURCE;
-#else
-      g_lookup = TWO_SOURCE;
-#endif
-    }
-  }
-  return g_lookup;
-}
-
-struct Prepared {
-  const uint8_t* codes;
-  const uint8_t* tabs;
-  const float* cbscale;
-  const float* shift;  // cbscale + C: each codebook's table shift
-  const float* scales;
-  const float* offsets;
-};
-
 }  // namespace
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define FASQ_I8 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,avx2,fma")))
-#define FASQ_INLINE inline __attribute__((always_inline))
-
-// 64-byte code steps prefetched ahead (2 KiB): 16 / 32 / 64 gave 921 / 858 / 912 us at
-// 4096x4096 d=2 K=256, one thread, codes from memory.
-#ifndef FASQ_PFD
-#define FASQ_PFD 32
-#endif
-namespace {
-
-bool cpu_has_int8() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
-                          __builtin_cpu_supports("avx512vnni");
-  return has;
-}
-
-// The end of run r for the 16 rows of block rb: tv[t] += racc[t] * (rows' scales * the
-// codebook's step) + the rows' offsets * the run's float sum of x (OFF).
-template <int NT, bool OFF>
-FASQ_I8 inline void end_run(const Prepared& P, const Acts& A, int64_t rb, int64_t S, const Run& run, int64_t r,
-                            const __m512* racc, __m512* tv) {
-  const __m512 sv = _mm512_mul_ps(_mm512_loadu_ps(P.scales + (rb * S + run.g) * 16), _mm512_set1_ps(P.cbscale[run.c]));
-  for (int t = 0; t < NT; t++) tv[t] = _mm512_fmadd_ps(racc[t], sv, tv[t]);
-  if (OFF) {
-    const __m512 ov = _mm512_loadu_ps(P.offsets + (rb * S + run.g) * 16);
-    for (int t = 0; t < NT; t++) tv[t] = _mm512_fmadd_ps(ov, _mm512_set1_ps(A.xsum[t * A.R + r]), tv[t]);
-  }
-}
-
-// A "unit" is one register of weights, 16 rows x 4 columns as unsigned int8 (+ the table's
-// shift), dotted with 4 activation bytes by one vpdpbusd; a 16-column activation block is 4
-// units. The families below turn one 64-byte step of codes into UPS units.
-
-// d=2 (PAIRS): a step holds 4 subspaces of 16 rows; unit 0 their first values (even
-// columns), unit 1 their second ones. KW: the tables' width, 64 (K <= 64: one vpermb per
-// table), 128 (one vpermi2b) or 256 (two vpermi2b and a blend on the code's top bit). On
-// this Intel core a vpermi2b takes 2 cycles of its shuffle port and a vpermb 1
-// (benchmarks/csrc/probe_permute.cpp).
-template <int KW>
-struct PairUnits {
-  static constexpr int UPS = 2, SUBSPACES = 4;
-  __m512i ta0, ta1, ta2, ta3, tb0, tb1, tb2, tb3;
-  FASQ_I8 FASQ_INLINE void load(const uint8_t* tabs, int64_t c) {  // tabs [C][2][256]
-    const __m512i* tp = reinterpret_cast<const __m512i*>(tabs + c * 512);
-    ta0 = _mm512_loadu_si512(tp), tb0 = _mm512_loadu_si512(tp + 4);
-    if (KW > 64) ta1 = _mm512_loadu_si512(tp + 1), tb1 = _mm512_loadu_si512(tp + 5);
-    if (KW > 128) {
-      ta2 = _mm512_loadu_si512(tp + 2), ta3 = _mm512_loadu_si512(tp + 3);
-      tb2 = _mm512_loadu_si512(tp + 6), tb3 = _mm512_loadu_si512(tp + 7);
-    }
-  }
-  FASQ_I8 FASQ_INLINE void units(__m512i idx, __m512i* w) const {
-    if (KW == 64) {
-      w[0] = _mm512_permutexvar_epi8(idx, ta0), w[1] = _mm512_permutexvar_epi8(idx, tb0);
-      return;
-    }
-    w[0] = _mm512_permutex2var_epi8(ta0, idx, ta1), w[1] = _mm512_permutex2var_epi8(tb0, idx, tb1);
-    if (KW > 128) {
-      const __mmask64 hi = _mm512_movepi8_mask(idx);
-      w[0] = _mm512_mask_blend_epi8(hi, w[0], _mm512_permutex2var_epi8(ta2, idx, ta3));
-      w[1] = _mm512_mask_blend_epi8(hi, w[1], _mm512_permutex2var_epi8(tb2, idx, tb3));
-    }
-  }
-};
-
-// The same units for 64 < K <= 256 from the tables in 64-entry quarters: per value one vpermb
-// per quarter, merged under the code's bit 6 (masked vpermb) and bit 7 (a blend). On this
-// Intel core a vpermi2b is three uops, two of them on the shuffle port, and each needs a copy
-// of its destroyed operand, so the 256-entry lookup of PairUnits<256> costs about 19 uops a
-// step against 13 here (both 8 shuffle-port cycles). Which of the two a call takes: lookup().
-template <int KW>
-struct QuarterUnits {
-  static constexpr int UPS = 2, SUBSPACES = 4, Q = KW / 64;
-  __m512i ta[Q], tb[Q];
-  FASQ_I8 FASQ_INLINE void load(const uint8_t* tabs, int64_t c) {  // tabs [C][2][256]
-    const __m512i* tp = reinterpret_cast<const __m512i*>(tabs + c * 512);
-    for (int q = 0; q < Q; q++) ta[q] = _mm512_loadu_si512(tp + q), tb[q] = _mm512_loadu_si512(tp + 4 + q);
-  }
-  FASQ_I8 FASQ_INLINE static __m512i look(const __m512i* t, __m512i idx, __mmask64 b6, __mmask64 b7) {
-    const __m512i lo = _mm512_mask_permutexvar_epi8(_mm512_permutexvar_epi8(idx, t[0]), b6, idx, t[1]);
-    if (KW <= 128) return lo;
-    const __m512i hi = _mm512_mask_permutexvar_epi8(_mm512_permutexvar_epi8(idx, t[2]), b6, idx, t[3]);
-    return _mm512_mask_blend_epi8(b7, lo, hi);
-  }
-  FASQ_I8 FASQ_INLINE void units(__m512i idx, __m512i* w) const {
-    const __mmask64 b6 = _mm512_movepi8_mask(_mm512_add_epi8(idx, idx));
-    const __mmask64 b7 = KW > 128 ? _mm512_movepi8_mask(idx) : 0;
-    w[0] = look(ta, idx, b6, b7), w[1] = look(tb, idx, b6, b7);
-  }
-};
-
-// d=1, K <= 16 (NIBBLES): a step holds 8 columns of 16 rows, two codes a byte; unit 0 the low
-// halves (columns 0-3), unit 1 the high ones (4-7), each looked up by one vpermb in a table
-// repeated 4 times (index bits 4-5 ignored, so neither half needs masking).
-struct NibbleUnits {
-  static constexpr int UPS = 2, SUBSPACES = 8;
-  __m512i tab;
-  FASQ_I8 FASQ_INLINE void load(const uint8_t* tabs, int64_t c) { tab = _mm512_loadu_si512(tabs + c * 64); }
-  FASQ_I8 FASQ_INLINE void units(__m512i idx, __m512i* w) const {
-    w[0] = _mm512_permutexvar_epi8(idx, tab), w[1] = _mm512_permutexvar_epi8(_mm512_srli_epi16(idx, 4), tab);
-  }
-};
-
-// d=1, the 8-bit grid (BYTES): a step holds 4 columns of 16 rows; the codes are the unsigned
-// values, so the step is its own unit.
-struct ByteUnits {
-  static constexpr int UPS = 1, SUBSPACES = 4;
-  FASQ_I8 FASQ_INLINE void load(const uint8_t*, int64_t) {}
-  FASQ_I8 FASQ_INLINE void units(__m512i idx, __m512i* w) const { w[0] = idx; }
-};
-
-// One activation block: NU units (4: 16 columns; 2: a run's last 8) from the steps at `code`,
-// then per token racc[t] += float(its int32 dot product) * the block's step. `xq` points at
-// the block's first activation byte of token 0 (tokens `in` bytes apart).
-template <int NT, int NU, class U>
-FASQ_I8 FASQ_INLINE void block(const U& u, const __m512i* code, const int8_t* xq, int64_t in, const float* xs,
-                               int64_t nblk, __m512* racc) {
-  __m512i w[NU];
-  for (int s = 0; s < NU / U::UPS; s++) {
-    _mm_prefetch(reinterpret_cast<const char*>(code + s + FASQ_PFD), _MM_HINT_T0);
-    u.units(_mm512_loadu_si512(code + s), w + s * U::UPS);
-  }
-  for (int t = 0; t < NT; t++) {
-    const int32_t* xp = reinterpret_cast<const int32_t*>(xq + t * in);
-    __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(xp[0]));
-    for (int j = 1; j < NU; j++) acc = _mm512_dpbusd_epi32(acc, w[j], _mm512_set1_epi32(xp[j]));
-    racc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(xs[t * nblk]), racc[t]);
-  }
-}
-
-// Row block rb (16 rows), tokens [0, NT) of `A` (already offset to the first token); tot
-// [NT][16] written. U: the code family (above); OFF: offsets present. Per run: the
-// codebook's tables loaded when it changes, the float sums started at the run's correction
-// (-shift * A.rq: the tables' shift and centre removed once per run), whole 16-column blocks,
-// then the run's last 8 columns when its length is an odd multiple of 8, then end_run.
-template <int NT, class U, bool OFF>
-FASQ_I8 void row_block(const Run* runs, int64_t R, int64_t M, int64_t S, const Prepared& P, int64_t rb,
-                       const Acts& A, float* tot) {
-  constexpr int SPB = 4 / U::UPS;  // steps per 16-column block
-  constexpr int64_t XB = 4 * U::UPS;  // activation bytes per step
-  const int64_t steps = M / U::SUBSPACES, in = steps * XB;
-  const __m512i* code = reinterpret_cast<const __m512i*>(P.codes) + rb * steps;
-  __m512 tv[NT];
-  for (int t = 0; t < NT; t++) tv[t] = _mm512_setzero_ps();
-  U u;
-  int64_t loaded = -1, blk = 0;
-  for (int64_t r = 0; r < R; r++) {
-    const Run run = runs[r];
-    if (run.c != loaded) u.load(P.tabs, run.c), loaded = run.c;
-    __m512 racc[NT];
-    for (int t = 0; t < NT; t++) racc[t] = _mm512_set1_ps(-P.shift[run.c] * A.rq[t * R + r]);
-    const int64_t s1 = run.m1 / U::SUBSPACES;
-    int64_t st = run.m0 / U::SUBSPACES;
-    for (; st + SPB <= s1; st += SPB, blk++) block<NT, 4>(u, code + st, A.xq + st * XB, in, A.xs + blk, A.nblk, racc);
-    if (st < s1) block<NT, 2>(u, code + st, A.xq + st * XB, in, A.xs + blk, A.nblk, racc), blk++;
-    end_run<NT, OFF>(P, A, rb, S, run, r, racc, tv);
-  }
-  for (int t = 0; t < NT; t++) _mm512_storeu_ps(tot + t * 16, tv[t]);
-}
-
-typedef void (*BlockFn)(const Run*, int64_t, int64_t, int64_t, const Prepared&, int64_t, const Acts&, float*);
-
-// The kernel of family U for nt tokens (1..8; NT is a template argument so that each
-// token's sums stay in registers).
-template <class U, bool OFF>
-BlockFn for_tokens(int nt) {
-  switch (nt) {
-    case 1: return row_block<1, U, OFF>;
-    case 2: return row_block<2, U, OFF>;
-    case 3: return row_block<3, U, OFF>;
-    case 4: return row_block<4, U, OFF>;
-    case 5: return row_block<5, U, OFF>;
-    case 6: return row_block<6, U, OFF>;
-    case 7: return row_block<7, U, OFF>;
-    default: return row_block<8, U, OFF>;
-  }
-}
-
-template <class U>
-BlockFn for_tokens(bool off, int nt) {
-  return off ? for_tokens<U, true>(nt) : for_tokens<U, false>(nt);
-}
-
-// 16 values of x (fp32 / fp16 / bf16 by x_dtype) from column j as floats; lanes outside
-// `m` read nothing and are 0.
-FASQ_I8 inline __m512 load_x(const void* x, int dt, int64_t j, __mmask16 m) {
-  if (dt == CB_F32) return _mm512_maskz_loadu_ps(m, static_cast<const float*>(x) + j);
-  const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(x) + j);
-  if (dt == CB_F16) return _mm512_cvtph_ps(h);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // bf16: the high half
-}
-
-// Lane 0 of a horizontal reduction of v by `op` over 16 lanes: swap neighbours, pairs,
-// 128-bit quarters, 256-bit halves (every lane ends with the result).
-template <class Op>
-FASQ_I8 FASQ_INLINE __m512 reduce16(__m512 v, Op op) {
-  v = op(v, _mm512_permute_ps(v, 0xB1));
-  v = op(v, _mm512_permute_ps(v, 0x4E));
-  v = op(v, _mm512_shuffle_f32x4(v, v, 0xB1));
-  return op(v, _mm512_shuffle_f32x4(v, v, 0x4E));
-}
-
-// One token's activations x[in] quantized per block of 16 columns inside each run (a run's
-// last block 8 columns when its length is an odd multiple of 8), blocks numbered in run
-// order: xq[in] int8 (d=2: each 8 columns' even columns, then their odd ones), xs[b] = the
-// block's max |x| / 127; per run, rq[r] = the sum over its blocks of xs[b] * the block's
-// int8 sum and rf[r] = its float sum of x (only with offsets: rf NULL skips it). One block per
-// register; values rounded to nearest even, as lrint.
-FASQ_I8 void quantize_token(const void* x, int dt, const Run* runs, int64_t R, int64_t d, int8_t* xq, float* xs,
-                            float* rq, float* rf) {
-  const __m512i order = d == 2 ? _mm512_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15)
-                               : _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 k127 = _mm512_set1_ps(127.f);
-  auto vmax = [](__m512 a, __m512 b) FASQ_I8 { return _mm512_max_ps(a, b); };
-  auto vadd = [](__m512 a, __m512 b) FASQ_I8 { return _mm512_add_ps(a, b); };
-  int64_t b = 0;
-  for (int64_t r = 0; r < R; r++) {
-    float cs = 0.f, rs = 0.f;
-    for (int64_t c0 = runs[r].m0 * d, c1 = runs[r].m1 * d; c0 < c1; c0 += BCOLS, b++) {
-      const __mmask16 m = c1 - c0 >= 16 ? 0xFFFF : 0x00FF;
-      const __m512 v = load_x(x, dt, c0, m);
-      const __m512 amax = reduce16(_mm512_abs_ps(v), vmax);
-      const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ), k127, amax);
-      const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
-      _mm_mask_storeu_epi8(xq + c0, m, _mm512_cvtepi32_epi8(_mm512_permutexvar_epi32(order, q)));
-      const float step = _mm512_cvtss_f32(amax) / 127.f;
-      xs[b] = step;
-      cs += step * _mm512_cvtss_f32(reduce16(_mm512_cvtepi32_ps(q), vadd));  // the int8 sum: exact in fp32
-      if (rf) rs += _mm512_cvtss_f32(reduce16(v, vadd));
-    }
-    rq[r] = cs;
-    if (rf) rf[r] = rs;
-  }
-}
-
-BlockFn pick(Layout lay, int64_t K, bool off, int nt) {
-  if (lay == BYTES) return for_tokens<ByteUnits>(off, nt);
-  if (lay == NIBBLES) return for_tokens<NibbleUnits>(off, nt);
-  if (K <= 64) return for_tokens<PairUnits<64>>(off, nt);
-  if (lookup() == QUARTERS)
-    return K > 128 ? for_tokens<QuarterUnits<256>>(off, nt) : for_tokens<QuarterUnits<128>>(off, nt);
-  return K > 128 ? for_tokens<PairUnits<256>>(off, nt) : for_tokens<PairUnits<128>>(off, nt);
-}
-
-}  // namespace
-#else
-namespace {
-bool cpu_has_int8() { return false; }
-}  // namespace
-#endif
 
 extern "C" {
 
-// 1 when this CPU has the int8 path (AVX-512 F/BW/VL + VBMI + VNNI) and the instruction-set
-// cap (FASQ_CPU_ISA, fasq_cpu_set_isa) allows AVX-512, else 0.
-int fasq_cpu_int8_available(void) { return cpu_has_int8() && fasq_cpu_isa_level() >= 2 ? 1 : 0; }
+// Which int8 kernels this CPU runs now, the instruction-set cap (FASQ_CPU_ISA,
+// fasq_cpu_set_isa) included: 2 AVX-512 F/BW/VL + VBMI + VNNI (every format of the path), 1
+// AVX2 + FMA (d=1 or d=2 with K <= 16, and the 8-bit grid), 0 none.
+int fasq_cpu_int8_available(void) { return level(); }
 
-// How d=2 layers with 64 < K <= 256 look their codes up now: 1 vpermi2b, 2 vpermb.
-int fasq_cpu_int8_lookup(void) { return lookup(); }
+// Whether the int8 kernels this CPU runs now take a layer of this format (d, K), as far as the
+// format goes (its codebooks and alignment are checked when it is prepared).
+int fasq_cpu_int8_takes(int64_t d, int64_t K) {
+  const int lv = level();
+  const bool fmt = (d == 2 && K >= 1 && K <= 256) || (d == 1 && K >= 1 && K <= 16) || (d == 1 && K == 256);
+  return fmt && (lv == 2 || (lv == 1 && (K <= 16 || d == 1))) ? 1 : 0;
+}
+
+// How d=2 layers with 64 < K <= 256 look their codes up now (AVX-512): 1 vpermi2b, 2 vpermb.
+int fasq_cpu_int8_lookup(void) { return avx512_lookup(); }
 
 // Set how d=2 layers with 64 < K <= 256 look their codes up from later calls on (1 vpermi2b,
 // 2 vpermb; 0 the default for this CPU); returns the previous setting (1 or 2).
-int fasq_cpu_int8_set_lookup(int how) {
-  const int old = lookup();
-  g_lookup = how == TWO_SOURCE || how == QUARTERS ? how : 0;
-  return old;
-}
+int fasq_cpu_int8_set_lookup(int how) { return avx512_set_lookup(how); }
 
 // Sizes of a layer's prepared buffers: sizes[0] code bytes, [1] table bytes, [2] codebook
-// steps (floats), [3] scale floats, [4] offset floats (0 without offsets). Returns 0, or
+// floats (step, shift and sign mode of each), [3] scale floats, [4] offset floats (0 without
+// offsets). Returns 0, or
 // nonzero when the int8 path does not take this format (1) or its alignment (2).
 int fasq_cpu_int8_sizes(const LayerArgs* a, int64_t* sizes) {
   if (int err = supported(*a)) return err;
@@ -456,7 +165,7 @@ int fasq_cpu_int8_sizes(const LayerArgs* a, int64_t* sizes) {
   const Layout lay = layout(*a);
   sizes[0] = OB * 16 * (lay == BYTES ? a->in : a->in / 2);  // PAIRS and NIBBLES: a byte per 2 columns
   sizes[1] = a->C * (lay == PAIRS ? 512 : lay == NIBBLES ? 64 : 0);
-  sizes[2] = 2 * a->C;
+  sizes[2] = 3 * a->C;
   sizes[3] = OB * G * 16;
   sizes[4] = a->offsets ? OB * G * 16 : 0;
   return 0;
@@ -491,7 +200,7 @@ int fasq_cpu_int8_prepare(const LayerArgs* a, uint8_t* codes, uint8_t* tabs, flo
   // RTN 4-bit g64, default model, WikiText-2 through this kernel 28.355 uncentred against
   // 28.020 exact.
   const int64_t C = a->C, tab_bytes = nib ? 64 : 512;
-  std::vector<float> step(C, 1.f), added(C, 0.f), mid(C, 0.f);
+  std::vector<float> step(C, 1.f), added(C, 0.f), mid(C, 0.f), vmax_c(C, 0.f);
   bool centre = a->offsets != nullptr;
   for (int64_t c = 0; c < C; c++) {
     float amax = 0.f, vmin = INFINITY, vmax = -INFINITY;
@@ -503,12 +212,17 @@ int fasq_cpu_int8_prepare(const LayerArgs* a, uint8_t* codes, uint8_t* tabs, flo
     }
     step[c] = integral ? 1.f : amax > 0.f ? amax / 127.f : 1.f;
     added[c] = integral && vmin >= 0.f ? 0.f : 128.f;
-    mid[c] = (vmin + vmax) / 2;
+    mid[c] = (vmin + vmax) / 2, vmax_c[c] = vmax;
     centre = centre && integral && vmin >= 0.f && mid[c] == mid[0];
   }
   const float z = centre ? mid[0] : 0.f;
   for (int64_t c = 0; c < C; c++) {
+    // AVX2's SignMode: the 8-bit grid's codes and tables with 128 added are multiplied as
+    // signed bytes (the value, with the 128 taken off the shift); integer tables up to 32 as
+    // they are
+    const bool shifted = lay == BYTES || added[c] == 128.f;
     cbscale[c] = step[c], cbscale[C + c] = added[c] + z;
+    cbscale[2 * C + c] = shifted ? SIGNED_SHIFTED : vmax_c[c] <= 32.f ? SMALL : SIGNED;
     if (lay == BYTES) continue;  // the codes are the values: no tables
     for (int64_t i = 0; i < tab_bytes; i++) {
       // d=2: [2][256] by value e, centroid k; d=1: [64], centroid i % 16
@@ -542,7 +256,6 @@ struct Int8Layer {
 
 }  // extern "C"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 namespace {
 
 // One prepared layer's share of a call: its runs, its first output column and its quantized
@@ -583,27 +296,29 @@ struct PartCall {
     if (p->offsets) xsum.resize(T * R);
   }
 
-  // Token t of x into this part's own buffers.
-  void quantize(const void* x, int x_dtype, int64_t t) {
+  // Token t of x into this part's own buffers, by the kernels of level lv (level()).
+  void quantize(int lv, const void* x, int x_dtype, int64_t t) {
     const LayerArgs* a = p->args;
     const int64_t R = runs.size();
-    quantize_token(static_cast<const char*>(x) + t * a->in * fasq_cpu::elem_bytes(x_dtype), x_dtype, runs.data(), R,
+    (lv == 2 ? avx512_quantize : avx2_quantize)(static_cast<const char*>(x) + t * a->in * fasq_cpu::elem_bytes(x_dtype), x_dtype, runs.data(), R,
                    a->d, xq.data() + t * a->in, xs.data() + t * nblk, rq.data() + t * R,
                    p->offsets ? xsum.data() + t * R : nullptr);
   }
 
-  // Row block rb, all T tokens (NT_MAX at a time): y[t, col0 + row] (+ bias), rows ldy apart.
-  void row_block(int64_t rb, int64_t T, void* y, int64_t ldy, int x_dtype, float* tot) const {
+  // Row block rb, all T tokens (a pass per NT_MAX of them with AVX-512, NT_MAX_AVX2 with AVX2:
+  // kernels of level lv): y[t, col0 + row] (+ bias), rows ldy apart.
+  void row_block(int lv, int64_t rb, int64_t T, void* y, int64_t ldy, int x_dtype, float* tot) const {
     const LayerArgs* a = p->args;
-    const int64_t R = runs.size(), M = a->in / a->d;
+    const int64_t R = runs.size(), M = a->in / a->d, C = a->C;
     const bool off = p->offsets != nullptr;
-    const Prepared P{p->codes, p->tabs, p->cbscale, p->cbscale + a->C, p->scales, p->offsets};
-    const int64_t rows = std::min<int64_t>(16, a->out - rb * 16);
-    for (int64_t t0 = 0; t0 < T; t0 += NT_MAX) {
-      const int nt = (int)std::min<int64_t>(NT_MAX, T - t0);
+    const Prepared P{p->codes, p->tabs, p->cbscale, p->cbscale + C, p->cbscale + 2 * C, p->scales, p->offsets};
+    const int64_t rows = std::min<int64_t>(16, a->out - rb * 16), pass = lv == 2 ? NT_MAX : NT_MAX_AVX2;
+    for (int64_t t0 = 0; t0 < T; t0 += pass) {
+      const int nt = (int)std::min<int64_t>(pass, T - t0);
       const Acts at{src->xq.data() + t0 * a->in, src->xs.data() + t0 * nblk,
                     off ? src->xsum.data() + t0 * R : nullptr, src->rq.data() + t0 * R, nblk, R};
-      pick(layout(*a), a->K, off, nt)(runs.data(), R, M, n_groups(*a), P, rb, at, tot);
+      const BlockFn f = lv == 2 ? avx512_pick(layout(*a), a->K, off, nt) : avx2_pick(layout(*a), off, nt);
+      f(runs.data(), R, M, n_groups(*a), P, rb, at, tot);
       for (int t = 0; t < nt; t++)
         for (int64_t r = 0; r < rows; r++) {
           const int64_t o = rb * 16 + r;
@@ -615,7 +330,6 @@ struct PartCall {
 };
 
 }  // namespace
-#endif
 
 extern "C" {
 
@@ -624,7 +338,8 @@ extern "C" {
 // each through the prepared buffers; x [T, in] and y of x_dtype (0 fp32, 1 fp16, 2 bf16).
 // One call and one parallel region over every part's row blocks, instead of a call, a fork
 // and a copy (the concatenation) per part. Returns 0; 1/2 for a format the path does not take
-// (or parts of different widths: 1); 3 when this CPU (or the instruction-set cap) lacks it.
+// (or parts of different widths: 1); 3 when this CPU (or the instruction-set cap) lacks the
+// kernels of a part's format.
 int fasq_cpu_int8_linear_parts(const Int8Layer* const* parts, int n, const void* x, int x_dtype, int64_t T,
                                void* y, int nthreads) {
   if (n < 1) return 1;
@@ -632,9 +347,10 @@ int fasq_cpu_int8_linear_parts(const Int8Layer* const* parts, int n, const void*
     if (int err = supported(*parts[i]->args, false)) return err;
     if (parts[i]->args->in != parts[0]->args->in) return 1;
   }
-  if (!fasq_cpu_int8_available()) return 3;
+  const int lv = level();
+  for (int i = 0; i < n; i++)
+    if (lv == 0 || (lv == 1 && !avx2_takes(*parts[i]->args))) return 3;
   if (T <= 0) return 0;
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   std::vector<PartCall> calls(n);
   std::vector<int64_t> first(n + 1, 0);  // parts' first row block among all of them
   std::vector<int> own;                  // parts that quantize x themselves
@@ -652,20 +368,16 @@ int fasq_cpu_int8_linear_parts(const Int8Layer* const* parts, int n, const void*
     // x quantized per (part, token) across the threads, then (after the loop's barrier) the
     // row blocks of every part
 #pragma omp for schedule(static)
-    for (int64_t k = 0; k < nq; k++) calls[own[k / T]].quantize(x, x_dtype, k % T);
+    for (int64_t k = 0; k < nq; k++) calls[own[k / T]].quantize(lv, x, x_dtype, k % T);
     alignas(64) float tot[NT_MAX * 16];
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < first[n]; j++) {
       int i = 0;
       while (j >= first[i + 1]) i++;
-      calls[i].row_block(j - first[i], T, y, cols, x_dtype, tot);
+      calls[i].row_block(lv, j - first[i], T, y, cols, x_dtype, tot);
     }
   }
   return 0;
-#else
-  (void)x, (void)x_dtype, (void)y, (void)nthreads;
-  return 3;
-#endif
 }
 
 // y[T, out] = x[T, in] @ W.T + bias through the prepared buffers; x and y of x_dtype (0 fp32,
