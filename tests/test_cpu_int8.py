@@ -431,3 +431,24 @@ def test_extreme_products_do_not_saturate(layer, isa):
         assert float((y.double() - emu).abs().max()) < 2e-6 * mag
         if all(v == int(v) for v in layer[1]):
             assert float((y.double() - exact).abs().max()) < 2e-6 * mag
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[3] <= 16] + RTN_CASES,
+                         ids=lambda c: ("rtn" if len(c) == 4 else "") + "x".join(map(str, c)))
+def test_avx2_and_avx512_kernels_give_the_same_bits(case):
+    """Where both instruction sets take a layer, the AVX2 kernels repeat the AVX-512 ones'
+    arithmetic (the same int8 bytes, steps, integer dot products and float operations per row
+    in the same order): the same output bits, fp32 and bf16, 1 / 3 / 17 tokens."""
+    if cpu_int8.isa() != "avx512":
+        pytest.skip("no AVX-512 VBMI/VNNI here to compare with")
+    codes, cb, scales, offsets = _make(case)
+    for dtype in (torch.float32, torch.bfloat16):
+        for tokens in (1, 3, 17):
+            x = torch.randn(tokens, codes.shape[1] * cb.shape[2], generator=torch.Generator().manual_seed(tokens))
+            x = x.to(dtype)
+            ys = []
+            for cap in ("avx512", "avx2"):
+                with cpu.limit_isa(cap):
+                    assert cpu_int8.isa() == cap
+                    ys.append(cpu_int8.gemv(x, codes, cb, scales, offsets, out=torch.full((tokens, case[0]), float("nan"), dtype=dtype)))
+            assert torch.equal(ys[0], ys[1]) and not ys[0].isnan().any()

@@ -263,10 +263,11 @@ namespace {
 // of a merged layer usually cut x alike, and then x is quantized once for them.
 struct PartCall {
   const Int8Layer* p;
-  const PartCall* src = this;  // whose xq, xs, xsum, rq this part reads
+  const PartCall* src = this;  // whose xq, xs, xb, xsum, rq this part reads
   std::vector<Run> runs;
   std::vector<int8_t> xq;
   std::vector<float> xs, xsum, rq;
+  std::vector<int32_t> xb;
   int64_t nblk = 0, OB = 0, col0 = 0;
 
   // Shares x's quantization with `other` when both cut it into the same runs (the blocks and
@@ -292,7 +293,7 @@ struct PartCall {
       if (before[i].src == &before[i] && same_cut(before[i])) src = &before[i];
     if (src != this) return;
     const int64_t R = runs.size();
-    xq.resize(T * a->in), xs.resize(T * nblk), rq.resize(T * R);
+    xq.resize(T * a->in), xs.resize(T * nblk), xb.resize(T * nblk), rq.resize(T * R);
     if (p->offsets) xsum.resize(T * R);
   }
 
@@ -301,7 +302,7 @@ struct PartCall {
     const LayerArgs* a = p->args;
     const int64_t R = runs.size();
     (lv == 2 ? avx512_quantize : avx2_quantize)(static_cast<const char*>(x) + t * a->in * fasq_cpu::elem_bytes(x_dtype), x_dtype, runs.data(), R,
-                   a->d, xq.data() + t * a->in, xs.data() + t * nblk, rq.data() + t * R,
+                   a->d, xq.data() + t * a->in, xs.data() + t * nblk, xb.data() + t * nblk, rq.data() + t * R,
                    p->offsets ? xsum.data() + t * R : nullptr);
   }
 
@@ -315,7 +316,7 @@ struct PartCall {
     const int64_t rows = std::min<int64_t>(16, a->out - rb * 16), pass = lv == 2 ? NT_MAX : NT_MAX_AVX2;
     for (int64_t t0 = 0; t0 < T; t0 += pass) {
       const int nt = (int)std::min<int64_t>(pass, T - t0);
-      const Acts at{src->xq.data() + t0 * a->in, src->xs.data() + t0 * nblk,
+      const Acts at{src->xq.data() + t0 * a->in, src->xs.data() + t0 * nblk, src->xb.data() + t0 * nblk,
                     off ? src->xsum.data() + t0 * R : nullptr, src->rq.data() + t0 * R, nblk, R};
       const BlockFn f = lv == 2 ? avx512_pick(layout(*a), a->K, off, nt) : avx2_pick(layout(*a), off, nt);
       f(runs.data(), R, M, n_groups(*a), P, rb, at, tot);

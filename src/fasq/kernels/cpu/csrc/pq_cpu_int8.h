@@ -31,6 +31,7 @@ enum Layout { PAIRS, NIBBLES, BYTES };
 struct Acts {
   const int8_t* xq;    // [T][in/8][8]
   const float* xs;     // [T][nblk] float step of each block
+  const int32_t* xb;   // [T][nblk] each block's int8 sum (AVX2 adds back a table's 128 with it)
   const float* xsum;   // [T][R] float sums of x over each run (offsets), or NULL
   const float* rq;     // [T][R] sum over the run's blocks of step * int8 sum
   int64_t nblk, R;
@@ -52,7 +53,8 @@ struct Prepared {
 // bytes up to 32 (RTN's grids of 1-5 bits) are multiplied as they are and four products'
 // pairs summed in 16 bits (4 x 2 x 32 x 127 < 2^15); other tables are turned back into signed
 // values (bytes - 128 where 128 was added) and multiplied as |w| times x with w's sign, as
-// llama.cpp does (2 x 128 x 127 < 2^15).
+// llama.cpp does (2 x 128 x 127 < 2^15); the 128 comes back as 128 x the block's int8 sum in
+// the int32 sum, which is then the AVX-512 kernels' (same bits out).
 enum SignMode { SMALL = 0, SIGNED = 1, SIGNED_SHIFTED = 2 };
 
 // Row block rb (16 rows), the tokens of `A` (already offset to the first one, at most the
@@ -60,10 +62,10 @@ enum SignMode { SMALL = 0, SIGNED = 1, SIGNED_SHIFTED = 2 };
 typedef void (*BlockFn)(const Run* runs, int64_t R, int64_t M, int64_t S, const Prepared& P, int64_t rb,
                         const Acts& A, float* tot);
 
-// One token's activations x[in] (x_dtype) quantized per block (Acts): xq[in], xs[nblk], rq[R]
-// and, when rf is not NULL, rf[R] the float sums of x over each run.
+// One token's activations x[in] (x_dtype) quantized per block (Acts): xq[in], xs[nblk],
+// xb[nblk], rq[R] and, when rf is not NULL, rf[R] the float sums of x over each run.
 typedef void (*QuantizeFn)(const void* x, int dt, const Run* runs, int64_t R, int64_t d, int8_t* xq, float* xs,
-                           float* rq, float* rf);
+                           int32_t* xb, float* rq, float* rf);
 
 // pq_cpu_int8_avx512.cpp (nullptr / false without x86 GCC or clang)
 bool avx512_cpu();  // AVX-512 F/BW/VL + VBMI + VNNI

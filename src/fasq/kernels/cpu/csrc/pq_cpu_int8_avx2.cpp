@@ -85,10 +85,12 @@ struct ByteUnits {
 // One activation block: NU units per half (4: 16 columns; 2: a run's last 8) from the steps
 // at `code`, then per token and half racc[t][h] += float(its int32 dot product) * the
 // block's step. SMALL: units of unsigned bytes <= 32, their products summed in 16 bits
-// (4 x 2 x 32 x 127 < 2^15); else signed units as |w| x (x with w's sign).
+// (4 x 2 x 32 x 127 < 2^15); else signed units as |w| x (x with w's sign), plus `back` (128
+// for SIGNED_SHIFTED tables, else 0) x the block's int8 sum: the dot product of the table's
+// own bytes, as the AVX-512 kernels compute it.
 template <int NT, int NU, class U, bool SMALLW>
 FASQ_AVX2 FASQ_INLINE void block(const U& u, const uint8_t* code, const int8_t* xq, int64_t in, const float* xs,
-                                 int64_t nblk, __m256 (&racc)[NT][2]) {
+                                 const int32_t* xb, int32_t back, int64_t nblk, __m256 (&racc)[NT][2]) {
   constexpr int NS = NU / U::UPS;  // 64-byte steps
   const __m256i ones = _mm256_set1_epi16(1);
   for (int s = 0; s < NS; s++) _mm_prefetch(reinterpret_cast<const char*>(code + (s + FASQ_PFD) * 64), _MM_HINT_T0);
@@ -110,7 +112,7 @@ FASQ_AVX2 FASQ_INLINE void block(const U& u, const uint8_t* code, const int8_t* 
           const __m256i xs_j = _mm256_sign_epi8(_mm256_set1_epi32(xp[j]), w[j]);
           return _mm256_madd_epi16(_mm256_maddubs_epi16(a[j], xs_j), ones);
         };
-        acc = dot(0);
+        acc = _mm256_add_epi32(dot(0), _mm256_set1_epi32(back * xb[t * nblk]));  // SIGNED_SHIFTED: the 128 back
         for (int j = 1; j < NU; j++) acc = _mm256_add_epi32(acc, dot(j));
       }
       racc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(xs[t * nblk]), racc[t][h]);
@@ -122,18 +124,19 @@ FASQ_AVX2 FASQ_INLINE void block(const U& u, const uint8_t* code, const int8_t* 
 // an odd multiple of 8), from its first step st to s1; blk counts the activation blocks.
 template <int NT, class U, bool SMALLW>
 FASQ_AVX2 FASQ_INLINE void run_blocks(const U& u, const uint8_t* code, int64_t st, int64_t s1, const Acts& A,
-                                      int64_t in, int64_t& blk, __m256 (&racc)[NT][2]) {
+                                      int64_t in, int32_t back, int64_t& blk, __m256 (&racc)[NT][2]) {
   constexpr int SPB = 4 / U::UPS;      // steps per 16-column block
   constexpr int64_t XB = 4 * U::UPS;   // activation bytes per step
   for (; st + SPB <= s1; st += SPB, blk++)
-    block<NT, 4, U, SMALLW>(u, code + st * 64, A.xq + st * XB, in, A.xs + blk, A.nblk, racc);
-  if (st < s1) block<NT, 2, U, SMALLW>(u, code + st * 64, A.xq + st * XB, in, A.xs + blk, A.nblk, racc), blk++;
+    block<NT, 4, U, SMALLW>(u, code + st * 64, A.xq + st * XB, in, A.xs + blk, A.xb + blk, back, A.nblk, racc);
+  if (st < s1)
+    block<NT, 2, U, SMALLW>(u, code + st * 64, A.xq + st * XB, in, A.xs + blk, A.xb + blk, back, A.nblk, racc), blk++;
 }
 
 // Row block rb (16 rows, two halves of 8), tokens [0, NT) of `A`; tot [NT][16] written. Per
 // run: the codebook's table (and sign mode) when it changes, the sums started at the run's
-// correction (-shift * A.rq, the shift less the 128 a SIGNED_SHIFTED table no longer has),
-// the run's blocks, then its scales (and offsets * the run's float sum of x: OFF).
+// correction (-shift * A.rq), the run's blocks, then its scales (and offsets * the run's
+// float sum of x: OFF): per row the AVX-512 kernels' float operations in their order.
 template <int NT, class U, bool OFF>
 FASQ_AVX2 void row_block(const Run* runs, int64_t R, int64_t M, int64_t S, const Prepared& P, int64_t rb,
                          const Acts& A, float* tot) {
@@ -150,12 +153,11 @@ FASQ_AVX2 void row_block(const Run* runs, int64_t R, int64_t M, int64_t S, const
       mode = (int)P.sign[run.c], loaded = run.c;
       u.load(P.tabs, run.c, _mm256_set1_epi8(mode == SIGNED_SHIFTED ? (char)0x80 : 0));
     }
-    const float shift = P.shift[run.c] - (mode == SIGNED_SHIFTED ? 128.f : 0.f);
     __m256 racc[NT][2];
-    for (int t = 0; t < NT; t++) racc[t][0] = racc[t][1] = _mm256_set1_ps(-shift * A.rq[t * R + r]);
+    for (int t = 0; t < NT; t++) racc[t][0] = racc[t][1] = _mm256_set1_ps(-P.shift[run.c] * A.rq[t * R + r]);
     const int64_t st = run.m0 / U::SUBSPACES, s1 = run.m1 / U::SUBSPACES;
-    if (mode == SMALL) run_blocks<NT, U, true>(u, code, st, s1, A, in, blk, racc);
-    else run_blocks<NT, U, false>(u, code, st, s1, A, in, blk, racc);
+    if (mode == SMALL) run_blocks<NT, U, true>(u, code, st, s1, A, in, 0, blk, racc);
+    else run_blocks<NT, U, false>(u, code, st, s1, A, in, mode == SIGNED_SHIFTED ? 128 : 0, blk, racc);
     const float* sc = P.scales + (rb * S + run.g) * 16;
     for (int h = 0; h < 2; h++) {
       const __m256 sv = _mm256_mul_ps(_mm256_loadu_ps(sc + 8 * h), _mm256_set1_ps(P.cbscale[run.c]));
@@ -206,9 +208,11 @@ FASQ_AVX2 inline float hsum8(__m256 v) {
 
 // quantize_token of pq_cpu_int8_avx512.cpp on AVX2 (QuantizeFn): one block as two halves of 8
 // columns (a run's last 8-column block: one), the same arithmetic (127 / max |x| in fp32,
-// rounding to nearest even), so the same bytes and steps.
+// rounding to nearest even, sums in the same order), so the same bytes, steps and sums: with
+// the kernels' per-row order of float operations also the same, both instruction sets give
+// the same output bits.
 FASQ_AVX2 void quantize_token(const void* x, int dt, const Run* runs, int64_t R, int64_t d, int8_t* xq, float* xs,
-                              float* rq, float* rf) {
+                              int32_t* xb, float* rq, float* rf) {
   const __m256i order = d == 2 ? _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7) : _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256 sign = _mm256_set1_ps(-0.f);
   int64_t b = 0;
@@ -229,8 +233,10 @@ FASQ_AVX2 void quantize_token(const void* x, int dt, const Run* runs, int64_t R,
       }
       const float step = amax / 127.f;
       xs[b] = step;
-      cs += step * hsum8(_mm256_cvtepi32_ps(isum));  // the int8 sum: exact in fp32
-      if (rf) rs += hsum8(_mm256_add_ps(v[0], v[1]));
+      const float is = hsum8(_mm256_cvtepi32_ps(isum));  // the int8 sum: exact in fp32
+      xb[b] = (int32_t)is;
+      cs += step * is;
+      if (rf) rs += hsum8(v[0]) + hsum8(v[1]);  // the AVX-512 reduction's order: the same sum
     }
     rq[r] = cs;
     if (rf) rf[r] = rs;

@@ -258,11 +258,11 @@ FASQ_I8 FASQ_INLINE __m512 reduce16(__m512 v, Op op) {
 // One token's activations x[in] quantized per block of 16 columns inside each run (a run's
 // last block 8 columns when its length is an odd multiple of 8), blocks numbered in run
 // order: xq[in] int8 (d=2: each 8 columns' even columns, then their odd ones), xs[b] = the
-// block's max |x| / 127; per run, rq[r] = the sum over its blocks of xs[b] * the block's
+// block's max |x| / 127, xb[b] its int8 sum; per run, rq[r] = the sum over its blocks of xs[b] * the block's
 // int8 sum and rf[r] = its float sum of x (only with offsets: rf NULL skips it). One block per
 // register; values rounded to nearest even, as lrint.
 FASQ_I8 void quantize_token(const void* x, int dt, const Run* runs, int64_t R, int64_t d, int8_t* xq, float* xs,
-                            float* rq, float* rf) {
+                            int32_t* xb, float* rq, float* rf) {
   const __m512i order = d == 2 ? _mm512_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15)
                                : _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512 k127 = _mm512_set1_ps(127.f);
@@ -280,7 +280,9 @@ FASQ_I8 void quantize_token(const void* x, int dt, const Run* runs, int64_t R, i
       _mm_mask_storeu_epi8(xq + c0, m, _mm512_cvtepi32_epi8(_mm512_permutexvar_epi32(order, q)));
       const float step = _mm512_cvtss_f32(amax) / 127.f;
       xs[b] = step;
-      cs += step * _mm512_cvtss_f32(reduce16(_mm512_cvtepi32_ps(q), vadd));  // the int8 sum: exact in fp32
+      const float isum = _mm512_cvtss_f32(reduce16(_mm512_cvtepi32_ps(q), vadd));  // the int8 sum: exact in fp32
+      xb[b] = (int32_t)isum;
+      cs += step * isum;
       if (rf) rs += _mm512_cvtss_f32(reduce16(v, vadd));
     }
     rq[r] = cs;
