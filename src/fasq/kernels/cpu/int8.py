@@ -26,8 +26,8 @@ layer is prepared once for either instruction set (the same layout).
 Default: automatic selection takes this path for d=2 layers and for d=1 layers whose
 codebooks are integers in [-127, 127] (RTN's grid: copied exactly, only the activations are
 rounded, and with offsets the grid's midpoint is taken out of the dot products and added back
-through the offsets; WikiText-2 of RTN 4-bit g64 on the default model 28.020 -> 28.077,
-+0.20 %). d=1 K=16 product quantization (float codebooks) moved WikiText-2 by +0.79 % through
+through the offsets; WikiText-2 of RTN 4-bit g64 on the default model 28.020 -> 28.067,
++0.17 %, AVX-512 and AVX2 alike). d=1 K=16 product quantization (float codebooks) moved WikiText-2 by +0.79 % through
 it (24.331 -> 24.524 on the default model), over the 0.5 % the int8 path is allowed, so those
 layers keep the exact kernel unless FASQ_CPU_INT8=all (or kernel="cpu_int8") asks for it.
 
