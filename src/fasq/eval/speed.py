@@ -3,7 +3,8 @@
 Greedy decoding with a static KV cache (transformers' `StaticCache`), batch `batch`, a
 prompt of `prompt_len` tokens, then `new_tokens` single-token steps; the decode step can
 run under `torch.compile` (on a GPU with mode "reduce-overhead", i.e. CUDA graphs). The
-same function times a fasq checkpoint and its uncompressed source, so their ratio is fair.
+same function times a fasq checkpoint and its uncompressed source, so their ratio is fair;
+on the CPU both run the same attention ("fasq_sdpa", integrations/attention.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from ..integrations.attention import use_decode_attention
 
 
 @dataclass
@@ -52,6 +55,11 @@ class DecodeRunner:
         self.model, self.batch, self.prompt_len, self.new_tokens, self.compiled = (
             model, batch, prompt_len, new_tokens, compile)
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            # every model timed here (fasq's and the dense ones it is compared with) runs the same
+            # attention: "fasq_sdpa" where the model ran transformers' "sdpa" (the same results;
+            # loading a fasq checkpoint on the CPU switches it already)
+            use_decode_attention(model)
         if prompt_ids is None:
             g = torch.Generator().manual_seed(seed)
             prompt_ids = torch.randint(0, model.config.vocab_size, (prompt_len,), generator=g)

@@ -19,6 +19,7 @@ from ..core.config import QUANT_METHOD, QuantConfig
 from ..core.convert import replace_linears
 from ..core.module import PQLinear, use_dense_op
 from ..io.manifest import verify_checkpoint
+from .attention import use_decode_attention
 
 
 class FasqHfConfig(QuantizationConfigMixin):
@@ -57,6 +58,8 @@ class FasqHfQuantizer(HfQuantizer):
             if isinstance(m, PQLinear):
                 m.unpack_codes_()
         use_dense_op(model)  # the layers left dense (the head) through fasq::dense_linear
+        if next(model.parameters()).device.type == "cpu":
+            use_decode_attention(model)  # single-token steps with packed query heads (attention.py)
         return model
 
     def is_serializable(self, *args, **kwargs):
