@@ -302,3 +302,38 @@ def test_prepared_arguments_follow_changed_tensors():
     other = (scales + 1).contiguous()  # another tensor object in the same call slot
     ref = _dense_ref(x, codes, cb, other, offsets, None)
     assert _rel_err(cpu.gemv(x, codes, cb, other, offsets), ref, x, codes, cb, other, offsets) < 2e-3
+
+
+def test_a_layers_prepared_state_is_freed_with_it():
+    """The prepared arguments (and the int8 copies) live as long as the layer's codes tensor,
+    no longer: a plan that held the layer's tensors would keep every layer ever called (every
+    model loaded in a process) in memory. Non-contiguous inputs are copied and kept by the
+    plan while it lives; a new layer with a recycled id is prepared afresh."""
+    import gc
+    import weakref
+
+    from fasq.kernels.cpu import int8 as cpu_int8
+
+    x = torch.randn(2, 256)
+    for contiguous in (True, False):
+        codes, cb, scales, _ = _layer(64, 256, 2, 256, 1, 4, False, 0)
+        if not contiguous:
+            codes = codes.t().contiguous().t()
+        y = cpu.gemv(x, codes, cb, scales)
+        cpu_int8.gemv(x, codes, cb, scales)
+        # memory freed since the plan was made gets reused: a plan that pointed into a copy it
+        # did not keep would now read this junk
+        junk = [torch.full((64, 128), 7, dtype=torch.uint8) for _ in range(64)]
+        assert torch.equal(cpu.gemv(x, codes, cb, scales), y) and junk
+        assert cpu._plans.get(codes) is not None
+        refs, key, n = [weakref.ref(t) for t in (codes, cb, scales)], id(codes), len(cpu._plans)
+        del codes, cb, scales
+        gc.collect()
+        assert all(r() is None for r in refs)
+        assert key not in cpu._plans._d and len(cpu._plans) == n - 1
+    for seed in range(3):  # fresh layers, ids possibly recycled: each its own result
+        codes, cb, scales, _ = _layer(64, 256, 2, 256, 1, 4, False, seed)
+        ref = _dense_ref(x, codes, cb, scales, None, None)
+        assert _rel_err(cpu.gemv(x, codes, cb, scales), ref, x, codes, cb, scales, None) < 2e-3
+        del codes, cb, scales
+    assert y.shape == (2, 64)

@@ -151,7 +151,7 @@ class _Prepared:
         self.plan = plan  # keeps plan.args (pointed to by self.args) alive
         # taken by default: d=2, or integer codebooks copied exactly (RTN: values in [-127, 127],
         # or the 8-bit grid 0..255 used as it is)
-        cb = plan.src[0]
+        cb = plan.codebooks()  # the layer's own (alive: its call is preparing it)
         integral = bool((cb == cb.round()).all())
         self.default = cb.shape[2] == 2 or (integral and (cb.shape[1] == 256 or bool((cb.abs() <= 127).all())))
 
