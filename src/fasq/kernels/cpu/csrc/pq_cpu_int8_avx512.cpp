@@ -56,13 +56,20 @@ int avx512_set_lookup(int how) {
 #define FASQ_I8 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,avx2,fma")))
 #define FASQ_INLINE inline __attribute__((always_inline))
 
-// 64-byte code steps prefetched ahead (2 KiB): 16 / 32 / 64 gave 921 / 858 / 912 us at
-// 4096x4096 d=2 K=256, one thread, codes from memory.
-#ifndef FASQ_PFD
-#define FASQ_PFD 32
-#endif
 namespace fasq_int8 {
 namespace {
+
+// 64-byte code steps prefetched ahead (PFD, a template argument: passed at run time it made
+// the 8-token kernels twice as slow), by measurement at 4096x4096 d=2 K=256, codes from
+// memory: on an Intel Xeon, one thread, 16 / 32 / 64 steps gave 921 / 858 / 912 us; on an
+// AMD EPYC (Zen 4), 2 threads, 32 / 64 / 128 gave 160 / 149 / 149 us at 1 token (14336x4096:
+// 523 / 493 / 493; 16 tokens 577 / 563 us; the hint, T0, T1 or NTA, made no difference). So
+// 32 steps (2 KiB) on Intel, 64 elsewhere.
+constexpr int PFD_INTEL = 32, PFD_OTHER = 64;
+bool prefetch_near() {
+  static const bool intel = __builtin_cpu_is("intel");
+  return intel;
+}
 
 bool cpu_has_int8() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -169,12 +176,12 @@ struct ByteUnits {
 // One activation block: NU units (4: 16 columns; 2: a run's last 8) from the steps at `code`,
 // then per token racc[t] += float(its int32 dot product) * the block's step. `xq` points at
 // the block's first activation byte of token 0 (tokens `in` bytes apart).
-template <int NT, int NU, class U>
+template <int NT, int NU, int PFD, class U>
 FASQ_I8 FASQ_INLINE void block(const U& u, const __m512i* code, const int8_t* xq, int64_t in, const float* xs,
                                int64_t nblk, __m512* racc) {
   __m512i w[NU];
   for (int s = 0; s < NU / U::UPS; s++) {
-    _mm_prefetch(reinterpret_cast<const char*>(code + s + FASQ_PFD), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(code + s + PFD), _MM_HINT_T0);
     u.units(_mm512_loadu_si512(code + s), w + s * U::UPS);
   }
   for (int t = 0; t < NT; t++) {
@@ -190,7 +197,7 @@ FASQ_I8 FASQ_INLINE void block(const U& u, const __m512i* code, const int8_t* xq
 // codebook's tables loaded when it changes, the float sums started at the run's correction
 // (-shift * A.rq: the tables' shift and centre removed once per run), whole 16-column blocks,
 // then the run's last 8 columns when its length is an odd multiple of 8, then end_run.
-template <int NT, class U, bool OFF>
+template <int NT, class U, bool OFF, int PFD>
 FASQ_I8 void row_block(const Run* runs, int64_t R, int64_t M, int64_t S, const Prepared& P, int64_t rb,
                        const Acts& A, float* tot) {
   constexpr int SPB = 4 / U::UPS;  // steps per 16-column block
@@ -208,8 +215,8 @@ FASQ_I8 void row_block(const Run* runs, int64_t R, int64_t M, int64_t S, const P
     for (int t = 0; t < NT; t++) racc[t] = _mm512_set1_ps(-P.shift[run.c] * A.rq[t * R + r]);
     const int64_t s1 = run.m1 / U::SUBSPACES;
     int64_t st = run.m0 / U::SUBSPACES;
-    for (; st + SPB <= s1; st += SPB, blk++) block<NT, 4>(u, code + st, A.xq + st * XB, in, A.xs + blk, A.nblk, racc);
-    if (st < s1) block<NT, 2>(u, code + st, A.xq + st * XB, in, A.xs + blk, A.nblk, racc), blk++;
+    for (; st + SPB <= s1; st += SPB, blk++) block<NT, 4, PFD>(u, code + st, A.xq + st * XB, in, A.xs + blk, A.nblk, racc);
+    if (st < s1) block<NT, 2, PFD>(u, code + st, A.xq + st * XB, in, A.xs + blk, A.nblk, racc), blk++;
     end_run<NT, OFF>(P, A, rb, S, run, r, racc, tv);
   }
   for (int t = 0; t < NT; t++) _mm512_storeu_ps(tot + t * 16, tv[t]);
@@ -217,23 +224,24 @@ FASQ_I8 void row_block(const Run* runs, int64_t R, int64_t M, int64_t S, const P
 
 // The kernel of family U for nt tokens (1..8; NT is a template argument so that each
 // token's sums stay in registers).
-template <class U, bool OFF>
+template <class U, bool OFF, int PFD>
 BlockFn for_tokens(int nt) {
   switch (nt) {
-    case 1: return row_block<1, U, OFF>;
-    case 2: return row_block<2, U, OFF>;
-    case 3: return row_block<3, U, OFF>;
-    case 4: return row_block<4, U, OFF>;
-    case 5: return row_block<5, U, OFF>;
-    case 6: return row_block<6, U, OFF>;
-    case 7: return row_block<7, U, OFF>;
-    default: return row_block<8, U, OFF>;
+    case 1: return row_block<1, U, OFF, PFD>;
+    case 2: return row_block<2, U, OFF, PFD>;
+    case 3: return row_block<3, U, OFF, PFD>;
+    case 4: return row_block<4, U, OFF, PFD>;
+    case 5: return row_block<5, U, OFF, PFD>;
+    case 6: return row_block<6, U, OFF, PFD>;
+    case 7: return row_block<7, U, OFF, PFD>;
+    default: return row_block<8, U, OFF, PFD>;
   }
 }
 
 template <class U>
 BlockFn for_tokens(bool off, int nt) {
-  return off ? for_tokens<U, true>(nt) : for_tokens<U, false>(nt);
+  if (prefetch_near()) return off ? for_tokens<U, true, PFD_INTEL>(nt) : for_tokens<U, false, PFD_INTEL>(nt);
+  return off ? for_tokens<U, true, PFD_OTHER>(nt) : for_tokens<U, false, PFD_OTHER>(nt);
 }
 
 // 16 values of x (fp32 / fp16 / bf16 by x_dtype) from column j as floats; lanes outside
