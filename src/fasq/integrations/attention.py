@@ -8,12 +8,13 @@ torch.compile it repeats the keys and values per query head (`repeat_kv`) and ru
 one-row problems. On the CPU that is the slow way: Llama-3.2-1B's shape, 2 threads, a cache
 of 160, one layer's attention takes about 230 us repeated and 40 us packed, so compiled
 decode of the 1B-shaped fasq model spent about 3.6 ms of a 19 ms token there (52.7 -> 62.2
-tok/s with the heads packed: benchmarks/README of `bench_models.py`). Packing is exact: the
+tok/s with the heads packed; README, "Attention at decode"). Packing changes no result: the
 same softmax over the same keys per query head, only laid out as rows.
 
 Used by: loading a fasq checkpoint on the CPU (the HF quantizer's after-load step) and the
-benchmarks, which give their bf16 models the same attention so comparisons stay like for
-like. FASQ_ATTENTION=sdpa keeps transformers' own.
+speed harness (`fasq.eval.speed`: `fasq bench` and the benchmarks), which gives the dense
+models it times the same attention so comparisons stay like for like. FASQ_ATTENTION=sdpa
+keeps transformers' own.
 
     use_decode_attention(model) -> bool     (whether the model now runs "fasq_sdpa")
     sdpa_packed(module, query, key, value, attention_mask, ...)   (the attention function)
