@@ -325,11 +325,16 @@ def test_a_layers_prepared_state_is_freed_with_it():
         # did not keep would now read this junk
         junk = [torch.full((64, 128), 7, dtype=torch.uint8) for _ in range(64)]
         assert torch.equal(cpu.gemv(x, codes, cb, scales), y) and junk
-        assert cpu._plans.get(codes) is not None
-        refs, key, n = [weakref.ref(t) for t in (codes, cb, scales)], id(codes), len(cpu._plans)
-        del codes, cb, scales
-        gc.collect()
-        assert all(r() is None for r in refs)
+        plan = cpu._plans.get(codes)
+        assert plan is not None and plan.int8 is not None
+        refs = [weakref.ref(t) for t in (codes, cb, scales, plan.int8.codes, plan.int8.tabs)]
+        key, n = id(codes), len(cpu._plans)
+        gc.disable()  # freed as the layer goes, not at a later cycle collection
+        try:
+            del codes, cb, scales, plan
+            assert all(r() is None for r in refs)
+        finally:
+            gc.enable()
         assert key not in cpu._plans._d and len(cpu._plans) == n - 1
     for seed in range(3):  # fresh layers, ids possibly recycled: each its own result
         codes, cb, scales, _ = _layer(64, 256, 2, 256, 1, 4, False, seed)

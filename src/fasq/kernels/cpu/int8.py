@@ -148,7 +148,9 @@ class _Prepared:
         cpu._check(lib.fasq_cpu_int8_prepare(plan.address, *ptrs, cpu._ptr(self.offsets)), "int8 prepare")
         self.args = _Int8Layer(plan.address, *ptrs, cpu._ptr(self.offsets))
         self.address = ctypes.addressof(self.args)
-        self.plan = plan  # keeps plan.args (pointed to by self.args) alive
+        # plan.args (self.args points to it) and the sizes run_linear checks; not the plan itself,
+        # which holds this object (plan.int8): without a cycle the copies go as soon as the layer
+        self.layer_args, self.in_features, self.out_features = plan.args, plan.in_features, plan.out_features
         # taken by default: d=2, or integer codebooks copied exactly (RTN: values in [-127, 127],
         # or the 8-bit grid 0..255 used as it is)
         cb = plan.codebooks()  # the layer's own (alive: its call is preparing it)
@@ -187,7 +189,7 @@ def gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = No
 
 def run(prep: _Prepared, x: Tensor, out: Tensor | None = None) -> Tensor:
     """`gemv` for a layer already prepared (`prepared` returned `prep`)."""
-    return cpu.run_linear(x, prep.plan, out, cpu.load_library().fasq_cpu_int8_linear, (prep.address,), "int8 gemv")
+    return cpu.run_linear(x, prep, out, cpu.load_library().fasq_cpu_int8_linear, (prep.address,), "int8 gemv")
 
 
 def run_parts(preps: list[_Prepared], x: Tensor) -> Tensor:
@@ -196,5 +198,5 @@ def run_parts(preps: list[_Prepared], x: Tensor) -> Tensor:
     it, fork the threads and write their outputs once instead of once each."""
     lib, n = cpu.load_library(), len(preps)
     head = ((ctypes.c_void_p * n)(*[p.address for p in preps]), n)
-    out_f = sum(p.plan.out_features for p in preps)
-    return cpu.run_linear(x, preps[0].plan, None, lib.fasq_cpu_int8_linear_parts, head, "int8 gemv (parts)", out_f)
+    out_f = sum(p.out_features for p in preps)
+    return cpu.run_linear(x, preps[0], None, lib.fasq_cpu_int8_linear_parts, head, "int8 gemv (parts)", out_f)

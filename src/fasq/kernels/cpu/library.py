@@ -372,7 +372,8 @@ def gemv(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | None = No
 
 def run_linear(x: Tensor, plan: "_Plan", out: Tensor | None, entry, head: tuple, what: str,
                out_features: int | None = None) -> Tensor:
-    """The decode paths' shared body: x [..., in] made contiguous in a dtype the library
+    """The decode paths' shared body (plan: a _Plan, or anything with its in_features and
+    out_features, as int8's _Prepared): x [..., in] made contiguous in a dtype the library
     reads (read as [T, in]), the output [..., out] (or `out`, a [T, out], checked), then
     `entry(*head, x_ptr, x_dtype_code, T, y_ptr, threads)` (a library entry point, 0 on
     success); y comes back in x's dtype and leading shape. out_features: of several layers
