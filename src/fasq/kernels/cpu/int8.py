@@ -122,12 +122,6 @@ def use_lookup(name: str):
         lib.fasq_cpu_int8_set_lookup(old)
 
 
-def format_supported(d: int, K: int, code_dtype: torch.dtype) -> bool:
-    """Whether the path may take this format (d=1 K=256 only as RTN's 8-bit grid; codebooks
-    and alignment are checked per layer)."""
-    return ((d == 2 and K <= 256) or (d == 1 and K <= 16) or (d == 1 and K == 256)) and code_dtype == _SUPPORTED_CODE
-
-
 class _Int8Layer(ctypes.Structure):
     """Mirror of Int8Layer in csrc/pq_cpu_int8.cpp (every field 8 bytes)."""
 
@@ -161,8 +155,9 @@ class _Prepared:
 def prepared(codes: Tensor, codebooks: Tensor, scales: Tensor | None, offsets: Tensor | None,
              bias: Tensor | None) -> _Prepared | None:
     """The layer's int8 copies, made at its first call (None: the path does not take it)."""
-    d, K = codebooks.shape[2], codebooks.shape[1]
-    if not format_supported(d, K, codes.dtype) or not available(d, K):
+    # the format rule (d, K) is the library's (fasq_cpu_int8_takes); codebooks and alignment are
+    # checked when the layer is prepared
+    if codes.dtype != _SUPPORTED_CODE or not available(codebooks.shape[2], codebooks.shape[1]):
         return None
     plan = cpu._plan(codes, codebooks, scales, offsets, bias)
     hit = getattr(plan, "int8", False)

@@ -96,22 +96,27 @@ bool byte_grid(const LayerArgs& a) {
 inline Layout layout(const LayerArgs& a) { return a.d == 2 ? PAIRS : a.K <= 16 ? NIBBLES : BYTES; }
 
 // The int8 kernels this CPU runs now (the instruction-set cap, FASQ_CPU_ISA / fasq_cpu_set_isa,
-// included): 2 AVX-512 VBMI + VNNI (every format), 1 AVX2 (the formats avx2_takes), 0 none.
+// included): 2 AVX-512 VBMI + VNNI (every format), 1 AVX2 (the formats kernels_take), 0 none.
 int level() {
   const int isa = fasq_cpu_isa_level();
   return isa >= 2 && avx512_cpu() ? 2 : isa >= 1 && avx2_cpu() ? 1 : 0;
 }
 
-// The AVX2 kernels look codes up by vpshufb in 16-entry tables (d=1 or d=2 with K <= 16) or
-// take them as they are (the 8-bit grid).
-inline bool avx2_takes(const LayerArgs& a) { return a.K <= 16 || layout(a) == BYTES; }
+// The formats the path takes: d=2 K <= 256, d=1 K <= 16, and d=1 K=256 (only as the 8-bit grid,
+// which `supported` checks on the codebooks).
+inline bool format_taken(int64_t d, int64_t K) { return K >= 1 && ((d == 2 && K <= 256) || (d == 1 && (K <= 16 || K == 256))); }
+
+// Whether the kernels of level lv (level()) run a format the path takes: AVX-512 all of them,
+// AVX2 those it looks up by vpshufb in 16-entry tables (K <= 16) or takes as they are (d=1
+// K=256: the 8-bit grid).
+inline bool kernels_take(int lv, int64_t d, int64_t K) { return lv == 2 || (lv == 1 && (K <= 16 || d == 1)); }
 
 // 0 when the int8 path takes this layer, else why not (1 format, 2 alignment). `grid`: also
 // scan a d=1 K=256 layer's codebooks for the 8-bit grid (prepare does; a call trusts the
 // layer it prepared, whose codebooks the caller keeps unchanged).
 int supported(const LayerArgs& a, bool grid = true) {
-  const bool fmt = (a.d == 2 && a.K <= 256) || (a.d == 1 && a.K <= 16) || (a.d == 1 && a.K == 256 && (!grid || byte_grid(a)));
-  if (!fmt || a.code_bytes != 1 || a.K < 1 || a.in <= 0 || a.out <= 0 || a.in % a.d) return 1;
+  const bool fmt = format_taken(a.d, a.K) && !(a.d == 1 && a.K == 256 && grid && !byte_grid(a));
+  if (!fmt || a.code_bytes != 1 || a.in <= 0 || a.out <= 0 || a.in % a.d) return 1;
   const int64_t M = a.in / a.d, per = 8 / a.d;  // subspaces per 8 columns
   if (a.C <= 0 || M % a.C || (a.scales && (a.S <= 0 || M % a.S)) || (a.offsets && !a.scales)) return 1;
   if (M % per || (M / a.C) % per || (a.scales && (M / a.S) % per)) return 2;
@@ -143,9 +148,7 @@ int fasq_cpu_int8_available(void) { return level(); }
 // Whether the int8 kernels this CPU runs now take a layer of this format (d, K), as far as the
 // format goes (its codebooks and alignment are checked when it is prepared).
 int fasq_cpu_int8_takes(int64_t d, int64_t K) {
-  const int lv = level();
-  const bool fmt = (d == 2 && K >= 1 && K <= 256) || (d == 1 && K >= 1 && K <= 16) || (d == 1 && K == 256);
-  return fmt && (lv == 2 || (lv == 1 && (K <= 16 || d == 1))) ? 1 : 0;
+  return format_taken(d, K) && kernels_take(level(), d, K) ? 1 : 0;
 }
 
 // How d=2 layers with 64 < K <= 256 look their codes up now (AVX-512): 1 vpermi2b, 2 vpermb.
@@ -350,7 +353,7 @@ int fasq_cpu_int8_linear_parts(const Int8Layer* const* parts, int n, const void*
   }
   const int lv = level();
   for (int i = 0; i < n; i++)
-    if (lv == 0 || (lv == 1 && !avx2_takes(*parts[i]->args))) return 3;
+    if (!kernels_take(lv, parts[i]->args->d, parts[i]->args->K)) return 3;
   if (T <= 0) return 0;
   std::vector<PartCall> calls(n);
   std::vector<int64_t> first(n + 1, 0);  // parts' first row block among all of them
