@@ -23,7 +23,7 @@ import torch
 from fasq.core import ops
 from fasq.core.config import RTNConfig
 from fasq.quant.quantize import quantize_rtn
-from fasq.kernels.cpu import library as cpu, int8 as cpu_int8, linear as cpu_linear
+from fasq.kernels.cpu import library as cpu, int8 as cpu_int8, linear as cpu_linear, torch_ops
 from fasq.kernels import dispatch
 
 from test_ops import _layer
@@ -299,6 +299,11 @@ def test_two_threads_equal_one():
 
 
 def test_selection_switch_and_fallbacks(monkeypatch):
+    with torch_ops.python_only():  # the Python selection, watched by patching it (the C++ op's: test_cpu_torch_ops)
+        _selection_switch_and_fallbacks(monkeypatch)
+
+
+def _selection_switch_and_fallbacks(monkeypatch):
     codes, cb, scales, offsets = _make(CASES[2])
     calls = []
     for name in ("gemv", "dequant_matmul"):
@@ -350,6 +355,11 @@ def test_default_selection_of_d1_layers(monkeypatch):
     exactly (RTN's integer grid); float d=1 codebooks need FASQ_CPU_INT8=all or kernel=."""
     if cpu_int8.isa() != "avx512":
         pytest.skip("no AVX-512 VBMI/VNNI here")
+    with torch_ops.python_only():  # the Python selection, watched by patching it
+        _d1_selection(monkeypatch)
+
+
+def _d1_selection(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu, "gemv", lambda *a, **k: calls.append("gemv") or torch.zeros(1))
     monkeypatch.setattr(cpu_int8, "run", lambda *a, **k: calls.append("int8") or torch.zeros(1))

@@ -105,16 +105,31 @@ def pq_linear_lut(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor | 
 # --- the custom op -------------------------------------------------------------------
 # Defined with torch.library.Library rather than @custom_op: a call then costs ~3 us of
 # dispatch instead of ~10 us, which matters at decode (a 135M model makes 210 calls per
-# token). Devices register their kernels with `register_kernel`; the rest (and devices
-# without one) run dequantize-then-matmul. No autograd: inference only.
+# token). No autograd: inference only.
+#
+# Devices register Python kernels with `register_kernel` (and its twins below). They are
+# reached through the op's default implementation, which picks by the device of x (devices
+# without one run dequantize-then-matmul), and not through the device's dispatch key: that
+# key stays free for a compiled kernel to take at run time, which passes the calls it does
+# not take back to the Python one (the CPU's: fasq.kernels.cpu.torch_ops).
 
 _LIB = torch.library.Library("fasq", "DEF")
+_KERNELS: dict[str, dict[str, object]] = {"pq_linear": {}, "pq_linear_parts": {}, "dense_linear": {}}
+
+
+def _by_device(op: str, fallback):
+    """The default implementation of fasq::`op`: the kernel registered for x's device, else
+    `fallback` (the torch reference)."""
+    kernels = _KERNELS[op]
+
+    def impl(x, *args):
+        return kernels.get(x.device.type, fallback)(x, *args)
+    return impl
+
+
 _LIB.define("pq_linear(Tensor x, Tensor codes, Tensor codebooks, Tensor? scales, Tensor? offsets, "
             "Tensor? bias) -> Tensor")
-_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
-
-
-_LIB.impl("pq_linear", pq_linear_dequant, "CompositeExplicitAutograd")
+_LIB.impl("pq_linear", _by_device("pq_linear", pq_linear_dequant), "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fasq::pq_linear", lib=_LIB)
@@ -124,8 +139,8 @@ def _(x, codes, codebooks, scales, offsets, bias):
 
 def register_kernel(device_type: str, fn) -> None:
     """Make `fn(x, codes, codebooks, scales, offsets, bias)` the implementation of
-    fasq::pq_linear for tensors on `device_type` ("cpu" or "cuda")."""
-    _LIB.impl("pq_linear", fn, _DISPATCH_KEYS[device_type])
+    fasq::pq_linear for tensors on `device_type` ("cpu", "cuda", ...)."""
+    _KERNELS["pq_linear"][device_type] = fn
 
 
 # y = x @ dequantize(codes, codebooks, scales, offsets).T + bias, through the dispatcher
@@ -147,7 +162,7 @@ def pq_linear_parts_reference(x: Tensor, codes: list[Tensor], codebooks: list[Te
                      dim=-1)
 
 
-_LIB.impl("pq_linear_parts", pq_linear_parts_reference, "CompositeExplicitAutograd")
+_LIB.impl("pq_linear_parts", _by_device("pq_linear_parts", pq_linear_parts_reference), "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fasq::pq_linear_parts", lib=_LIB)
@@ -158,7 +173,7 @@ def _(x, codes, codebooks, scales, offsets):
 def register_parts_kernel(device_type: str, fn) -> None:
     """Make `fn(x, codes, codebooks, scales, offsets)` (lists) the implementation of
     fasq::pq_linear_parts for tensors on `device_type`."""
-    _LIB.impl("pq_linear_parts", fn, _DISPATCH_KEYS[device_type])
+    _KERNELS["pq_linear_parts"][device_type] = fn
 
 
 pq_linear_parts = torch.ops.fasq.pq_linear_parts.default
@@ -175,7 +190,7 @@ def dense_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Te
     return torch.nn.functional.linear(x, weight, bias)
 
 
-_LIB.impl("dense_linear", dense_linear_reference, "CompositeExplicitAutograd")
+_LIB.impl("dense_linear", _by_device("dense_linear", dense_linear_reference), "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fasq::dense_linear", lib=_LIB)
@@ -185,7 +200,7 @@ def _(x, weight, bias):
 
 def register_dense_kernel(device_type: str, fn) -> None:
     """Make `fn(x, weight, bias)` the implementation of fasq::dense_linear on `device_type`."""
-    _LIB.impl("dense_linear", fn, _DISPATCH_KEYS[device_type])
+    _KERNELS["dense_linear"][device_type] = fn
 
 
 dense_linear = torch.ops.fasq.dense_linear.default

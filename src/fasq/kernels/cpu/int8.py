@@ -46,7 +46,7 @@ import os
 import torch
 from torch import Tensor
 
-from . import library as cpu
+from . import library as cpu, torch_ops
 
 _SUPPORTED_CODE = torch.uint8
 
@@ -150,6 +150,7 @@ class _Prepared:
         cb = plan.codebooks()  # the layer's own (alive: its call is preparing it)
         integral = bool((cb == cb.round()).all())
         self.default = cb.shape[2] == 2 or (integral and (cb.shape[1] == 256 or bool((cb.abs() <= 127).all())))
+        self.tracked = False  # whether torch_ops's C++ op takes its decode calls (torch_ops.track)
 
 
 def prepared(codes: Tensor, codebooks: Tensor, scales: Tensor | None, offsets: Tensor | None,
@@ -165,6 +166,8 @@ def prepared(codes: Tensor, codebooks: Tensor, scales: Tensor | None, offsets: T
         sizes = (ctypes.c_int64 * 5)()
         ok = cpu.load_library().fasq_cpu_int8_sizes(plan.address, sizes) == 0
         hit = plan.int8 = _Prepared(plan, list(sizes)) if ok else None
+    if hit is not None and hit.default and not hit.tracked:
+        torch_ops.track(hit, codes, codebooks, scales, offsets, bias)  # the C++ op's decode calls
     return hit
 
 

@@ -18,7 +18,8 @@ Paths (see `dispatch.select_cpu_kernel`):
 
 Why ctypes and a plain C ABI: the library depends on neither Python's nor torch's ABI, so
 one build serves every torch version and could ship prebuilt in a wheel; it builds in
-about 10 s with the system C++ compiler (a torch extension takes minutes of headers). The
+about 10 s with the system C++ compiler. Only the thin C++ op of `torch_ops.py`, which runs
+decode calls from the dispatcher without Python, is built against torch (about 5 s). The
 instruction set is chosen inside the library at run time: AVX-512 (small codebooks) and
 AVX2+FMA+F16C where the CPU has them, else portable C that the compiler vectorises (SSE2,
 NEON). Threads: OpenMP, sharing torch's libgomp, with torch's thread count.
@@ -78,26 +79,32 @@ def cache_dir() -> Path:
     return Path(base) / "fasq"
 
 
-def _build(dest: Path) -> None:
-    """Compile SOURCES into `dest` (written to a temporary name, then renamed)."""
+def compile_shared(dest: Path, sources: list[Path], variants: list[list[str]], link: list[str] = ()) -> None:
+    """Compile `sources` into the shared library `dest` (written to a temporary name, then
+    renamed) with the first of the flag lists `variants` the compiler accepts; `link`: linker
+    arguments, placed after the sources (libraries before them are dropped as unneeded)."""
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not cxx:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ / clang++)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=dest.parent)
     os.close(fd)
-    base = [cxx, "-O3", "-std=c++17", "-fPIC", "-shared", *map(str, SOURCES), "-o", tmp]
     try:
-        # OpenMP where the compiler has it (Apple clang does not): then single-threaded.
-        for flags in (["-fopenmp"], []):
-            r = subprocess.run(base[:1] + flags + base[1:], capture_output=True, text=True)
+        for flags in variants:
+            r = subprocess.run([cxx, *flags, "-fPIC", "-shared", *map(str, sources), *link, "-o", tmp],
+                               capture_output=True, text=True)
             if r.returncode == 0:
                 os.replace(tmp, dest)
                 return
-        raise RuntimeError(f"{cxx} failed to build {', '.join(f.name for f in SOURCES)}:\n{r.stderr[-2000:]}")
+        raise RuntimeError(f"{cxx} failed to build {', '.join(f.name for f in sources)}:\n{r.stderr[-2000:]}")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _build(dest: Path) -> None:
+    # OpenMP where the compiler has it (Apple clang does not): then single-threaded.
+    compile_shared(dest, list(SOURCES), [["-O3", "-std=c++17", "-fopenmp"], ["-O3", "-std=c++17"]])
 
 
 def library_path() -> Path:
@@ -199,18 +206,18 @@ def _native(t: Tensor | None) -> tuple[Tensor | None, int]:
 
 # fp32 codebooks that hold fp16 values exactly (checkpoints store fp16 codebooks, a model
 # loaded in fp32 upcasts them) are read as fp16: half the bytes per centroid, same result.
-# The check runs once per codebook tensor (and again after an in-place change).
+# The check runs once per codebook tensor (and again after an in-place change or `.data =`).
 _fp16_copies = WeakIdKeyDictionary()
 
 
 def _codebooks(codebooks: Tensor) -> tuple[Tensor, int]:
     if codebooks.dtype != torch.float32 or codebooks.requires_grad:
         return _native(codebooks)
-    hit = _fp16_copies.get(codebooks)
-    if hit is None or hit[0] != codebooks._version:
+    hit, now = _fp16_copies.get(codebooks), (version(codebooks), codebooks.data_ptr())  # `.data =` moves it
+    if hit is None or hit[0] != now:
         half = codebooks.to(torch.float16)
         exact = bool(torch.equal(half.to(torch.float32), codebooks))
-        hit = (codebooks._version, half.contiguous() if exact else None)
+        hit = (now, half.contiguous() if exact else None)
         _fp16_copies[codebooks] = hit
     return (hit[1], 1) if hit[1] is not None else _native(codebooks)
 
@@ -246,6 +253,9 @@ def limit_isa(name: str):
 
 
 _forced: str | None = None
+# told whether a `use_kernel` block is open (True) as one opens or closes: torch_ops.py's
+# compiled op, which must then pass every call to the Python path
+_forced_listeners: list = []
 
 
 @contextlib.contextmanager
@@ -258,10 +268,14 @@ def use_kernel(name: str):
     if name not in CPU_KERNELS:
         raise ValueError(f"unknown CPU kernel {name!r}; choose one of {CPU_KERNELS}")
     old, _forced = _forced, name
+    for tell in _forced_listeners:
+        tell(True)
     try:
         yield
     finally:
         _forced = old
+        for tell in _forced_listeners:
+            tell(old is not None)
 
 
 class _LayerArgs(ctypes.Structure):
@@ -313,13 +327,20 @@ def _is(ref, t) -> bool:
     return t is None if ref is None else ref() is t
 
 
+def version(t: Tensor) -> int:
+    """t's version counter; -1 for an inference tensor (made under torch.inference_mode), which
+    has none: writing into one in place goes unseen, so such layers are changed by replacing
+    their tensors (new objects), as loading a model does."""
+    return -1 if t.is_inference() else t._version
+
+
 def _versions(codes, codebooks, scales, offsets, bias) -> tuple:
     """In-place changes bump a tensor's version; `.data = ...` does not, but moves its data.
-    Spelled out (no loop): it runs on every decode call."""
-    return (codes._version, codes.data_ptr(), codebooks._version, codebooks.data_ptr(),
-            None if scales is None else (scales._version, scales.data_ptr()),
-            None if offsets is None else (offsets._version, offsets.data_ptr()),
-            None if bias is None else (bias._version, bias.data_ptr()))
+    Spelled out (no loop): it runs on every decode call the C++ op (torch_ops.py) passes on."""
+    return (version(codes), codes.data_ptr(), version(codebooks), codebooks.data_ptr(),
+            None if scales is None else (version(scales), scales.data_ptr()),
+            None if offsets is None else (version(offsets), offsets.data_ptr()),
+            None if bias is None else (version(bias), bias.data_ptr()))
 
 
 class _PlanCache:

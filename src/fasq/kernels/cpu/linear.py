@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ...core import ops
 from ..dispatch import CPU_INT8_MAX_TOKENS, CPU_KERNELS, select_cpu_kernel
-from . import library as cpu, int8 as cpu_int8
+from . import library as cpu, int8 as cpu_int8, torch_ops
 
 
 def _auto_int8(tokens: int, setting: str, codes: Tensor, codebooks: Tensor, scales: Tensor | None,
@@ -74,5 +74,26 @@ def _pq_linear_cpu_op(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tenso
     return pq_linear_cpu(x, codes, codebooks, scales, offsets, bias, kernel="auto")
 
 
-ops.register_kernel("cpu", _pq_linear_cpu_op)
-ops.register_parts_kernel("cpu", pq_linear_parts_cpu)
+def _first_pq_linear(x, codes, codebooks, scales, offsets, bias) -> Tensor:
+    """fasq::pq_linear on the CPU until the C++ op takes the CPU key: loads it, then runs."""
+    torch_ops.load()
+    return _pq_linear_cpu_op(x, codes, codebooks, scales, offsets, bias)
+
+
+def _first_pq_linear_parts(x, codes, codebooks, scales, offsets) -> Tensor:
+    torch_ops.load()
+    return pq_linear_parts_cpu(x, codes, codebooks, scales, offsets)
+
+
+ops.register_kernel("cpu", _first_pq_linear)
+ops.register_parts_kernel("cpu", _first_pq_linear_parts)
+
+# The Python implementations as ops of their own: where the C++ op (torch_ops.py) sends the
+# calls it does not take itself.
+_LIB = torch.library.Library("fasq_cpu", "DEF")
+_LIB.define("pq_linear(Tensor x, Tensor codes, Tensor codebooks, Tensor? scales, Tensor? offsets, "
+            "Tensor? bias) -> Tensor")
+_LIB.impl("pq_linear", _pq_linear_cpu_op, "CPU")
+_LIB.define("pq_linear_parts(Tensor x, Tensor[] codes, Tensor[] codebooks, Tensor?[] scales, "
+            "Tensor?[] offsets) -> Tensor")
+_LIB.impl("pq_linear_parts", pq_linear_parts_cpu, "CPU")
