@@ -30,6 +30,7 @@
 #include <mutex>
 #include <optional>
 #include <shared_mutex>
+#include <strings.h>  // strncasecmp
 #include <unordered_map>
 #include <vector>
 
