@@ -148,6 +148,23 @@ def _declare(lib) -> None:
     lib.fasq_cpu_kmeanspp.restype = i32
 
 
+def built(path: Path, build, allowed: bool = True) -> Path | None:
+    """`path` of a compiled library if it is there, else where `build(dest)` made it: `path`,
+    or the same name in the temp folder where the cache folder cannot be written. None where
+    it is missing and `allowed` is False."""
+    if path.is_file():
+        return path
+    if not allowed:
+        return None
+    try:
+        build(path)
+    except PermissionError:  # an unwritable cache folder: build in the temp folder
+        path = Path(tempfile.gettempdir()) / f"fasq-{os.getuid()}" / path.parent.name / path.name
+        if not path.is_file():
+            build(path)
+    return path
+
+
 def load_library(build: bool = True):
     """The ctypes library, building it on first use; None (with one warning) if impossible."""
     global _lib, _lib_error
@@ -157,16 +174,9 @@ def load_library(build: bool = True):
         if _lib is not None or _lib_error is not None:
             return _lib
         try:
-            path = library_path()
-            if not path.is_file():
-                if not build:
-                    return None
-                try:
-                    _build(path)
-                except PermissionError:  # an unwritable cache folder: build in the temp folder
-                    path = Path(tempfile.gettempdir()) / f"fasq-{os.getuid()}" / path.parent.name / path.name
-                    if not path.is_file():
-                        _build(path)
+            path = built(library_path(), _build, build)
+            if path is None:
+                return None
             lib = ctypes.CDLL(str(path))
             _declare(lib)
             _lib = lib

@@ -102,10 +102,7 @@ def load():
             _error = f"the CPU kernel library is unavailable: {cpu._lib_error}"
             return None
         try:
-            path = library_path()
-            if not path.is_file():
-                _build(path)
-            ops = ctypes.CDLL(str(path))  # registers the C++ kernels of fasq::pq_linear(_parts) on CPU
+            ops = ctypes.CDLL(str(cpu.built(library_path(), _build)))  # registers the C++ kernels of fasq::pq_linear(_parts) on CPU
             _declare(ops)
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _error = str(e)
