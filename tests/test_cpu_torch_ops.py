@@ -37,7 +37,7 @@ def _op(x, codes, cb, scales, offsets, bias=None):
 def _poisoned(fn):
     """Run `fn` with freshly freed memory filled with NaN first: an output the kernel leaves
     unwritten shows."""
-    torch.full((1 << 20,), float("nan")).fill_(float("nan"))
+    torch.full((1 << 20,), float("nan"))
     return fn()
 
 
@@ -73,8 +73,7 @@ def test_calls_it_does_not_take_go_to_python_unchanged(monkeypatch):
     assert torch_ops.counts(reset=True) == (1, 0)
     big = torch.randn(dispatch.CPU_INT8_MAX_TOKENS + 1, n_in)  # prefill: rebuild + matmul, in Python
     wide = torch.randn(n_in, 3)[:, 0][None]  # not contiguous
-    cases = [(big, None), (wide, None), (x.double(), None)]
-    for xi, _ in cases:
+    for xi in (big, wide, x.double()):
         assert torch.equal(_op(xi, codes, cb, scales, offsets), _python(xi, codes, cb, scales, offsets))
     assert torch_ops.counts(reset=True) == (0, 3)
     with pytest.raises(ValueError, match="features"):  # Python's checks and messages
@@ -87,13 +86,16 @@ def test_calls_it_does_not_take_go_to_python_unchanged(monkeypatch):
         assert torch.equal(_op(x, codes, cb, scales, offsets), ref)  # still forced after the inner block
     monkeypatch.setenv("FASQ_CPU_KERNEL", "reference")
     assert torch.equal(_op(x, codes, cb, scales, offsets), ref)
+    monkeypatch.setenv("FASQ_CPU_KERNEL", " Auto")  # not a kernel name: Python says so
+    with pytest.raises(ValueError, match="unknown CPU kernel"):
+        _op(x, codes, cb, scales, offsets)
     monkeypatch.setenv("FASQ_CPU_KERNEL", "auto")
     _op(x, codes, cb, scales, offsets)
     monkeypatch.delenv("FASQ_CPU_KERNEL")
     monkeypatch.setenv("FASQ_CPU_INT8", " Off ")
     assert torch.equal(_op(x, codes, cb, scales, offsets), cpu.gemv(x, codes, cb, scales, offsets))
     monkeypatch.delenv("FASQ_CPU_INT8")
-    assert torch_ops.counts(reset=True) == (1, 5)
+    assert torch_ops.counts(reset=True) == (1, 6)
     _op(x, codes, cb, scales, offsets)
     assert torch_ops.counts() == (1, 0)  # the blocks and settings are gone
 

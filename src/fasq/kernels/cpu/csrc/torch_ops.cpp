@@ -86,6 +86,7 @@ Ref make_ref(int64_t cdata, int64_t version, int64_t data) {
   return r;
 }
 
+// Whether environment variable `name`, stripped, is one of `values` (any case).
 bool env_is(const char* name, std::initializer_list<const char*> values) {
   const char* v = std::getenv(name);
   if (v == nullptr) return false;
@@ -97,13 +98,15 @@ bool env_is(const char* name, std::initializer_list<const char*> values) {
   return false;
 }
 
-// Whether automatic selection runs now (no forced path) and may take the int8 kernel.
+// Whether automatic selection runs now (no forced path) and may take the int8 kernel: the
+// settings read as linear.pq_linear_cpu reads them (FASQ_CPU_KERNEL as it is; FASQ_CPU_INT8
+// stripped and lower-cased against int8._OFF).
 bool automatic() {
   if (g_forced.load(std::memory_order_relaxed) || g_paused.load(std::memory_order_relaxed) ||
       g_linear.load(std::memory_order_relaxed) == nullptr)
     return false;
   const char* k = std::getenv("FASQ_CPU_KERNEL");
-  if (k != nullptr && *k && !env_is("FASQ_CPU_KERNEL", {"auto"})) return false;
+  if (k != nullptr && *k && std::strcmp(k, "auto") != 0) return false;  // Python checks the value
   return !env_is("FASQ_CPU_INT8", {"0", "false", "no", "off"});
 }
 
