@@ -46,7 +46,7 @@ import os
 import torch
 from torch import Tensor
 
-from . import library as cpu, torch_ops
+from . import library as cpu, memory, torch_ops
 
 _SUPPORTED_CODE = torch.uint8
 
@@ -133,11 +133,12 @@ class _Prepared:
 
     def __init__(self, plan: "cpu._Plan", sizes):
         lib = cpu.load_library()
-        self.codes = torch.empty(sizes[0], dtype=torch.uint8)                     # [OB, M/4, 16, 4]
-        self.tabs = torch.empty(sizes[1], dtype=torch.uint8)                      # [C, 2, 256], [C, 64] or []
-        self.cbscale = torch.empty(sizes[2], dtype=torch.float32)                 # [3, C] step, shift, sign mode
-        self.scales = torch.empty(sizes[3], dtype=torch.float32)                  # [OB, S, 16]
-        self.offsets = torch.empty(sizes[4], dtype=torch.float32) if sizes[4] else None  # [OB, S, 16]
+        # in huge pages where the OS gives them (memory.py: the codes are streamed every call)
+        self.codes = memory.empty(sizes[0], torch.uint8)                          # [OB, M/4, 16, 4]
+        self.tabs = memory.empty(sizes[1], torch.uint8)                           # [C, 2, 256], [C, 64] or []
+        self.cbscale = memory.empty(sizes[2], torch.float32)                      # [3, C] step, shift, sign mode
+        self.scales = memory.empty(sizes[3], torch.float32)                       # [OB, S, 16]
+        self.offsets = memory.empty(sizes[4], torch.float32) if sizes[4] else None  # [OB, S, 16]
         ptrs = [t.data_ptr() for t in (self.codes, self.tabs, self.cbscale, self.scales)]
         cpu._check(lib.fasq_cpu_int8_prepare(plan.address, *ptrs, cpu._ptr(self.offsets)), "int8 prepare")
         self.args = _Int8Layer(plan.address, *ptrs, cpu._ptr(self.offsets))
