@@ -10,7 +10,9 @@ Output: a table on stdout and benchmarks/results/decode-cpu.json with top-level 
 section), `rows` (models: `config`, `batch`, `tok_s`,
 `prefill_tok_s`, `speedup_vs_bf16`, `weight_bytes`, `compiled`) and `kernels` (`out`,
 `in`, `tokens`, `d`, `K`, `time_us`, `bf16_us`, `speedup_vs_bf16` (medians), the same as
-`*_min` (the fastest repetition), `kernel` (the path taken), `code_bytes`,
+`*_min` (the fastest repetition), `kernel` (the path taken), `call` ("op": through
+torch.ops.fasq.pq_linear as a model calls it; "forced": the kernel forced through the
+Python implementation, for rows automatic selection would not send to it), `code_bytes`,
 `stream_us`: the time to read the codes at the measured copy bandwidth).
 
 Method. Kernels: Llama-3-8B shapes (4096x4096, 14336x4096) and the default model's
@@ -21,7 +23,9 @@ call cycles through enough copies of the layer (at most --max-copies) that they 
 the machine this was written on), so codes and weights come from memory as in a real
 forward pass; bf16 and every config are timed in turn within each repetition (a slow
 spell of a shared machine hits all alike); time per call = median over repetitions of
-the pass time / copies. Models: `fasq.eval.speed.measure` (static KV cache, batch 1, a
+the pass time / copies. The `fasq-d2k256-4k` row is the default format with its int8
+copies in 4 KiB pages instead of huge pages (fasq/kernels/cpu/memory.py): what the pages
+are worth, in the same run. Models: `fasq.eval.speed.measure` (static KV cache, batch 1, a
 128-token prompt, 64 greedy steps), eager and under torch.compile: all models are loaded
 and warmed up first, then timed in turn over 5 rounds (each reports its best round); checkpoints are made with `fasq quantize` in --runs-dir
 (reused when present). Every row is measured in the same run, side by side.
@@ -30,6 +34,7 @@ and warmed up first, then timed in turn over 5 rounds (each reports its best rou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -61,9 +66,13 @@ KERNEL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096),
 # tokens, else rebuild + matmul); the others take cpu_int8 wherever it takes the layer (for
 # fasq-d1k16 automatic selection does so only with FASQ_CPU_INT8=all). "rtn-*" rows are RTN layers (a grid codebook, a scale
 # and a minimum per group; "rtn-w8": 8 bits, as --lm-head rtn8), "fasq-d1k16" PQ at d=1 K=16 in the default scope.
-KERNEL_CONFIGS = [("fasq-d2k256", 2, 256, False), ("fasq-d2k256-exact", 2, 256, True), ("fasq-d2k64", 2, 64, False),
+KERNEL_CONFIGS = [("fasq-d2k256", 2, 256, False), ("fasq-d2k256-exact", 2, 256, True),
+                  ("fasq-d2k256-4k", 2, 256, False), ("fasq-d2k64", 2, 64, False),
                   ("fasq-d4k4096", 4, 4096, False), ("fasq-d1k16", 1, 16, False), ("fasq-d1k16-exact", 1, 16, True),
                   ("rtn-w4", 1, 16, False), ("rtn-w4-exact", 1, 16, True), ("rtn-w8", 1, 256, False)]
+# "-4k" rows: the int8 copies made in ordinary 4 KiB pages (FASQ_CPU_HUGEPAGES=0 while the
+# layers are prepared) instead of huge pages (fasq/kernels/cpu/memory.py), timed in the same run
+PAGES_4K = "-4k"
 # and "dense-bf16": fasq::dense_linear's CPU kernel (the decode path of the layers a fasq model
 # keeps dense, its output head) on the bf16 row's own weights, where it takes the call
 DENSE = "dense-bf16"
@@ -127,6 +136,17 @@ def _read_bytes(out: int, inn: int, d: int, K: int) -> int:
     return out * inn // 2 if d == 1 and K <= 16 else out * (inn // d) * (1 if K <= 256 else 2)
 
 
+def _how(kernel: str, layer) -> str:
+    """How a row's calls are made: "op", torch.ops.fasq.pq_linear as a model calls it, where
+    automatic selection takes this kernel (the int8 path's layers taken by default: the C++ op
+    runs them); "forced", the kernel named through the Python implementation (the exact rows,
+    and d=1 K=16, which the int8 path takes only when asked)."""
+    from fasq.kernels.cpu import int8 as cpu_int8
+
+    prep = cpu_int8.prepared(*layer, None) if kernel == "cpu_int8" else None
+    return "op" if prep is not None and prep.default else "forced"
+
+
 def _kernel_name(T: int, layer, exact: bool) -> str:
     from fasq.kernels.cpu import int8 as cpu_int8
     from fasq.kernels.dispatch import CPU_GEMV_MAX_TOKENS, CPU_INT8_MAX_TOKENS
@@ -140,7 +160,7 @@ def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int | No
                   max_copies: int = 64, only: list[str] | None = None) -> list[dict]:
     """only: the KERNEL_CONFIGS names (and/or DENSE) to time beside bf16 (default all)."""
     from fasq.core.format import packed_row_bytes
-    from fasq.kernels.cpu import dense, linear as cpu_linear
+    from fasq.kernels.cpu import dense, int8 as cpu_int8, linear as cpu_linear
     from fasq.kernels.dispatch import CPU_DENSE_MAX_TOKENS
 
     configs = [c for c in KERNEL_CONFIGS if not only or c[0] in only]
@@ -158,14 +178,20 @@ def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int | No
             n = max(2, min(max_copies, rotate_bytes // _read_bytes(out, inn, d, K)))
             layer_sets[name] = layer_sets.get(name.removesuffix("-exact")) or [
                 _layer(out, inn, d, K, gen, rtn=name.startswith("rtn")) for _ in range(n)]
+            if name.endswith(PAGES_4K):  # prepared now, before any call makes its copies in huge pages
+                with _env("FASQ_CPU_HUGEPAGES", "0"):
+                    for L in layer_sets[name]:
+                        cpu_int8.prepared(*L, None)
         for T in tokens_list:
             x = torch.randn(T, inn, generator=gen).to(torch.bfloat16)
             groups = {"bf16": [lambda W=W: torch.nn.functional.linear(x, W) for W in weights]}
-            kernels = {}
+            kernels, calls = {}, {DENSE: "forced"}
             for name, d, K, exact in configs:
                 layers = layer_sets[name]
                 kernels[name] = k = _kernel_name(T, layers[0], exact)
-                groups[name] = [lambda L=L, k=k: cpu_linear.pq_linear_cpu(x, *L, kernel=k) for L in layers]
+                calls[name] = _how(k, layers[0])
+                groups[name] = ([lambda L=L: torch.ops.fasq.pq_linear(x, *L, None) for L in layers] if calls[name] == "op"
+                                else [lambda L=L, k=k: cpu_linear.pq_linear_cpu(x, *L, kernel=k) for L in layers])
             if with_dense and T <= CPU_DENSE_MAX_TOKENS:
                 groups[DENSE] = [lambda W=W: dense.linear(x, W) for W in weights]
                 kernels[DENSE] = "cpu_dense"
@@ -180,7 +206,7 @@ def bench_kernels(tokens_list, reps: int, bw_gbps: float, rotate_bytes: int | No
                        # slows some repetitions by preempting one of the threads)
                        "time_us_min": round(low, 1), "bf16_us_min": round(blow, 1),
                        "speedup_vs_bf16_min": round(blow / low, 3),
-                       "stream_us": round(code_bytes / bw_gbps / 1e3, 1), "kernel": kernels[name],
+                       "stream_us": round(code_bytes / bw_gbps / 1e3, 1), "kernel": kernels[name], "call": calls[name],
                        "copies": len(groups[name]),
                        "rotated_bytes": len(groups[name]) * (code_bytes if name == DENSE else _read_bytes(out, inn, d, K))}
                 rows.append(row)
@@ -210,19 +236,26 @@ def _checkpoint(runs: Path, name: str, args: list[str]) -> Path:
     return fasq_checkpoint("default", runs / name, args)
 
 
+@contextlib.contextmanager
+def _env(var: str, value: str):
+    """The environment variable set to value inside the block, as it was after."""
+    old = os.environ.get(var)
+    os.environ[var] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[var]
+        else:
+            os.environ[var] = old
+
+
 def _run_as(name: str, fn):
     """fn(), with the int8 kernel off for the '-exact' rows."""
     if not name.endswith("-exact"):
         return fn()
-    old = os.environ.get("FASQ_CPU_INT8")
-    os.environ["FASQ_CPU_INT8"] = "0"
-    try:
+    with _env("FASQ_CPU_INT8", "0"):
         return fn()
-    finally:
-        if old is None:
-            del os.environ["FASQ_CPU_INT8"]
-        else:
-            os.environ["FASQ_CPU_INT8"] = old
 
 
 def bench_models(runs: Path, prompt_len: int, new_tokens: int, modes: list[bool], rounds: int,

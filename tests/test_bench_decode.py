@@ -29,10 +29,12 @@ def test_kernel_rows(bench):
         [(1, "cpu_dense", 2 * 5 * 192)] if dense.available() else [])
     for r in rows:
         assert r["time_us"] > 0 and r["bf16_us"] > 0 and r["speedup_vs_bf16"] > 0
-        d_k = {"fasq-d2k256": (2, 256), "fasq-d2k64": (2, 64), "fasq-d1k16": (1, 16), "rtn-w4": (1, 16),
+        d_k = {"fasq-d2k256": (2, 256), "fasq-d2k256-4k": (2, 256), "fasq-d2k64": (2, 64), "fasq-d1k16": (1, 16), "rtn-w4": (1, 16),
                "rtn-w8": (1, 256)}.get(r["config"])  # the configs the int8 path may take (<= 16 tokens)
         int8 = d_k is not None and cpu_int8.available(*d_k)
         assert r["kernel"] == ("cpu_int8" if int8 else "cpu_gemv" if r["tokens"] == 1 else "cpu_dequant")
+        # through the op where automatic selection takes the int8 path (not d=1 K=16's float codebooks)
+        assert r["call"] == ("op" if int8 and r["config"] != "fasq-d1k16" else "forced")
     d2 = next(r for r in rows if r["config"] == "fasq-d2k256")
     assert d2["code_bytes"] == 5 * 96  # 8-bit codes, 96 per row
     assert d2["stream_us"] == round(480 / 10.0 / 1e3, 1)
