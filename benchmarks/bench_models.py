@@ -15,13 +15,15 @@ Makes (reused when present) in RUNS/NAME/:
                    importance matrix), when --llama-cpp-python is given
 Timing does not depend on the values, so random weights time exactly like trained ones.
 With --bench it also times decode at batch 1 (bf16, fasq d2K256 / d2K64 / d1K16, RTN
-4-bit g64, fasq d2K256 with the head at RTN 8-bit, llama.cpp Q4_0 / Q4_K_M / IQ4_XS; same threads, interleaved rounds, best round
-each) and writes benchmarks/results/decode-cpu-MODEL.json.
+4-bit g64, fasq d2K256 with the head at RTN 8-bit, the default again with its int8 copies in
+4 KiB pages instead of huge pages (fasq-d2k256-4k), llama.cpp Q4_0 / Q4_K_M / IQ4_XS; same
+threads, interleaved rounds, best round each) and writes benchmarks/results/decode-cpu-MODEL.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path (tests)
-from bench_decode import fasq_checkpoint, llama_cpp_times, time_split  # noqa: E402
+from bench_decode import PAGES_4K, _env, fasq_checkpoint, llama_cpp_times, time_split  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {
@@ -201,13 +203,17 @@ def bench(name: str, runs: Path, llama_python: str | None, rounds: int = 3, prom
     files = make_all(name, runs, llama_python)
     cases = [("bf16", files["hf"])] + [(c, fasq_checkpoint(str(files["hf"]), runs / name / c, args))
                                          for c, args in FASQ_CONFIGS]
+    # the default once more, its int8 copies made in 4 KiB pages instead of huge pages (they
+    # are made at the warm-up's first calls)
+    cases.append(("fasq-d2k256" + PAGES_4K, dict(cases)["fasq-d2k256"]))
     runners = {}
     for config, path in cases:
-        model, tok = load_model(str(path), dtype=torch.bfloat16)
-        ids = tok("The capital of France is", return_tensors="pt").input_ids[0]
-        runners[config] = speed.DecodeRunner(model, ids, prompt_len=prompt_len, new_tokens=new_tokens,
-                                             compile=compile)
-        runners[config].warm_up()
+        with _env("FASQ_CPU_HUGEPAGES", "0") if config.endswith(PAGES_4K) else contextlib.nullcontext():
+            model, tok = load_model(str(path), dtype=torch.bfloat16)
+            ids = tok("The capital of France is", return_tensors="pt").input_ids[0]
+            runners[config] = speed.DecodeRunner(model, ids, prompt_len=prompt_len, new_tokens=new_tokens,
+                                                 compile=compile)
+            runners[config].warm_up()
     ggufs = {f"llama.cpp-{k}": files[k] for k in LLAMA_CPP_TYPES if k in files}
     timed = {c: [] for c in [*runners, *ggufs]}
     for r in range(rounds):
