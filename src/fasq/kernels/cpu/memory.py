@@ -7,7 +7,8 @@ crosses a page every 64 cache lines: a TLB miss each time (a 1B model's codes sp
 pages, far beyond the TLB) and a stop of the hardware prefetchers, which do not cross pages.
 Measured on the 2-core AMD EPYC (Zen 4), codes from memory, d=2 K=256 at one token, the same
 layers in both kinds of pages in one run (`benchmarks/bench_decode.py --only kernels`, its
-`fasq-d2k256-4k` row): 3-8 % less time a call at 4096 x 4096 and 14336 x 4096.
+`fasq-d2k256-4k` row): a median 5 % less time a call at 4096 x 4096 (2-12 % over ten runs)
+and 4 % at 14336 x 4096 (-2 to +8 %); whole models move within the machine's noise.
 
 Small copies share a chunk (a layer's tables, a small layer's codes): a chunk is unmapped
 when the last tensor carved from it is freed. Nothing is touched here, so untouched parts
