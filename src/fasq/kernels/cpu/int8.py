@@ -6,7 +6,8 @@ At a layer's first call its codebooks are copied as int8 (one step per codebook:
 exact), its codes repacked so that 16 rows share each 64-byte SIMD register (two codes a
 byte at d=1 K<=16), and its scales
 and offsets laid out 16 rows at a time; the checkpoint is unchanged, and the copies live
-beside the layer's prepared arguments (rebuilt when a tensor changes). Per call the
+beside the layer's prepared arguments (rebuilt when a tensor changes), in huge pages where
+Linux gives them (memory.py: each call streams the codes). Per call the
 activations are quantized to int8 per 16 columns. The result differs from the exact float
 path by the int8 rounding of codebooks and activations (bounded in tests/test_cpu_int8.py);
 WikiText-2 perplexity of the default checkpoint moves by far less than the 0.5 % allowed
