@@ -3,8 +3,8 @@ scales): carved from 2 MiB-aligned anonymous mappings that Linux is asked to bac
 transparent huge pages (madvise MADV_HUGEPAGE), where torch.empty gives 4 KiB pages.
 
 Why: a decode call streams each layer's codes once, and with 4 KiB pages a pass over them
-crosses a page every 64 cache lines: a TLB miss each time (a 1B model's codes span 120,000
-pages, far beyond the TLB) and a stop of the hardware prefetchers, which do not cross pages.
+crosses a page every 64 cache lines, a TLB miss each time (a 1B model's codes span 120,000
+pages, far beyond the TLB's reach).
 Measured on the 2-core AMD EPYC (Zen 4), codes from memory, d=2 K=256 at one token, the same
 layers in both kinds of pages in one run (`benchmarks/bench_decode.py --only kernels`, its
 `fasq-d2k256-4k` row): a median 5 % less time a call at 4096 x 4096 (2-12 % over ten runs)
