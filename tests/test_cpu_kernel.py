@@ -342,3 +342,14 @@ def test_a_layers_prepared_state_is_freed_with_it():
         assert _rel_err(cpu.gemv(x, codes, cb, scales), ref, x, codes, cb, scales, None) < 2e-3
         del codes, cb, scales
     assert y.shape == (2, 64)
+
+
+@pytest.mark.parametrize("value, off", [(None, False), ("", False), ("1", False), ("all", False), ("0", True),
+                                        (" Off ", True), ("FALSE", True), ("no", True)])
+def test_an_environment_switch_is_off_only_for_the_off_values(monkeypatch, value, off):
+    # one reading for FASQ_CPU_INT8 / _DENSE / _OPS / _HUGEPAGES (library.switched_off)
+    if value is None:
+        monkeypatch.delenv("FASQ_TEST_SWITCH", raising=False)
+    else:
+        monkeypatch.setenv("FASQ_TEST_SWITCH", value)
+    assert cpu.switched_off("FASQ_TEST_SWITCH") is off

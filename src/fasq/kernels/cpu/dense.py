@@ -17,7 +17,6 @@ Switches: FASQ_CPU_DENSE=0 keeps torch's matmul for a process; `use_torch()` for
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from torch import Tensor
@@ -38,7 +37,7 @@ def available() -> bool:
 
 def enabled() -> bool:
     """Whether calls may take the kernel (FASQ_CPU_DENSE unset or not 0, outside `use_torch`)."""
-    return not _off and os.environ.get("FASQ_CPU_DENSE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return not _off and not cpu.switched_off("FASQ_CPU_DENSE")
 
 
 @contextlib.contextmanager

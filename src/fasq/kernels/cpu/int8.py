@@ -56,12 +56,9 @@ def _setting() -> str:
     return os.environ.get("FASQ_CPU_INT8", "1").strip().lower()
 
 
-_OFF = ("0", "false", "no", "off")
-
-
 def enabled() -> bool:
     """Whether automatic selection may take the int8 path (FASQ_CPU_INT8 unset or not 0)."""
-    return _setting() not in _OFF
+    return _setting() not in cpu.OFF
 
 
 def chosen(prep: "_Prepared", setting: str | None = None) -> bool:

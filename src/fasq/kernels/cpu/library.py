@@ -148,6 +148,17 @@ def _declare(lib) -> None:
     lib.fasq_cpu_kmeanspp.restype = i32
 
 
+# the values of an on/off environment switch (FASQ_CPU_INT8, FASQ_CPU_DENSE, FASQ_CPU_OPS,
+# FASQ_CPU_HUGEPAGES) that turn it off, stripped and lower-cased (torch_ops.cpp reads
+# FASQ_CPU_INT8 the same way)
+OFF = ("0", "false", "no", "off")
+
+
+def switched_off(var: str) -> bool:
+    """Whether the environment switch `var` is set to one of OFF (unset: on)."""
+    return os.environ.get(var, "").strip().lower() in OFF
+
+
 def built(path: Path, build, allowed: bool = True) -> Path | None:
     """`path` of a compiled library if it is there, else where `build(dest)` made it: `path`,
     or the same name in the temp folder where the cache folder cannot be written. None where

@@ -24,7 +24,7 @@ def _auto_int8(tokens: int, setting: str, codes: Tensor, codebooks: Tensor, scal
     """The layer's int8 copies where automatic selection sends this call to the int8 path
     (decode-sized, FASQ_CPU_INT8 (`setting`) not off, a format and CPU it takes, and `chosen`:
     d=1 float codebooks only with FASQ_CPU_INT8=all), else None. The library is loaded."""
-    if tokens > CPU_INT8_MAX_TOKENS or setting in cpu_int8._OFF:
+    if tokens > CPU_INT8_MAX_TOKENS or setting in cpu.OFF:
         return None
     prep = cpu_int8.prepared(codes, codebooks, scales, offsets, bias)
     return prep if prep is not None and cpu_int8.chosen(prep, setting) else None

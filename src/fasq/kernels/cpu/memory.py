@@ -22,13 +22,14 @@ the kernel gives. FASQ_CPU_HUGEPAGES=0 turns it off for a process (torch.empty).
 from __future__ import annotations
 
 import mmap
-import os
 import sys
 import threading
 import weakref
 
 import torch
 from torch import Tensor
+
+from . import library
 
 HUGE = 2 << 20     # the x86-64 / arm64 (4 KiB base pages) PMD size
 CHUNK = 64 << 20   # a shared chunk; larger requests get a mapping of their own
@@ -44,8 +45,8 @@ _next = _end = 0
 def enabled() -> bool:
     """Whether copies come from huge-page chunks: Linux with madvise(MADV_HUGEPAGE) in this
     Python, and FASQ_CPU_HUGEPAGES not 0."""
-    off = os.environ.get("FASQ_CPU_HUGEPAGES", "1").strip().lower() in ("0", "false", "no", "off")
-    return sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE") and not off
+    on = not library.switched_off("FASQ_CPU_HUGEPAGES")
+    return sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE") and on
 
 
 def _map(nbytes: int) -> tuple[mmap.mmap, int]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-import os
 import platform
 import subprocess
 import sys
@@ -82,7 +81,7 @@ def _declare(ops) -> None:
 
 
 def enabled_by_env() -> bool:
-    return os.environ.get("FASQ_CPU_OPS", "1").strip().lower() not in ("0", "false", "no", "off")
+    return not cpu.switched_off("FASQ_CPU_OPS")
 
 
 def load():

@@ -100,7 +100,7 @@ bool env_is(const char* name, std::initializer_list<const char*> values) {
 
 // Whether automatic selection runs now (no forced path) and may take the int8 kernel: the
 // settings read as linear.pq_linear_cpu reads them (FASQ_CPU_KERNEL as it is; FASQ_CPU_INT8
-// stripped and lower-cased against int8._OFF).
+// stripped and lower-cased against library.OFF).
 bool automatic() {
   if (g_forced.load(std::memory_order_relaxed) || g_paused.load(std::memory_order_relaxed) ||
       g_linear.load(std::memory_order_relaxed) == nullptr)
